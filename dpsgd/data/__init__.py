@@ -1,0 +1,6 @@
+"""Data sets: parsing once into a memory-mapped cache, splitting, and partitioning.
+
+`partition` assigns users (or writers) to nodes, `cache` parses a source file once per
+machine so every rank memory-maps the same arrays, and `ratings` holds the rating data
+sets (synthetic and MovieLens) and the per-user train/test split.
+"""
