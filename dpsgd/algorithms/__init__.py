@@ -1,0 +1,1 @@
+"""Communication patterns: the loops that order train, pack, exchange, merge, evaluate, log."""

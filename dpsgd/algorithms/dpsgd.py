@@ -1,0 +1,34 @@
+"""D-PSGD: every round, train, then average with all neighbours (Metropolis-Hastings)."""
+
+from __future__ import annotations
+
+from dpsgd.averaging import Contribution, merge_fill_own
+from dpsgd.metrics import PhaseClock
+from dpsgd.node import Node
+from dpsgd.sharing.wire import Message
+from dpsgd.topology import mh_weights
+
+
+def run_dpsgd(node: Node, rounds: int) -> int:
+    """Run `rounds` synchronous rounds; return the number completed."""
+    for round_number in range(1, rounds + 1):
+        clock = PhaseClock()
+        with clock.phase("train"):
+            batch_loss = node.trainer.train_round()
+        with clock.phase("comm"):
+            message = node.sharing.pack(node.flat, round_number, node.degree)
+            received = node.link.exchange(message)
+            merge_fill_own(node.flat, contributions(node, received))
+            node.sharing.after_merge(node.flat)
+        with clock.phase("eval"):
+            metrics = node.evaluate() if node.schedule.due(round_number) else {}
+        node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, **metrics)
+    return rounds
+
+
+def contributions(node: Node, received: dict[int, Message]) -> list[Contribution]:
+    """Weigh each neighbour's message by Metropolis-Hastings, using the degree it announced."""
+    _, weights = mh_weights(node.degree, {peer: message.degree for peer, message in received.items()})
+    decoded = {peer: node.sharing.decode(message) for peer, message in received.items()}
+    return [Contribution(weight=weights[peer], values=values, index=index)
+            for peer, (index, values) in decoded.items()]

@@ -1,0 +1,189 @@
+"""Composition: turn the resolved config into one running node.
+
+`check_config` runs before any rank exists (it finds user mistakes while they can
+still be one clear paragraph); `prepare_data` parses data sets once so that ranks
+memory-map or inherit them; `run_node` builds a node's parts and hands them to the
+algorithm. No other module reads the config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from dpsgd.algorithms.dpsgd import run_dpsgd
+from dpsgd.communication import FailureBoard, NeighbourLink
+from dpsgd.data.partition import contiguous_blocks
+from dpsgd.data.ratings import RatingsTable, load_movielens, make_synthetic, split_node_ratings
+from dpsgd.errors import ConfigError, NodeFailure
+from dpsgd.launch import RankContext
+from dpsgd.metrics import Aggregator, EvalSchedule, NodeLog, RoundRecorder, RunInfo
+from dpsgd.models.flat import flatten_model
+from dpsgd.models.mf import MatrixFactorization
+from dpsgd.node import Node
+from dpsgd.seeding import torch_generator
+from dpsgd.sharing import build_sharing
+from dpsgd.topology import Topology, build_topology
+from dpsgd.training import BatchStream, RatingsTask, Trainer, build_optimizer
+
+ALGORITHMS = {"dpsgd": run_dpsgd}
+RATINGS_DATASETS = ("synthetic", "movielens")
+
+
+@dataclass
+class NodeData:
+    """A node's examples as tensors, and what the model must cover."""
+
+    train: tuple[torch.Tensor, ...]
+    test: tuple[torch.Tensor, ...]
+    num_users: int
+    num_items: int
+
+
+def check_config(cfg: DictConfig, world_size: int) -> Topology:
+    """Find configuration mistakes before any rank trains; return the validated topology."""
+    if cfg.nodes != world_size:
+        raise ConfigError(f"nodes={cfg.nodes} but {world_size} ranks were started. Under torchrun the "
+                          f"node count is the world size (nnodes x nproc_per_node): set nodes={world_size} "
+                          f"or start {cfg.nodes} ranks.")
+    for key in ("rounds", "train.local_steps", "train.batch_size", "eval.every"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be a whole number of at least 1, e.g. `{key}=10`.")
+    if not cfg.comm.timeout_s > 0:
+        raise ConfigError(f"comm.timeout_s={cfg.comm.timeout_s} must be positive (seconds to wait for a "
+                          "neighbour before declaring it dead), e.g. `comm.timeout_s=120`.")
+    if cfg.algorithm.name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of "
+                          f"{sorted(ALGORITHMS)}, e.g. `algorithm=dpsgd`.")
+    if cfg.dataset.name not in RATINGS_DATASETS:
+        raise ConfigError(f"dataset.name={cfg.dataset.name!r} is not known; choose one of "
+                          f"{list(RATINGS_DATASETS)}, e.g. `dataset=movielens`.")
+    build_sharing(cfg.sharing.name)
+    build_optimizer(cfg.optimizer.name, [torch.nn.Parameter(torch.zeros(1))], **_optimizer_options(cfg))
+    return _topology(cfg)
+
+
+def prepare_data(cfg: DictConfig) -> RatingsTable:
+    """Parse (or generate) the data set once; the cache makes later calls cheap."""
+    dataset = cfg.dataset
+    if dataset.name == "synthetic":
+        return make_synthetic(cfg.seed, num_users=dataset.num_users, num_items=dataset.num_items,
+                              rank=dataset.rank, min_ratings=dataset.min_ratings,
+                              max_ratings=dataset.max_ratings, noise_std=dataset.noise_std)
+    return load_movielens(Path(dataset.path).expanduser(), Path(cfg.cache_dir).expanduser())
+
+
+def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, table: RatingsTable | None = None) -> None:
+    """Everything one rank does in a run, from joining the process group to leaving it."""
+    torch.set_num_threads(cfg.threads_per_rank)
+    topology = check_config(cfg, ctx.world_size)
+    table = table if table is not None else prepare_data(cfg)
+    store = dist.PrefixStore(f"dpsgd/{run_dir}", ctx.store)
+    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=ctx.rank,
+                            world_size=ctx.world_size, timeout=timedelta(seconds=cfg.comm.timeout_s))
+    # On a NodeFailure the process group is left as it is: tearing down gloo pairs to a
+    # dead peer can block, and the launcher ends the process right after.
+    if ctx.rank == 0:
+        OmegaConf.save(cfg, Path(run_dir) / "config.yaml", resolve=True)
+    node = build_node(cfg, ctx.rank, topology, table, store, run_dir)
+    aggregator = _start_aggregator(cfg, node, store, run_dir) if ctx.rank == 0 else None
+    _barrier(ctx.rank)
+    rounds_completed = ALGORITHMS[cfg.algorithm.name](node, cfg.rounds)
+    node.recorder.log.close()
+    _barrier(ctx.rank)
+    if aggregator is not None:
+        _print_final(aggregator.finish(rounds_completed), run_dir)
+    dist.destroy_process_group()
+
+
+def build_node(cfg: DictConfig, rank: int, topology: Topology, table: RatingsTable, store: dist.Store,
+               run_dir: Path) -> Node:
+    data = node_data(cfg, rank, table)
+    model = MatrixFactorization(data.num_users, data.num_items, cfg.model.embedding_dim,
+                                generator=torch_generator(cfg.seed, "model_init"))
+    flat = flatten_model(model)
+    optimizer = build_optimizer(cfg.optimizer.name, model.parameters(), **_optimizer_options(cfg))
+    batches = BatchStream(data.train, cfg.train.batch_size, torch_generator(cfg.seed, "batches", rank))
+    trainer = Trainer(model, optimizer, RatingsTask(cfg.model.regularization), batches,
+                      cfg.train.local_steps, cfg.train.full_epochs)
+    link = NeighbourLink(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s,
+                         FailureBoard(store))
+    schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
+    recorder = RoundRecorder(rank, NodeLog(run_dir, rank), store, schedule)
+    return Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=build_sharing(cfg.sharing.name),
+                link=link, recorder=recorder, schedule=schedule,
+                evaluate=lambda: _evaluate(cfg, trainer, data))
+
+
+def node_data(cfg: DictConfig, rank: int, table: RatingsTable) -> NodeData:
+    """This node's users (a contiguous block), split 70:30 per user, as tensors."""
+    users = contiguous_blocks(table.num_users, cfg.nodes)[rank]
+    split = split_node_ratings(table, users, cfg.seed, cfg.dataset.train_fraction)
+
+    def tensors(user, item, rating):
+        return (torch.from_numpy(user).long(), torch.from_numpy(item).long(), torch.from_numpy(rating).float())
+
+    return NodeData(train=tensors(split.train_user, split.train_item, split.train_rating),
+                    test=_subset(tensors(split.test_user, split.test_item, split.test_rating),
+                                 cfg.eval.test_samples, cfg.seed, rank),
+                    num_users=table.num_users, num_items=table.num_items)
+
+
+def _subset(tensors: tuple[torch.Tensor, ...], samples: int | None, seed: int, rank: int) -> tuple[torch.Tensor, ...]:
+    """A seeded subset of `samples` test examples (all when None or larger than the set)."""
+    size = len(tensors[0])
+    if samples is None or samples >= size:
+        return tensors
+    chosen = torch.randperm(size, generator=torch_generator(seed, "eval_subset", rank))[:samples]
+    return tuple(t[chosen] for t in tensors)
+
+
+def _evaluate(cfg: DictConfig, trainer: Trainer, data: NodeData) -> dict[str, float]:
+    test = trainer.evaluate(data.test)
+    result = {"test_loss": test["loss"], "test_acc": test["acc"]}
+    if cfg.eval.train_loss:
+        result["train_loss"] = trainer.evaluate(data.train)["loss"]
+    return result
+
+
+def _optimizer_options(cfg: DictConfig) -> dict:
+    options = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    options.pop("name")
+    return options
+
+
+def _topology(cfg: DictConfig) -> Topology:
+    t = cfg.topology
+    return build_topology(t.kind, cfg.nodes, seed=cfg.seed, degree=t.degree, path=t.path, rewire_p=t.rewire_p)
+
+
+def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path) -> Aggregator:
+    info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
+                   dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
+                   metric_name="rmse")
+    return Aggregator(store, run_dir, info, node.schedule.rounds_due(), per_node_tb=cfg.log.per_node_tb,
+                      progress=cfg.log.progress).start()
+
+
+def _barrier(rank: int) -> None:
+    """Bounded by the process group's timeout (comm.timeout_s)."""
+    try:
+        dist.barrier()
+    except Exception as error:  # noqa: BLE001
+        raise NodeFailure(f"node {rank} stops: not every node reached the barrier ({error})") from None
+
+
+def _print_final(summary: dict, run_dir: Path) -> None:
+    final = summary.get("final") or {}
+    loss = final.get("test_loss", {}).get("mean", math.nan)
+    sent = final.get("bytes_sent", {}).get("mean", math.nan)
+    print(f"[dpsgd] done: {summary['rounds_completed']} rounds in {summary['wall_s']:.1f} s; "
+          f"final mean test {summary['test_loss_metric']} {loss:.4f}; "
+          f"mean bytes sent per node {sent:,.0f}; results in {run_dir}", flush=True)

@@ -1,0 +1,228 @@
+"""How ranks come to exist: forked on this machine, or started by torchrun.
+
+Both ways end in the same call, `fn(RankContext)`, so a node runs one code path
+whoever started it. Standalone mode forks the ranks from a parent that has already
+imported torch: the pages of the interpreter and of torch are shared, which is what
+lets 96 ranks fit in a few GiB on a laptop (96 fresh interpreters need 20+ GiB). The
+parent hosts the rendezvous store so that it outlives any rank, and it watches the
+ranks so that one death ends the run with a verdict instead of a hang.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from dpsgd.errors import ConfigError, NodeFailure
+
+LOOPBACK = "127.0.0.1"
+STORE_CONNECT_TIMEOUT_S = 120.0
+# Exit code of a rank that stopped because of a peer, or the user's configuration.
+EXIT_NODE_FAILURE = 3
+EXIT_CONFIG_ERROR = 2
+
+
+@dataclass
+class RankContext:
+    """What a rank knows about its place in the run, whoever started it."""
+
+    rank: int
+    world_size: int
+    store: dist.Store
+    local_rank: int = 0
+    local_world_size: int = 1
+
+
+class RankFailure(RuntimeError):
+    """One or more forked ranks failed; `errors` maps rank to what it reported."""
+
+    def __init__(self, message: str, errors: dict[int, str], first_failed: int | None):
+        super().__init__(message)
+        self.errors = errors
+        self.first_failed = first_failed
+
+
+def under_torchrun() -> bool:
+    """torchrun (and any env:// launcher) exports these for every worker."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def context_from_env(timeout_s: float = STORE_CONNECT_TIMEOUT_S) -> RankContext:
+    """Join the store torchrun set up (its agent's store, or rank 0's)."""
+    rendezvous = dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s))
+    store, rank, world_size = next(rendezvous)
+    return RankContext(
+        rank=rank,
+        world_size=world_size,
+        store=store,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    )
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def spawn(
+    fn: Callable[[RankContext], None],
+    world_size: int,
+    *,
+    timeout_s: float | None = None,
+    grace_s: float = 30.0,
+    quiet_failures: bool = False,
+) -> None:
+    """Fork `world_size` ranks running `fn`, wait for all, raise RankFailure if any failed.
+
+    `timeout_s` bounds the whole run (a hang guard for tests); `grace_s` is how long the
+    others may take to stop on their own after the first rank failed before they are
+    killed. No rank outlives this call.
+    """
+    port = free_port()
+    context = mp.get_context("fork")
+    processes, error_pipes = [], []
+    for rank in range(world_size):
+        reader, writer = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_rank_main,
+            args=(fn, rank, world_size, port, writer, quiet_failures),
+            name=f"dpsgd-node-{rank}",
+            daemon=True,
+        )
+        process.start()
+        writer.close()
+        processes.append(process)
+        error_pipes.append(reader)
+    # The store is created after forking: no server thread exists in any child.
+    store = dist.TCPStore(LOOPBACK, port, world_size=None, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S))
+    try:
+        _watch(processes, timeout_s, grace_s)
+    finally:
+        _kill_all(processes)
+        del store
+    _raise_on_failure(processes, error_pipes)
+
+
+def _rank_main(fn, rank, world_size, port, error_pipe, quiet_failures) -> None:
+    """Body of one forked rank: connect to the parent's store, run, report how it ended."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how Ctrl-C ends the run
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        store = dist.TCPStore(LOOPBACK, port, world_size=None, is_master=False,
+                              timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S))
+        fn(RankContext(rank=rank, world_size=world_size, store=store,
+                       local_rank=rank, local_world_size=world_size))
+    except NodeFailure as failure:
+        code = EXIT_NODE_FAILURE
+        _report(error_pipe, str(failure), quiet_failures)
+    except ConfigError as error:
+        code = EXIT_CONFIG_ERROR
+        _report(error_pipe, str(error), quiet_failures or rank != 0)
+    except BaseException:  # noqa: BLE001 - a rank must always report, then exit
+        code = 1
+        _report(error_pipe, f"node {rank} crashed:\n{traceback.format_exc()}", quiet_failures)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Skip interpreter teardown: torch and gloo destructors can block after a peer died.
+        os._exit(code)
+
+
+def _report(pipe, message: str, quiet: bool) -> None:
+    try:
+        pipe.send(message)
+    except OSError:
+        pass
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _watch(processes, timeout_s: float | None, grace_s: float) -> None:
+    """Wait until every rank exited; after the first failure allow only `grace_s` more."""
+    started = time.monotonic()
+    deadline = None if timeout_s is None else started + timeout_s
+    running = {p.sentinel: p for p in processes}
+    while running:
+        wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = mp.connection.wait(list(running), timeout=wait_s)
+        if not ready:
+            raise TimeoutError(f"ranks still running after {timeout_s:.0f} s: "
+                               f"{sorted(p.name for p in running.values())}")
+        for sentinel in ready:
+            process = running.pop(sentinel)
+            process.join()
+            if process.exitcode != 0:
+                failure_deadline = time.monotonic() + grace_s
+                deadline = failure_deadline if deadline is None else min(deadline, failure_deadline)
+
+
+def _kill_all(processes) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
+        process.join()
+
+
+def _raise_on_failure(processes, error_pipes) -> None:
+    errors: dict[int, str] = {}
+    for rank, (process, pipe) in enumerate(zip(processes, error_pipes)):
+        message = _read_report(pipe)
+        if message is not None:
+            errors[rank] = message
+        elif process.exitcode != 0:
+            errors[rank] = f"node {rank} died ({_describe_exit(process.exitcode)})"
+        pipe.close()
+    if not errors:
+        return
+    first_failed = _first_failed(processes, errors)
+    raise RankFailure(_failure_summary(errors, first_failed), errors, first_failed)
+
+
+def _read_report(pipe) -> str | None:
+    """The rank's own account of its failure, or None if it sent none (success or killed)."""
+    try:
+        return pipe.recv() if pipe.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
+def _first_failed(processes, errors: dict[int, str]) -> int | None:
+    """A rank killed by a signal or that crashed is the cause; the others only noticed it."""
+    for rank, process in enumerate(processes):
+        if process.exitcode is not None and process.exitcode < 0:
+            return rank
+    for rank, process in enumerate(processes):
+        if process.exitcode not in (0, EXIT_NODE_FAILURE):
+            return rank
+    return min(errors) if errors else None
+
+
+def _describe_exit(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
+
+
+def _failure_summary(errors: dict[int, str], first_failed: int | None) -> str:
+    cause = errors.get(first_failed, "") if first_failed is not None else ""
+    return (f"{len(errors)} node(s) failed; the first was node {first_failed}: "
+            f"{cause.strip().splitlines()[0] if cause else 'unknown cause'}")

@@ -1,0 +1,249 @@
+"""What a run leaves behind: per-node JSONL, across-node aggregates, TensorBoard, summary.
+
+Every node writes its own `nodes/<node>.jsonl` on its own machine's disk, one flushed
+line per round, so an interrupted run keeps every completed round. Aggregates must
+not need a shared file system: on evaluated rounds each node publishes its record in
+the rendezvous store, and a thread on rank 0 polls the store (never blocking it, so
+rank 0's own training goes on), writes the across-node curves to TensorBoard, prints
+progress, and at the end writes `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+METRICS_PREFIX = "metrics"
+POLL_INTERVAL_S = 0.2
+# Keys that are aggregated across nodes (mean, std, min, max) when present.
+AGGREGATED_KEYS = ("train_loss", "batch_loss", "test_loss", "test_acc", "bytes_sent", "bytes_sent_data",
+                   "bytes_sent_meta", "bytes_recv", "time_s", "train_s", "comm_s", "eval_s", "age", "round")
+CURVE_KEYS = ("train_loss", "test_loss", "test_acc", "bytes_sent")
+
+
+def node_log_path(run_dir: Path, node: int) -> Path:
+    return Path(run_dir) / "nodes" / f"{node}.jsonl"
+
+
+class NodeLog:
+    """One JSON object per round, flushed at once, in `<run>/nodes/<node>.jsonl`."""
+
+    def __init__(self, run_dir: Path, node: int):
+        path = node_log_path(run_dir, node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def publish(store: dist.Store, node: int, record: dict) -> None:
+    """Make an evaluated round's record visible to rank 0's aggregator."""
+    store.set(f"{METRICS_PREFIX}/{record['round']}/{node}", json.dumps(record))
+
+
+@dataclass
+class RunInfo:
+    """The facts about a run that summary.json states besides the curves."""
+
+    nodes: int
+    rounds: int
+    num_parameters: int
+    model: str
+    dataset: str
+    algorithm: str
+    sharing: str
+    metric_name: str  # what test_loss means: "rmse" or "cross_entropy"
+
+
+def summarize(records: list[dict]) -> dict:
+    """Mean, std, min and max across nodes of each metric, and how many nodes contributed."""
+    stats: dict[str, object] = {"nodes_reporting": len(records)}
+    for key in AGGREGATED_KEYS:
+        values = [r[key] for r in records if key in r and r[key] is not None and not _is_nan(r[key])]
+        if values:
+            stats[key] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values),
+                          "min": min(values), "max": max(values)}
+    return stats
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+class Aggregator:
+    """Rank 0's reader of published records: TensorBoard curves, progress line, summary.json."""
+
+    def __init__(self, store: dist.Store, run_dir: Path, info: RunInfo, eval_rounds: list[int],
+                 per_node_tb: bool = False, progress: bool = True):
+        self.store = store
+        self.run_dir = Path(run_dir)
+        self.info = info
+        self.pending = list(eval_rounds)
+        self.per_node_tb = per_node_tb
+        self.progress = progress
+        self.per_round: list[dict] = []
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._writer = _summary_writer(self.run_dir / "tb")
+        self._node_writers = {}
+        self._thread = threading.Thread(target=self._loop, name="dpsgd-aggregator", daemon=True)
+
+    def start(self) -> "Aggregator":
+        self._thread.start()
+        return self
+
+    def finish(self, rounds_completed: int) -> dict:
+        """Drain what every node published, write summary.json, return it."""
+        self._stop.set()
+        self._thread.join()
+        self._collect(final=True)
+        summary = self._summary(rounds_completed)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        self._writer.close()
+        for writer in self._node_writers.values():
+            writer.close()
+        return summary
+
+    def _loop(self) -> None:
+        while not self._stop.wait(POLL_INTERVAL_S):
+            self._collect(final=False)
+
+    def _collect(self, final: bool) -> None:
+        """Aggregate, in order, every pending round whose records are all present."""
+        while self.pending:
+            round_number = self.pending[0]
+            keys = [f"{METRICS_PREFIX}/{round_number}/{node}" for node in range(self.info.nodes)]
+            if not self.store.check(keys):
+                if not final:
+                    return
+                keys = [key for key in keys if self.store.check([key])]
+                if not keys:
+                    self.pending.pop(0)
+                    continue
+            records = [json.loads(raw) for raw in self.store.multi_get(keys)]
+            for key in keys:
+                self.store.delete_key(key)
+            self.pending.pop(0)
+            self._log_round(round_number, records)
+
+    def _log_round(self, round_number: int, records: list[dict]) -> None:
+        stats = summarize(records)
+        self.per_round.append({"round": round_number, **stats})
+        for key in CURVE_KEYS:
+            if key in stats:
+                self._writer.add_scalar(f"{key}/mean", stats[key]["mean"], round_number)
+        if "bytes_sent" in stats:
+            step = int(stats["bytes_sent"]["mean"])
+            for key in ("test_loss", "test_acc", "train_loss"):
+                if key in stats:
+                    self._writer.add_scalar(f"vs_bytes/{key}", stats[key]["mean"], step)
+        if self.per_node_tb:
+            self._log_nodes(round_number, records)
+        self._writer.flush()
+        if self.progress:
+            self._print_progress(round_number, stats)
+
+    def _log_nodes(self, round_number: int, records: list[dict]) -> None:
+        for record in records:
+            node = record["node"]
+            if node not in self._node_writers:
+                self._node_writers[node] = _summary_writer(self.run_dir / "tb" / "nodes" / str(node))
+            for key in CURVE_KEYS:
+                if record.get(key) is not None:
+                    self._node_writers[node].add_scalar(key, record[key], round_number)
+
+    def _print_progress(self, round_number: int, stats: dict) -> None:
+        elapsed = time.monotonic() - self._started
+        rate = round_number / elapsed if elapsed > 0 else 0.0
+        eta = (self.info.rounds - round_number) / rate if rate > 0 else math.nan
+        parts = [f"round {round_number}/{self.info.rounds}", f"{rate:.2f} rounds/s", f"ETA {eta:.0f}s"]
+        for key, label in (("test_loss", f"test {self.info.metric_name}"), ("test_acc", "test acc")):
+            if key in stats:
+                parts.append(f"{label} {stats[key]['mean']:.4f}")
+        print("[dpsgd] " + " | ".join(parts), file=sys.stdout, flush=True)
+
+    def _summary(self, rounds_completed: int) -> dict:
+        info = self.info
+        return {
+            "nodes": info.nodes, "rounds": info.rounds, "rounds_completed": rounds_completed,
+            "num_parameters": info.num_parameters, "model": info.model, "dataset": info.dataset,
+            "algorithm": info.algorithm, "sharing": info.sharing, "test_loss_metric": info.metric_name,
+            "wall_s": time.monotonic() - self._started,
+            "final": self.per_round[-1] if self.per_round else None,
+            "per_round": self.per_round,
+        }
+
+
+def _summary_writer(log_dir: Path):
+    # Imported here: tensorboard's import is slow and only rank 0 needs it.
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir), flush_secs=5)
+
+
+@dataclass(frozen=True)
+class EvalSchedule:
+    """Evaluate every `every` rounds and always at the last round, so a run ends measured."""
+
+    every: int
+    rounds: int
+
+    def due(self, round_number: int) -> bool:
+        return round_number % self.every == 0 or round_number == self.rounds
+
+    def rounds_due(self) -> list[int]:
+        return [r for r in range(1, self.rounds + 1) if self.due(r)]
+
+
+class PhaseClock:
+    """Seconds spent per phase within one round (train, comm, eval)."""
+
+    def __init__(self):
+        self.seconds = {"train_s": 0.0, "comm_s": 0.0, "eval_s": 0.0}
+
+    def phase(self, name: str):
+        return _Phase(self.seconds, f"{name}_s")
+
+
+class _Phase:
+    def __init__(self, seconds: dict, key: str):
+        self.seconds, self.key = seconds, key
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds[self.key] += time.perf_counter() - self.start
+
+
+class RoundRecorder:
+    """Turns one round's numbers into a JSONL line, and publishes evaluated rounds."""
+
+    def __init__(self, node: int, log: NodeLog, store: dist.Store, schedule: EvalSchedule):
+        self.node = node
+        self.log = log
+        self.store = store
+        self.schedule = schedule
+        self.started = time.monotonic()
+
+    def record(self, round_number: int, clock: PhaseClock, byte_counts, **metrics) -> dict:
+        record = {"node": self.node, "round": round_number, "time_s": time.monotonic() - self.started,
+                  **clock.seconds, "bytes_sent": byte_counts.sent, "bytes_sent_data": byte_counts.sent_data,
+                  "bytes_sent_meta": byte_counts.sent_meta, "bytes_recv": byte_counts.recv,
+                  **{k: v for k, v in metrics.items() if v is not None}}
+        self.log.write(record)
+        if self.schedule.due(round_number):
+            publish(self.store, self.node, record)
+        return record

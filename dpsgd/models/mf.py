@@ -1,0 +1,32 @@
+"""Biased matrix factorization for rating prediction (the MovieLens model of the study)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+INIT_STD = 0.1
+
+
+class MatrixFactorization(nn.Module):
+    """prediction(u, i) = <x_u, y_i> + b_u + c_i over every user and item of the data set.
+
+    Each node holds the whole model although it only rates its own users: that is the
+    decentralized setting of the study, where item factors are what nodes learn together.
+    """
+
+    def __init__(self, num_users: int, num_items: int, embedding_dim: int, generator: torch.Generator):
+        super().__init__()
+        self.user_factors = nn.Parameter(torch.randn(num_users, embedding_dim, generator=generator) * INIT_STD)
+        self.item_factors = nn.Parameter(torch.randn(num_items, embedding_dim, generator=generator) * INIT_STD)
+        self.user_bias = nn.Parameter(torch.zeros(num_users))
+        self.item_bias = nn.Parameter(torch.zeros(num_items))
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        x_u = self.user_factors[user]
+        y_i = self.item_factors[item]
+        return (x_u * y_i).sum(dim=1) + self.user_bias[user] + self.item_bias[item]
+
+    def factor_penalty(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """|x_u|^2 + |y_i|^2 per example: the mini-batch share of (|X|^2 + |Y|^2)."""
+        return self.user_factors[user].pow(2).sum(dim=1) + self.item_factors[item].pow(2).sum(dim=1)

@@ -1,0 +1,31 @@
+"""Everything one node owns during a run, built by `dpsgd.experiment` and driven by an algorithm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from dpsgd.communication import NeighbourLink
+from dpsgd.metrics import EvalSchedule, RoundRecorder
+from dpsgd.sharing import Sharing
+from dpsgd.topology import Topology
+from dpsgd.training import Trainer
+
+
+@dataclass
+class Node:
+    rank: int
+    topology: Topology
+    flat: torch.Tensor                      # the model's parameters, as one vector
+    trainer: Trainer
+    sharing: Sharing
+    link: NeighbourLink
+    recorder: RoundRecorder
+    schedule: EvalSchedule
+    evaluate: Callable[[], dict[str, float]]
+
+    @property
+    def degree(self) -> int:
+        return self.topology.degree(self.rank)

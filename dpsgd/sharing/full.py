@@ -1,0 +1,20 @@
+"""Full sharing: the whole flat model, sent from its own storage without a copy."""
+
+from __future__ import annotations
+
+import torch
+
+from dpsgd.sharing.wire import Encoding, Message
+
+
+class FullSharing:
+    name = "full"
+
+    def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
+        return Message(round=round_number, degree=degree, age=age, encoding=Encoding.FULL, values=flat)
+
+    def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return None, message.values
+
+    def after_merge(self, flat: torch.Tensor) -> None:
+        pass

@@ -1,0 +1,123 @@
+"""Local training: mini-batches from a node's own data, optimizer steps, evaluation.
+
+No DataLoader: with 96 ranks sharing two cores, worker processes and collation cost
+more than the model. A node's examples are a few tensors; a batch is an index slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from dpsgd.errors import ConfigError
+
+EVAL_BATCH_SIZE = 4096
+
+
+class BatchStream:
+    """Endless mini-batches: shuffled passes over the examples, a fresh shuffle per pass."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, generator: torch.Generator):
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.generator = generator
+        self.num_examples = len(tensors[0])
+        self.batches_per_pass = math.ceil(self.num_examples / batch_size)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._position = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        if self._position >= len(self._order):
+            self._order = torch.randperm(self.num_examples, generator=self.generator)
+            self._position = 0
+        chosen = self._order[self._position:self._position + self.batch_size]
+        self._position += self.batch_size
+        return tuple(t[chosen] for t in self.tensors)
+
+
+class Task(Protocol):
+    """How a model is trained and judged on one kind of data."""
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> dict[str, float]: ...
+
+
+@dataclass
+class RatingsTask:
+    """Rating prediction: half squared error plus (lambda/2)(|x_u|^2 + |y_i|^2); judged by RMSE.
+
+    `evaluate` returns `loss` (RMSE, the study's "test loss" for ratings) and `acc`, the
+    share of predictions that, clipped to the scale and rounded to the nearest half
+    star, equal the true rating.
+    """
+
+    regularization: float
+    min_rating: float = 0.5
+    max_rating: float = 5.0
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        user, item, rating = batch
+        error = model(user, item) - rating
+        penalty = model.factor_penalty(user, item)
+        return (0.5 * error.pow(2) + 0.5 * self.regularization * penalty).mean()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        user, item, rating = tensors
+        if len(rating) == 0:
+            return {"loss": math.nan, "acc": math.nan}
+        squared_error, exact = 0.0, 0
+        for start in range(0, len(rating), EVAL_BATCH_SIZE):
+            part = slice(start, start + EVAL_BATCH_SIZE)
+            prediction = model(user[part], item[part])
+            squared_error += (prediction - rating[part]).pow(2).sum().item()
+            snapped = (prediction.clamp(self.min_rating, self.max_rating) * 2).round() / 2
+            exact += (snapped == rating[part]).sum().item()
+        return {"loss": math.sqrt(squared_error / len(rating)), "acc": exact / len(rating)}
+
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def build_optimizer(name: str, parameters, lr: float, **options) -> torch.optim.Optimizer:
+    """The optimizer named in `optimizer.name`; extra keys (momentum, weight_decay) pass through."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name={name!r} is not known. Choose one of "
+                          f"{sorted(OPTIMIZERS)} (for example `optimizer=sgd`).")
+    if not lr >= 0:
+        raise ConfigError(f"optimizer.lr={lr} must be a non-negative number, e.g. `optimizer.lr=0.1`.")
+    return OPTIMIZERS[name](parameters, lr=lr, **options)
+
+
+class Trainer:
+    """One node's local training; the optimizer (and its state) lives across rounds."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: Task,
+                 batches: BatchStream, local_steps: int, full_epochs: bool = False):
+        self.model = model
+        self.optimizer = optimizer
+        self.task = task
+        self.batches = batches
+        self.steps_per_round = local_steps * batches.batches_per_pass if full_epochs else local_steps
+
+    def train_round(self) -> float:
+        """Run this round's optimizer steps; return the mean mini-batch loss."""
+        self.model.train()
+        total = 0.0
+        for _ in range(self.steps_per_round):
+            batch = self.batches.next_batch()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.task.loss(self.model, batch)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item()
+        return total / max(1, self.steps_per_round)
+
+    def evaluate(self, tensors: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        self.model.eval()
+        return self.task.evaluate(self.model, tensors)

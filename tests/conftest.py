@@ -1,0 +1,45 @@
+"""Shared test helpers: composing the real config, and running small worlds of ranks safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MOVIELENS_CSV = SHARED_DATA / "ml-latest-small" / "ratings.csv"
+RANK_TEST_TIMEOUT_S = 240  # hard bound for any multi-rank test: a hang fails, it never blocks CI
+
+
+def compose_config(*overrides: str):
+    """The config exactly as train.py would compose it (without Hydra's own node)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_train(tmp_path: Path, *overrides: str, timeout_s: float = RANK_TEST_TIMEOUT_S,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """`python train.py` in a subprocess with its run directory in tmp_path/run."""
+    env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
+    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def movielens_csv() -> Path:
+    if not MOVIELENS_CSV.exists():
+        pytest.skip(f"MovieLens copy not present at {MOVIELENS_CSV}")
+    return MOVIELENS_CSV

@@ -1,0 +1,49 @@
+"""One D-PSGD round with no training over real gloo ranks is exactly x <- W x."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from dpsgd.algorithms.dpsgd import run_dpsgd
+from dpsgd.experiment import build_node, check_config, prepare_data
+from dpsgd.launch import spawn
+from dpsgd.topology import mh_matrix
+from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config
+
+
+def _random_model(rank: int, numel: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(1000 + rank).normal(size=numel).astype(np.float32))
+
+
+@pytest.mark.parametrize("nodes,topology", [(4, "ring"), (6, "regular"), (8, "regular"), (5, "star")])
+def test_one_round_without_training_is_w_times_x(tmp_path, nodes, topology):
+    degree = "topology.degree=3" if nodes == 8 else "topology.degree=2"
+    cfg = compose_config(f"nodes={nodes}", "rounds=1", "optimizer.lr=0", "eval.every=1", "log.progress=false",
+                         f"topology={topology}", degree, "dataset.num_users=40", "dataset.num_items=90")
+    topology_graph = check_config(cfg, nodes)
+    table = prepare_data(cfg)
+
+    def rank_main(ctx):
+        store = dist.PrefixStore("test", ctx.store)
+        dist.init_process_group("gloo", store=store, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=timedelta(seconds=60))
+        node = build_node(cfg, ctx.rank, topology_graph, table, store, tmp_path)
+        node.flat.copy_(_random_model(ctx.rank, node.flat.numel()))
+        run_dpsgd(node, 1)
+        np.save(tmp_path / f"after_{ctx.rank}.npy", node.flat.numpy())
+        dist.barrier()
+        dist.destroy_process_group()
+
+    spawn(rank_main, nodes, timeout_s=RANK_TEST_TIMEOUT_S)
+
+    numel = np.load(tmp_path / "after_0.npy").size
+    before = np.stack([_random_model(r, numel).numpy().astype(np.float64) for r in range(nodes)])
+    after = np.stack([np.load(tmp_path / f"after_{r}.npy") for r in range(nodes)])
+    expected = mh_matrix(topology_graph) @ before
+    np.testing.assert_allclose(after, expected, atol=1e-6, rtol=0)
+    assert not np.allclose(after, before, atol=1e-3)  # the round did move the models

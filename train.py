@@ -1,0 +1,88 @@
+"""Entry point: `python train.py [overrides]` or `torchrun ... train.py [overrides]`.
+
+torch is imported before anything else so that ranks forked in standalone mode share
+its pages with the parent. Under torchrun every rank runs this file; the ranks agree
+on one start time through the rendezvous store before Hydra names the run directory,
+so a run has exactly one directory, and only rank 0 keeps Hydra's own logs.
+"""
+
+import torch  # noqa: F401  (first: forked ranks share the imported pages)
+
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dpsgd import launch
+from dpsgd.errors import ConfigError, NodeFailure
+from dpsgd.experiment import check_config, prepare_data, run_node
+
+START_TIME_KEY = "dpsgd/start_time"
+RANK_CONTEXT: launch.RankContext | None = None
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def task(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if RANK_CONTEXT is not None:
+        _run_under_torchrun(cfg, RANK_CONTEXT, run_dir)
+    else:
+        _run_standalone(cfg, run_dir)
+
+
+def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path) -> None:
+    try:
+        run_node(cfg, ctx, run_dir)
+    except ConfigError as error:
+        _exit(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0)
+    except NodeFailure as error:
+        _exit(str(error), launch.EXIT_NODE_FAILURE)
+
+
+def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
+    try:
+        check_config(cfg, cfg.nodes)
+        table = prepare_data(cfg)  # before forking: ranks inherit or memory-map it
+    except ConfigError as error:
+        _exit(str(error), launch.EXIT_CONFIG_ERROR)
+    print(f"[dpsgd] {cfg.nodes} nodes on this machine, results in {run_dir}", flush=True)
+    try:
+        launch.spawn(lambda ctx: run_node(cfg, ctx, run_dir, table), cfg.nodes,
+                     grace_s=cfg.comm.timeout_s + 30, quiet_failures=True)
+    except launch.RankFailure as failure:
+        details = failure.errors.get(failure.first_failed, "")
+        _exit(f"{failure}\n{details}" if "crashed" in details else str(failure), launch.EXIT_NODE_FAILURE)
+
+
+def _exit(message: str, code: int, show: bool = True) -> None:
+    if show:
+        print(f"dpsgd: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _agree_start_time(ctx: launch.RankContext | None) -> datetime:
+    """Rank 0's clock, shared through the store, so every rank resolves the same run directory."""
+    if ctx is None:
+        return datetime.now()
+    if ctx.rank == 0:
+        ctx.store.set(START_TIME_KEY, repr(time.time()))
+    return datetime.fromtimestamp(float(ctx.store.get(START_TIME_KEY)))
+
+
+def main() -> None:
+    global RANK_CONTEXT
+    if launch.under_torchrun():
+        RANK_CONTEXT = launch.context_from_env()
+        if RANK_CONTEXT.rank != 0:
+            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    start = _agree_start_time(RANK_CONTEXT)
+    OmegaConf.register_new_resolver("dpsgd_start", lambda pattern: start.strftime(pattern), replace=True)
+    task()
+
+
+if __name__ == "__main__":
+    main()
