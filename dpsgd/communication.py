@@ -92,7 +92,8 @@ class NeighbourLink:
 
     def exchange(self, outgoing: Message) -> dict[int, Message]:
         """Send `outgoing` to every neighbour and receive one message from each (D-PSGD)."""
-        header_receives = {peer: dist.irecv(self._buffers[peer].header, src=peer, tag=HEADER_TAG)
+        round_number = outgoing.round
+        header_receives = {peer: self._post(dist.irecv, self._buffers[peer].header, peer, HEADER_TAG, round_number)
                            for peer in self.neighbours}
         header = outgoing.header()
         sends = [(peer, work) for peer in self.neighbours for work in self._post_send(outgoing, header, peer)]
@@ -109,10 +110,10 @@ class NeighbourLink:
         return received
 
     def _post_send(self, message: Message, header: torch.Tensor, peer: int) -> list[dist.Work]:
-        works = [dist.isend(header, dst=peer, tag=HEADER_TAG),
-                 dist.isend(message.values, dst=peer, tag=VALUES_TAG)]
+        works = [self._post(dist.isend, header, peer, HEADER_TAG, message.round),
+                 self._post(dist.isend, message.values, peer, VALUES_TAG, message.round)]
         if message.index is not None:
-            works.append(dist.isend(message.index, dst=peer, tag=INDEX_TAG))
+            works.append(self._post(dist.isend, message.index, peer, INDEX_TAG, message.round))
         self.bytes.sent_data += message.data_bytes
         self.bytes.sent_meta += message.meta_bytes
         return works
@@ -121,11 +122,11 @@ class NeighbourLink:
         buffers = self._buffers[peer]
         encoding = Encoding(header["encoding"])
         values = buffers.values[:header["num_values"]]
-        value_work = dist.irecv(values, src=peer, tag=VALUES_TAG)
+        value_work = self._post(dist.irecv, values, peer, VALUES_TAG, expected_round)
         index = None
         if encoding in INDEX_DTYPES:
             index = self._index_buffer(buffers, encoding, header["num_index"])
-            index_work = dist.irecv(index, src=peer, tag=INDEX_TAG)
+            index_work = self._post(dist.irecv, index, peer, INDEX_TAG, expected_round)
         self._wait(value_work, peer, expected_round, "values")
         if index is not None:
             self._wait(index_work, peer, expected_round, "index")
@@ -140,6 +141,13 @@ class NeighbourLink:
             buffer = torch.empty(max(length, 1), dtype=INDEX_DTYPES[encoding])
             buffers.index[encoding] = buffer
         return buffer[:length]
+
+    def _post(self, operation, tensor: torch.Tensor, peer: int, tag: int, round_number: int) -> dist.Work:
+        """Post an isend or irecv; posting to a pair whose peer is gone fails at once."""
+        try:
+            return operation(tensor, peer, tag=tag)
+        except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            raise self._failure(peer, round_number, "post", error) from None
 
     def _wait(self, work: dist.Work, peer: int, round_number: int, what: str) -> None:
         try:

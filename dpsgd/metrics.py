@@ -25,7 +25,7 @@ METRICS_PREFIX = "metrics"
 POLL_INTERVAL_S = 0.2
 # Keys that are aggregated across nodes (mean, std, min, max) when present.
 AGGREGATED_KEYS = ("train_loss", "batch_loss", "test_loss", "test_acc", "bytes_sent", "bytes_sent_data",
-                   "bytes_sent_meta", "bytes_recv", "time_s", "train_s", "comm_s", "eval_s", "age", "round")
+                   "bytes_sent_meta", "bytes_recv", "time_s", "train_s", "comm_s", "eval_s", "age")
 CURVE_KEYS = ("train_loss", "test_loss", "test_acc", "bytes_sent")
 
 

@@ -1,0 +1,83 @@
+"""A node that dies ends the run: the others stop within the timeout, non-zero, naming it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch.distributed as dist
+
+from dpsgd.experiment import check_config, prepare_data, run_node
+from dpsgd.launch import EXIT_NODE_FAILURE, RankFailure, spawn
+from dpsgd.training import Trainer
+from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, compose_config, read_jsonl
+
+VICTIM = 2
+DIES_IN_ROUND = 4
+TIMEOUT_S = 30
+
+
+def test_killed_node_is_named_and_the_others_stop(tmp_path, monkeypatch):
+    cfg = compose_config("nodes=6", "rounds=500", "log.progress=false", f"comm.timeout_s={TIMEOUT_S}")
+    check_config(cfg, 6)
+    table = prepare_data(cfg)
+    original_train_round = Trainer.train_round
+
+    def train_round_then_die(self):
+        self.rounds_trained = getattr(self, "rounds_trained", 0) + 1
+        if dist.get_rank() == VICTIM and self.rounds_trained == DIES_IN_ROUND:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_train_round(self)
+
+    monkeypatch.setattr(Trainer, "train_round", train_round_then_die)  # inherited by the forked ranks
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(lambda ctx: run_node(cfg, ctx, tmp_path, table), 6, timeout_s=RANK_TEST_TIMEOUT_S,
+              grace_s=TIMEOUT_S + 30, quiet_failures=True)
+    elapsed_s = time.monotonic() - started
+
+    assert failure.value.first_failed == VICTIM
+    assert elapsed_s < TIMEOUT_S + 30
+    survivors = [rank for rank in range(6) if rank != VICTIM]
+    assert sorted(failure.value.errors) == list(range(6))  # every node ended non-zero
+    for rank in survivors:
+        assert f"node {VICTIM} failed" in failure.value.errors[rank], failure.value.errors[rank]
+    # Results written before the failure are kept.
+    for rank in survivors:
+        assert len(read_jsonl(tmp_path / "nodes" / f"{rank}.jsonl")) >= DIES_IN_ROUND - 2
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in sorted(os.listdir(f"/proc/{pid}/task")):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return sorted(children)
+
+
+def test_killing_a_rank_of_a_command_line_run_ends_it_with_its_name(tmp_path):
+    """The parent of forked ranks turns the death into one message and a non-zero exit."""
+    env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
+    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "nodes=4",
+               "topology=ring", "rounds=1000000", f"comm.timeout_s={TIMEOUT_S}", "log.progress=false"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        log = tmp_path / "run" / "nodes" / "0.jsonl"
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.stat().st_size > 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ranks = _children(process.pid)
+        assert len(ranks) == 4
+        os.kill(ranks[VICTIM], signal.SIGKILL)  # ranks are forked in rank order
+        _, stderr = process.communicate(timeout=TIMEOUT_S + 60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == EXIT_NODE_FAILURE
+    assert f"node {VICTIM}" in stderr
+    assert "Traceback" not in stderr
