@@ -28,7 +28,8 @@ from dpsgd.models.flat import flatten_model
 from dpsgd.models.mf import MatrixFactorization
 from dpsgd.node import Node
 from dpsgd.seeding import torch_generator
-from dpsgd.sharing import build_sharing
+from dpsgd.averaging import MERGE_RULES
+from dpsgd.sharing import build_sharing, check_sharing
 from dpsgd.topology import Topology, build_topology
 from dpsgd.training import BatchStream, RatingsTask, Trainer, build_optimizer
 
@@ -65,7 +66,7 @@ def check_config(cfg: DictConfig, world_size: int) -> Topology:
     if cfg.dataset.name not in RATINGS_DATASETS:
         raise ConfigError(f"dataset.name={cfg.dataset.name!r} is not known; choose one of "
                           f"{list(RATINGS_DATASETS)}, e.g. `dataset=movielens`.")
-    build_sharing(cfg.sharing.name)
+    check_sharing(cfg.sharing.name, cfg.alpha, _sharing_options(cfg))
     build_optimizer(cfg.optimizer.name, [torch.nn.Parameter(torch.zeros(1))], **_optimizer_options(cfg))
     return _topology(cfg)
 
@@ -117,8 +118,9 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, table: RatingsTab
                          FailureBoard(store))
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
     recorder = RoundRecorder(rank, NodeLog(run_dir, rank), store, schedule)
-    return Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=build_sharing(cfg.sharing.name),
-                link=link, recorder=recorder, schedule=schedule,
+    sharing = build_sharing(cfg.sharing.name, flat, cfg.alpha, _sharing_options(cfg), cfg.seed, rank)
+    return Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=sharing,
+                merge=MERGE_RULES[cfg.sharing.merge], link=link, recorder=recorder, schedule=schedule,
                 evaluate=lambda: _evaluate(cfg, trainer, data))
 
 
@@ -155,6 +157,12 @@ def _evaluate(cfg: DictConfig, trainer: Trainer, data: NodeData) -> dict[str, fl
 
 def _optimizer_options(cfg: DictConfig) -> dict:
     options = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    options.pop("name")
+    return options
+
+
+def _sharing_options(cfg: DictConfig) -> dict:
+    options = OmegaConf.to_container(cfg.sharing, resolve=True)
     options.pop("name")
     return options
 

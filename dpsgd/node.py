@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from dpsgd.averaging import MergeRule
 from dpsgd.communication import NeighbourLink
 from dpsgd.metrics import EvalSchedule, RoundRecorder
 from dpsgd.sharing import Sharing
@@ -21,6 +22,7 @@ class Node:
     flat: torch.Tensor                      # the model's parameters, as one vector
     trainer: Trainer
     sharing: Sharing
+    merge: MergeRule                        # how received values enter the model (sharing.merge)
     link: NeighbourLink
     recorder: RoundRecorder
     schedule: EvalSchedule

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpsgd.averaging import Contribution, merge_fill_own
+from dpsgd.averaging import Contribution
 from dpsgd.metrics import PhaseClock
 from dpsgd.node import Node
 from dpsgd.sharing.wire import Message
@@ -18,7 +18,8 @@ def run_dpsgd(node: Node, rounds: int) -> int:
         with clock.phase("comm"):
             message = node.sharing.pack(node.flat, round_number, node.degree)
             received = node.link.exchange(message)
-            merge_fill_own(node.flat, contributions(node, received))
+            self_weight, weighed = contributions(node, received)
+            node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
             node.sharing.after_merge(node.flat)
         with clock.phase("eval"):
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
@@ -26,9 +27,10 @@ def run_dpsgd(node: Node, rounds: int) -> int:
     return rounds
 
 
-def contributions(node: Node, received: dict[int, Message]) -> list[Contribution]:
+def contributions(node: Node, received: dict[int, Message]) -> tuple[float, list[Contribution]]:
     """Weigh each neighbour's message by Metropolis-Hastings, using the degree it announced."""
-    _, weights = mh_weights(node.degree, {peer: message.degree for peer, message in received.items()})
+    self_weight, weights = mh_weights(node.degree, {peer: message.degree for peer, message in received.items()})
     decoded = {peer: node.sharing.decode(message) for peer, message in received.items()}
-    return [Contribution(weight=weights[peer], values=values, index=index)
-            for peer, (index, values) in decoded.items()]
+    return self_weight, [Contribution(weight=weights[peer], values=values, index=index,
+                                      degree=received[peer].degree)
+                         for peer, (index, values) in decoded.items()]

@@ -9,6 +9,7 @@ from dpsgd.sharing.wire import Encoding, Message
 
 class FullSharing:
     name = "full"
+    last_sent_index = None
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
         return Message(round=round_number, degree=degree, age=age, encoding=Encoding.FULL, values=flat)

@@ -1,0 +1,86 @@
+"""Top-alpha partial sharing, and its random-alpha variant.
+
+The score of a coordinate is how much it changed, in one of three senses (SPEC §4):
+this round's training change; training changes accumulated since the coordinate was
+last sent; or total drift (training and averaging) since it was last sent. The values
+sent are the current parameter values of the chosen coordinates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpsgd.seeding import torch_generator
+from dpsgd.sharing.selection import decode_indices, encode_indices, smaller_encoding, top_k_indices
+from dpsgd.sharing.wire import Encoding, Message
+
+
+def coordinates_to_send(alpha: float, numel: int) -> int:
+    """k = round(alpha * numel), the one formula for how many coordinates a message carries."""
+    return round(alpha * numel)
+
+
+class PartialSharing:
+    """Send the k = round(alpha * numel) coordinates that changed most."""
+
+    name = "partial"
+
+    def __init__(self, flat: torch.Tensor, alpha: float, accumulation: bool = True,
+                 accumulate_averaging_changes: bool = False, metadata_cap: float = 1.0):
+        self.alpha = alpha
+        self.accumulation = accumulation
+        self.accumulate_averaging_changes = accumulation and accumulate_averaging_changes
+        self.metadata_cap = metadata_cap
+        self.numel = flat.numel()
+        self._snapshot = flat.clone()          # the model when this round's training started
+        self._accumulated = torch.zeros_like(flat)
+        self.last_sent_index: torch.Tensor | None = None
+
+    def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
+        alpha = self.round_alpha()
+        training_change = flat - self._snapshot
+        if self.accumulation:
+            self._accumulated += training_change
+        if self.accumulate_averaging_changes:
+            self._snapshot.copy_(flat)  # after_merge adds the averaging change against this
+        if alpha >= self.metadata_cap:
+            self._accumulated.zero_()
+            self.last_sent_index = None
+            return Message(round=round_number, degree=degree, age=age, encoding=Encoding.FULL, values=flat)
+        score = self._accumulated if self.accumulation else training_change
+        chosen = top_k_indices(score, coordinates_to_send(alpha, self.numel))
+        self._accumulated[chosen] = 0.0
+        self.last_sent_index = chosen
+        encoding = smaller_encoding(chosen.numel(), self.numel)
+        return Message(round=round_number, degree=degree, age=age, encoding=encoding, values=flat[chosen],
+                       index=encode_indices(chosen, self.numel, encoding))
+
+    def round_alpha(self) -> float:
+        return self.alpha
+
+    def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if message.encoding == Encoding.FULL:
+            return None, message.values
+        return decode_indices(message.index, self.numel, message.encoding), message.values
+
+    def after_merge(self, flat: torch.Tensor) -> None:
+        if self.accumulate_averaging_changes:
+            self._accumulated += flat - self._snapshot
+        self._snapshot.copy_(flat)
+
+
+class RandomAlphaSharing(PartialSharing):
+    """Partial sharing whose alpha is drawn each round, uniformly from `alpha_list`."""
+
+    name = "random_alpha"
+
+    def __init__(self, flat: torch.Tensor, alpha_list: list[float], seed: int, node: int, **options):
+        super().__init__(flat, alpha=max(alpha_list), **options)
+        self.alpha_list = list(alpha_list)
+        self._generator = torch_generator(seed, "random_alpha", node)
+        self.last_alpha: float | None = None
+
+    def round_alpha(self) -> float:
+        choice = torch.randint(len(self.alpha_list), (1,), generator=self._generator).item()
+        self.last_alpha = self.alpha_list[choice]
+        return self.last_alpha
