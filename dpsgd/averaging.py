@@ -70,5 +70,16 @@ def merge_renormalize(flat: torch.Tensor, self_weight: float, contributions: lis
     flat.copy_(merged)
 
 
+def merge_by_age(flat: torch.Tensor, own_age: int, received_age: int, values: torch.Tensor,
+                 index: torch.Tensor | None = None) -> None:
+    """RWM: x <- (a_own x + a_recv x_recv) / (a_own + a_recv), on the received coordinates only."""
+    total = own_age + received_age
+    received_weight = received_age / total if total > 0 else 0.5
+    if index is None:
+        flat.mul_(1.0 - received_weight).add_(values, alpha=received_weight)
+    else:
+        flat[index] = flat[index] * (1.0 - received_weight) + values * received_weight
+
+
 MergeRule = Callable[[torch.Tensor, float, list[Contribution], torch.Tensor | None], None]
 MERGE_RULES: dict[str, MergeRule] = {"fill_own": merge_fill_own, "renormalize": merge_renormalize}

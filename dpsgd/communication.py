@@ -9,6 +9,9 @@ closes the pair), so it ends the run with the peer's name rather than a retry.
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -16,11 +19,13 @@ import torch
 import torch.distributed as dist
 
 from dpsgd.errors import NodeFailure
-from dpsgd.sharing.wire import (HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE, Encoding,
-                                Message, parse_header)
+from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE,
+                                Encoding, Message, parse_header)
 
 HEADER_TAG, VALUES_TAG, INDEX_TAG = 1, 2, 3
 FAILURE_KEY = "failure/first"
+# Waits that must not expire (a gloo timeout closes the pair): peers' deaths still end them.
+NO_BOUND = timedelta(days=365)
 
 
 @dataclass
@@ -63,13 +68,21 @@ class FailureBoard:
         except Exception:  # noqa: BLE001 - the store may be gone with the failed node
             return f"{node}|{message}"
 
-    @staticmethod
-    def node_of(record: str) -> int:
-        return int(record.split("|", 1)[0])
+    def failure(self, rank: int, peer: int, seen: str) -> NodeFailure:
+        """The error this node stops with: it names the first node that failed in the run."""
+        first = self.report(peer, f"node {rank} saw: {seen}")
+        failed_node, text = first.split("|", 1)
+        return NodeFailure(f"node {rank} stops: node {failed_node} failed ({text}). The run cannot continue "
+                           f"without it; rounds completed so far are in nodes/*.jsonl.",
+                           failed_node=int(failed_node))
 
-    @staticmethod
-    def text_of(record: str) -> str:
-        return record.split("|", 1)[1]
+
+def describe_peer_error(peer: int, error: Exception, timeout_s: float) -> str:
+    """What a failed gloo operation says about the peer: silent too long, or gone."""
+    text = str(error).lower()
+    if "timed out" in text or "timeout" in text:
+        return f"neighbour {peer} did not answer within comm.timeout_s={timeout_s:g} s"
+    return f"the connection to neighbour {peer} closed (its process stopped)"
 
 
 class NeighbourLink:
@@ -156,12 +169,149 @@ class NeighbourLink:
             raise self._failure(peer, round_number, what, error) from None
 
     def _failure(self, peer: int, round_number: int, what: str, error: Exception) -> NodeFailure:
-        timed_out = "timed out" in str(error).lower() or "timeout" in str(error).lower()
-        seen = (f"neighbour {peer} did not answer within comm.timeout_s={self.timeout_s:g} s"
-                if timed_out else f"the connection to neighbour {peer} closed (its process stopped)")
-        first = self.failures.report(peer, f"node {self.rank} saw: {seen} ({what}, round {round_number})")
-        failed = FailureBoard.node_of(first)
-        return NodeFailure(
-            f"node {self.rank} stops: node {failed} failed ({FailureBoard.text_of(first)}). The run "
-            f"cannot continue without it; rounds completed so far are in nodes/*.jsonl.",
-            failed_node=failed)
+        seen = describe_peer_error(peer, error, self.timeout_s)
+        return self.failures.failure(self.rank, peer, f"{seen} ({what}, round {round_number})")
+
+
+class RandomWalkLink:
+    """Asynchronous messages for RWM: send to one neighbour, receive from whichever sends.
+
+    One receiver thread per neighbour keeps a header receive posted on that pair, so a
+    sender's isend always completes without the receiver's main loop taking part, and
+    messages reach one queue in arrival order. No wait here has a short bound: in a
+    random walk a neighbour may rightly stay silent for many rounds, and a gloo timeout
+    would close the pair. A dead neighbour is noticed at once (its connection closes);
+    `comm.timeout_s` bounds only how long the node may go without hearing from anyone.
+
+    Shutdown is a handshake that leaves nothing in flight: a node that stops sends END to
+    every neighbour; a node that receives END stops too (so the stop floods the graph)
+    and answers with its own END; per pair, END is the last message each way, so once a
+    node has seen END from every neighbour and its own sends completed, nothing is
+    pending on any of its pairs.
+    """
+
+    def __init__(self, rank: int, neighbours: list[int], max_values: int, timeout_s: float,
+                 failures: FailureBoard):
+        self.rank = rank
+        self.neighbours = list(neighbours)
+        self.max_values = max_values
+        self.timeout_s = timeout_s
+        self.failures = failures
+        self.bytes = ByteCounters()
+        self._arrivals: "queue.Queue[tuple[str, int, object]]" = queue.Queue()
+        self._stop_seen = threading.Event()
+        self._lock = threading.Lock()
+        self._pending_sends: list[tuple[int, dist.Work, torch.Tensor]] = []
+        self._ended_sent = False
+        self._last_heard = time.monotonic()
+        self._threads = [threading.Thread(target=self._receive_from, args=(peer,), daemon=True,
+                                          name=f"dpsgd-recv-{rank}-from-{peer}") for peer in self.neighbours]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def stop_requested(self) -> bool:
+        """A neighbour has stopped; this node should stop before its next round."""
+        return self._stop_seen.is_set()
+
+    def send(self, peer: int, message: Message) -> None:
+        """Send asynchronously; the previous sends are completed first, so few are ever in flight."""
+        self._complete_sends()
+        tensors = [(message.header(), HEADER_TAG)]
+        if message.encoding != Encoding.END:
+            tensors.append((message.values, VALUES_TAG))
+        if message.index is not None:
+            tensors.append((message.index, INDEX_TAG))
+        for tensor, tag in tensors:
+            try:
+                work = dist.isend(tensor, peer, tag=tag)
+            except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+                raise self._failure(peer, error, f"send, round {message.round}") from None
+            self._pending_sends.append((peer, work, tensor))
+        self.bytes.sent_data += message.data_bytes
+        self.bytes.sent_meta += message.meta_bytes
+
+    def receive(self) -> Message | None:
+        """The next model message in arrival order, or None once a neighbour has stopped."""
+        while not self._stop_seen.is_set():
+            try:
+                kind, peer, payload = self._arrivals.get(timeout=min(1.0, self.timeout_s))
+            except queue.Empty:
+                self._check_silence()
+                continue
+            self._last_heard = time.monotonic()
+            if kind == "message":
+                return payload
+            if kind == "failure":
+                raise payload
+        self._drain_failures()  # a neighbour's death also stops the walk: say so, not "stopped"
+        return None
+
+    def close(self, round_number: int) -> None:
+        """Say END to every neighbour, hear END from every neighbour, complete every send."""
+        if not self._ended_sent:
+            for peer in self.neighbours:
+                self.send(peer, Message(round=round_number, degree=len(self.neighbours), age=0,
+                                        encoding=Encoding.END, values=torch.empty(0)))
+            self._ended_sent = True
+        for peer, thread in zip(self.neighbours, self._threads):
+            thread.join(timeout=self.timeout_s)
+            if thread.is_alive():
+                raise self.failures.failure(self.rank, peer, f"neighbour {peer} did not say END within "
+                                            f"comm.timeout_s={self.timeout_s:g} s of this node stopping")
+        self._drain_failures()
+        self._complete_sends()
+
+    def _receive_from(self, peer: int) -> None:
+        """Receiver thread body: header, then the payload it announces, until END or failure."""
+        header = torch.empty(len(HEADER_FIELDS), dtype=HEADER_DTYPE)
+        try:
+            while True:
+                dist.irecv(header, peer, tag=HEADER_TAG).wait(timeout=NO_BOUND)
+                fields = parse_header(header)
+                encoding = Encoding(fields["encoding"])
+                if encoding == Encoding.END:
+                    self._count_received(HEADER_BYTES)
+                    self._stop_seen.set()
+                    return
+                values = torch.empty(fields["num_values"], dtype=VALUES_DTYPE)
+                dist.irecv(values, peer, tag=VALUES_TAG).wait(timeout=NO_BOUND)
+                index = None
+                if encoding in INDEX_DTYPES:
+                    index = torch.empty(fields["num_index"], dtype=INDEX_DTYPES[encoding])
+                    dist.irecv(index, peer, tag=INDEX_TAG).wait(timeout=NO_BOUND)
+                message = Message(round=fields["round"], degree=fields["degree"], age=fields["age"],
+                                  encoding=encoding, values=values, index=index, seed=fields["seed"])
+                self._count_received(message.total_bytes)
+                self._arrivals.put(("message", peer, message))
+        except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            self._arrivals.put(("failure", peer, self._failure(peer, error, "receive")))
+            self._stop_seen.set()
+
+    def _count_received(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes.recv += nbytes
+
+    def _complete_sends(self) -> None:
+        for peer, work, _ in self._pending_sends:
+            try:
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+            except Exception as error:  # noqa: BLE001
+                raise self._failure(peer, error, "send") from None
+        self._pending_sends.clear()
+
+    def _check_silence(self) -> None:
+        if time.monotonic() - self._last_heard > self.timeout_s:
+            raise NodeFailure(f"node {self.rank} stops: no message from any neighbour ({self.neighbours}) "
+                              f"within comm.timeout_s={self.timeout_s:g} s")
+
+    def _drain_failures(self) -> None:
+        while not self._arrivals.empty():
+            kind, _, payload = self._arrivals.get_nowait()
+            if kind == "failure":
+                raise payload
+
+    def _failure(self, peer: int, error: Exception, where: str) -> NodeFailure:
+        return self.failures.failure(self.rank, peer, f"{describe_peer_error(peer, error, self.timeout_s)} ({where})")

@@ -18,22 +18,24 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from dpsgd.algorithms.dpsgd import run_dpsgd
-from dpsgd.communication import FailureBoard, NeighbourLink
+from dpsgd.algorithms.rwm import run_rwm
+from dpsgd.communication import FailureBoard, NeighbourLink, RandomWalkLink
 from dpsgd.data.partition import contiguous_blocks
 from dpsgd.data.ratings import RatingsTable, load_movielens, make_synthetic, split_node_ratings
 from dpsgd.errors import ConfigError, NodeFailure
 from dpsgd.launch import RankContext
-from dpsgd.metrics import Aggregator, EvalSchedule, NodeLog, RoundRecorder, RunInfo
+from dpsgd.metrics import Aggregator, EvalSchedule, NodeLog, RoundRecorder, RunInfo, publish_rounds_completed
 from dpsgd.models.flat import flatten_model
 from dpsgd.models.mf import MatrixFactorization
 from dpsgd.node import Node
-from dpsgd.seeding import torch_generator
+from dpsgd.seeding import numpy_rng, torch_generator
 from dpsgd.averaging import MERGE_RULES
 from dpsgd.sharing import build_sharing, check_sharing
 from dpsgd.topology import Topology, build_topology
 from dpsgd.training import BatchStream, RatingsTask, Trainer, build_optimizer
 
-ALGORITHMS = {"dpsgd": run_dpsgd}
+# Each communication pattern: its loop, and the transport that loop needs.
+ALGORITHMS = {"dpsgd": (run_dpsgd, NeighbourLink), "rwm": (run_rwm, RandomWalkLink)}
 RATINGS_DATASETS = ("synthetic", "movielens")
 
 
@@ -96,11 +98,13 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, table: RatingsTab
     node = build_node(cfg, ctx.rank, topology, table, store, run_dir)
     aggregator = _start_aggregator(cfg, node, store, run_dir) if ctx.rank == 0 else None
     _barrier(ctx.rank)
-    rounds_completed = ALGORITHMS[cfg.algorithm.name](node, cfg.rounds)
+    run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
+    rounds_completed = run_algorithm(node, cfg.rounds)
     node.recorder.log.close()
+    publish_rounds_completed(store, ctx.rank, rounds_completed)
     _barrier(ctx.rank)
     if aggregator is not None:
-        _print_final(aggregator.finish(rounds_completed), run_dir)
+        _print_final(aggregator.finish(), run_dir)
     dist.destroy_process_group()
 
 
@@ -114,14 +118,14 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, table: RatingsTab
     batches = BatchStream(data.train, cfg.train.batch_size, torch_generator(cfg.seed, "batches", rank))
     trainer = Trainer(model, optimizer, RatingsTask(cfg.model.regularization), batches,
                       cfg.train.local_steps, cfg.train.full_epochs)
-    link = NeighbourLink(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s,
-                         FailureBoard(store))
+    _, link_class = ALGORITHMS[cfg.algorithm.name]
+    link = link_class(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store))
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
     recorder = RoundRecorder(rank, NodeLog(run_dir, rank), store, schedule)
     sharing = build_sharing(cfg.sharing.name, flat, cfg.alpha, _sharing_options(cfg), cfg.seed, rank)
     return Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=sharing,
                 merge=MERGE_RULES[cfg.sharing.merge], link=link, recorder=recorder, schedule=schedule,
-                evaluate=lambda: _evaluate(cfg, trainer, data))
+                evaluate=lambda: _evaluate(cfg, trainer, data), rng=numpy_rng(cfg.seed, "neighbour_choice", rank))
 
 
 def node_data(cfg: DictConfig, rank: int, table: RatingsTable) -> NodeData:
@@ -192,6 +196,6 @@ def _print_final(summary: dict, run_dir: Path) -> None:
     final = summary.get("final") or {}
     loss = final.get("test_loss", {}).get("mean", math.nan)
     sent = final.get("bytes_sent", {}).get("mean", math.nan)
-    print(f"[dpsgd] done: {summary['rounds_completed']} rounds in {summary['wall_s']:.1f} s; "
+    print(f"[dpsgd] done: {summary['rounds_min']}-{summary['rounds_max']} rounds in {summary['wall_s']:.1f} s; "
           f"final mean test {summary['test_loss_metric']} {loss:.4f}; "
           f"mean bytes sent per node {sent:,.0f}; results in {run_dir}", flush=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 METRICS_PREFIX = "metrics"
+DONE_PREFIX = "done"
 POLL_INTERVAL_S = 0.2
 # Keys that are aggregated across nodes (mean, std, min, max) when present.
 AGGREGATED_KEYS = ("train_loss", "batch_loss", "test_loss", "test_acc", "bytes_sent", "bytes_sent_data",
@@ -51,6 +52,11 @@ class NodeLog:
 def publish(store: dist.Store, node: int, record: dict) -> None:
     """Make an evaluated round's record visible to rank 0's aggregator."""
     store.set(f"{METRICS_PREFIX}/{record['round']}/{node}", json.dumps(record))
+
+
+def publish_rounds_completed(store: dist.Store, node: int, rounds_completed: int) -> None:
+    """How far this node got (RWM nodes stop at different rounds)."""
+    store.set(f"{DONE_PREFIX}/{node}", str(rounds_completed))
 
 
 @dataclass
@@ -104,12 +110,13 @@ class Aggregator:
         self._thread.start()
         return self
 
-    def finish(self, rounds_completed: int) -> dict:
-        """Drain what every node published, write summary.json, return it."""
+    def finish(self) -> dict:
+        """After every node published how far it got: drain, write summary.json, return it."""
         self._stop.set()
         self._thread.join()
         self._collect(final=True)
-        summary = self._summary(rounds_completed)
+        done_keys = [f"{DONE_PREFIX}/{node}" for node in range(self.info.nodes)]
+        summary = self._summary([int(raw) for raw in self.store.multi_get(done_keys)])
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         self._writer.close()
         for writer in self._node_writers.values():
@@ -152,7 +159,7 @@ class Aggregator:
         if self.per_node_tb:
             self._log_nodes(round_number, records)
         self._writer.flush()
-        if self.progress:
+        if self.progress and len(records) == self.info.nodes:
             self._print_progress(round_number, stats)
 
     def _log_nodes(self, round_number: int, records: list[dict]) -> None:
@@ -174,14 +181,19 @@ class Aggregator:
                 parts.append(f"{label} {stats[key]['mean']:.4f}")
         print("[dpsgd] " + " | ".join(parts), file=sys.stdout, flush=True)
 
-    def _summary(self, rounds_completed: int) -> dict:
+    def _summary(self, rounds_per_node: list[int]) -> dict:
+        """`final` is the last evaluated round that every node reached (RWM nodes stop apart)."""
         info = self.info
+        rounds_min = min(rounds_per_node)
+        complete = [entry for entry in self.per_round
+                    if entry["round"] <= rounds_min and entry["nodes_reporting"] == info.nodes]
         return {
-            "nodes": info.nodes, "rounds": info.rounds, "rounds_completed": rounds_completed,
+            "nodes": info.nodes, "rounds": info.rounds, "rounds_completed": rounds_min,
+            "rounds_min": rounds_min, "rounds_max": max(rounds_per_node), "rounds_per_node": rounds_per_node,
             "num_parameters": info.num_parameters, "model": info.model, "dataset": info.dataset,
             "algorithm": info.algorithm, "sharing": info.sharing, "test_loss_metric": info.metric_name,
             "wall_s": time.monotonic() - self._started,
-            "final": self.per_round[-1] if self.per_round else None,
+            "final": complete[-1] if complete else None,
             "per_round": self.per_round,
         }
 

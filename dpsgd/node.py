@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from dpsgd.averaging import MergeRule
-from dpsgd.communication import NeighbourLink
+from dpsgd.communication import NeighbourLink, RandomWalkLink
 from dpsgd.metrics import EvalSchedule, RoundRecorder
 from dpsgd.sharing import Sharing
 from dpsgd.topology import Topology
@@ -23,11 +24,16 @@ class Node:
     trainer: Trainer
     sharing: Sharing
     merge: MergeRule                        # how received values enter the model (sharing.merge)
-    link: NeighbourLink
+    link: NeighbourLink | RandomWalkLink    # moves messages as the algorithm needs
     recorder: RoundRecorder
     schedule: EvalSchedule
     evaluate: Callable[[], dict[str, float]]
+    rng: np.random.Generator                # this node's algorithm-level choices (RWM's next neighbour)
 
     @property
     def degree(self) -> int:
         return self.topology.degree(self.rank)
+
+    @property
+    def neighbours(self) -> list[int]:
+        return self.topology.neighbours(self.rank)

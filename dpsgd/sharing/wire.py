@@ -26,6 +26,7 @@ class Encoding(IntEnum):
     INDEX_INT32 = 1   # index holds sorted int32 coordinates
     BITMASK = 2       # index holds a packed uint8 bitmask over all coordinates
     SEEDED_MASK = 3   # coordinates follow from the header's seed; no index
+    END = 4           # header only: the sender will send nothing more to this receiver
 
 
 INDEX_DTYPES = {Encoding.INDEX_INT32: torch.int32, Encoding.BITMASK: torch.uint8}
