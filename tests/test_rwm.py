@@ -1,0 +1,141 @@
+"""RWM: the age-weighted merge against float64, hang-free shutdown, bytes, reproducible walks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from dpsgd.averaging import merge_by_age
+from dpsgd.experiment import check_config, prepare_data, run_node
+from dpsgd.launch import RankFailure, spawn
+from dpsgd.seeding import numpy_rng
+from dpsgd.sharing.wire import HEADER_BYTES
+from dpsgd.training import Trainer
+from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config, read_jsonl, run_train
+
+# --- the merge rule ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_full_message_merge_is_the_age_weighted_mean(seed):
+    rng = np.random.default_rng(seed)
+    own, received = rng.normal(size=50), rng.normal(size=50)
+    own_age, received_age = (int(a) for a in rng.integers(1, 500, size=2))
+    flat = torch.from_numpy(own.astype(np.float32))
+    merge_by_age(flat, own_age, received_age, torch.from_numpy(received.astype(np.float32)))
+    expected = (own_age * own + received_age * received) / (own_age + received_age)
+    np.testing.assert_allclose(flat.numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_partial_message_merges_only_the_received_coordinates(seed):
+    rng = np.random.default_rng(seed)
+    own, received = rng.normal(size=50), rng.normal(size=50)
+    index = np.sort(rng.choice(50, 12, replace=False))
+    own_age, received_age = 30, 90
+    flat = torch.from_numpy(own.astype(np.float32))
+    merge_by_age(flat, own_age, received_age, torch.from_numpy(received[index].astype(np.float32)),
+                 torch.from_numpy(index))
+    expected = own.copy()
+    expected[index] = (own_age * own[index] + received_age * received[index]) / (own_age + received_age)
+    np.testing.assert_allclose(flat.numpy(), expected, atol=1e-6)
+
+
+# --- whole runs ----------------------------------------------------------------------------------
+
+def _rwm_config(*overrides):
+    return compose_config("algorithm=rwm", "nodes=8", "rounds=6", "eval.every=3", "log.progress=false",
+                          "dataset.num_users=80", "dataset.num_items=100", "train.local_steps=3",
+                          "comm.timeout_s=30", *overrides)
+
+
+def _children() -> list[int]:
+    pid = os.getpid()
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return children
+
+
+def test_repeated_short_runs_never_hang_and_leave_complete_logs(tmp_path):
+    cfg = _rwm_config()
+    topology = check_config(cfg, 8)
+    table = prepare_data(cfg)
+    for attempt in range(20):
+        run_dir = tmp_path / str(attempt)
+        spawn(lambda ctx: run_node(cfg, ctx, run_dir, table), 8, timeout_s=60)  # raises on failure or hang
+        summary = json.loads((run_dir / "summary.json").read_text())
+        per_node = summary["rounds_per_node"]
+        assert max(per_node) == 6 and summary["rounds_max"] == 6
+        assert summary["rounds_min"] == min(per_node) >= 1
+        for node in range(8):
+            records = read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
+            assert [r["round"] for r in records] == list(range(1, per_node[node] + 1))
+            ages = [r["age"] for r in records]
+            assert ages == sorted(ages) and ages[0] == 3  # one round of 3 local steps
+            assert all(r["sent_to"] in topology.neighbours(node) for r in records)
+        assert not _children()
+
+
+def test_rwm_sends_one_message_per_round_and_walks_reproducibly(tmp_path):
+    """Full sharing: each round puts exactly one full message on the wire (D-PSGD: degree of them)."""
+    cfg = _rwm_config("rounds=10")
+    table = prepare_data(cfg)
+    topology = check_config(cfg, 8)
+    spawn(lambda ctx: run_node(cfg, ctx, tmp_path, table), 8, timeout_s=RANK_TEST_TIMEOUT_S)
+    numel = json.loads((tmp_path / "summary.json").read_text())["num_parameters"]
+    for node in range(8):
+        records = read_jsonl(tmp_path / "nodes" / f"{node}.jsonl")
+        for r in records:
+            assert r["bytes_sent"] == r["round"] * (HEADER_BYTES + 4 * numel)
+        neighbours = topology.neighbours(node)
+        rng = numpy_rng(cfg.seed, "neighbour_choice", node)
+        assert [r["sent_to"] for r in records] == [neighbours[rng.integers(len(neighbours))] for _ in records]
+
+
+def test_rwm_bytes_per_node_are_about_one_over_degree_of_dpsgd(tmp_path):
+    common = ("nodes=8", "rounds=12", "eval.every=4", "sharing=partial", "alpha=0.2", "dataset.num_users=80",
+              "dataset.num_items=100")
+    run_train(tmp_path / "rwm", "algorithm=rwm", *common)
+    run_train(tmp_path / "dpsgd", "algorithm=dpsgd", *common)
+
+    def bytes_per_round(run):
+        records = [read_jsonl(run / "run" / "nodes" / f"{n}.jsonl")[-1] for n in range(8)]
+        return sum(r["bytes_sent"] for r in records) / sum(r["round"] for r in records)
+
+    ratio = bytes_per_round(tmp_path / "rwm") / bytes_per_round(tmp_path / "dpsgd")
+    assert ratio == pytest.approx(1 / 4, rel=0.01)  # 4-regular graph, same message size every round
+
+
+def test_a_crashed_node_ends_an_rwm_run_naming_it(tmp_path, monkeypatch):
+    cfg = _rwm_config("rounds=100000", "comm.timeout_s=20")
+    check_config(cfg, 8)
+    table = prepare_data(cfg)
+    original = Trainer.train_round
+
+    def train_round_then_die(self):
+        self.rounds_trained = getattr(self, "rounds_trained", 0) + 1
+        if dist.get_rank() == 5 and self.rounds_trained == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_round", train_round_then_die)
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(lambda ctx: run_node(cfg, ctx, tmp_path, table), 8, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=50,
+              quiet_failures=True)
+    assert time.monotonic() - started < 20 + 50
+    assert failure.value.first_failed == 5
+    assert sorted(failure.value.errors) == list(range(8))
+    for rank, message in failure.value.errors.items():
+        if rank != 5:
+            assert "node 5 failed" in message, message
