@@ -8,6 +8,7 @@ so a run has exactly one directory, and only rank 0 keeps Hydra's own logs.
 
 import torch  # noqa: F401  (first: forked ranks share the imported pages)
 
+import os
 import sys
 import time
 from datetime import datetime
@@ -40,7 +41,7 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
     except ConfigError as error:
         _exit(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0)
     except NodeFailure as error:
-        _exit(str(error), launch.EXIT_NODE_FAILURE)
+        _exit(str(error), launch.EXIT_NODE_FAILURE, hard=True)
 
 
 def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
@@ -58,9 +59,13 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
         _exit(f"{failure}\n{details}" if "crashed" in details else str(failure), launch.EXIT_NODE_FAILURE)
 
 
-def _exit(message: str, code: int, show: bool = True) -> None:
+def _exit(message: str, code: int, show: bool = True, hard: bool = False) -> None:
+    """Report and exit; `hard` skips interpreter teardown, which can block on gloo after a peer died."""
     if show:
         print(f"dpsgd: {message}", file=sys.stderr, flush=True)
+    if hard:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
 
 

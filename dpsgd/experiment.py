@@ -8,7 +8,6 @@ algorithm. No other module reads the config.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -93,6 +92,7 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, table: RatingsTab
                             world_size=ctx.world_size, timeout=timedelta(seconds=cfg.comm.timeout_s))
     # On a NodeFailure the process group is left as it is: tearing down gloo pairs to a
     # dead peer can block, and the launcher ends the process right after.
+    Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra made it on rank 0's machine, not elsewhere
     if ctx.rank == 0:
         OmegaConf.save(cfg, Path(run_dir) / "config.yaml", resolve=True)
     node = build_node(cfg, ctx.rank, topology, table, store, run_dir)
@@ -193,9 +193,12 @@ def _barrier(rank: int) -> None:
 
 
 def _print_final(summary: dict, run_dir: Path) -> None:
-    final = summary.get("final") or {}
-    loss = final.get("test_loss", {}).get("mean", math.nan)
-    sent = final.get("bytes_sent", {}).get("mean", math.nan)
-    print(f"[dpsgd] done: {summary['rounds_min']}-{summary['rounds_max']} rounds in {summary['wall_s']:.1f} s; "
-          f"final mean test {summary['test_loss_metric']} {loss:.4f}; "
-          f"mean bytes sent per node {sent:,.0f}; results in {run_dir}", flush=True)
+    final = summary["final"]
+    if final is None:
+        outcome = "no evaluated round was reached by every node (lower eval.every to measure one)"
+    else:
+        outcome = (f"mean test {summary['test_loss_metric']} {final['test_loss']['mean']:.4f} at round "
+                   f"{final['round']}; mean bytes sent per node {final['bytes_sent']['mean']:,.0f}")
+    rounds = summary["rounds_min"] if summary["rounds_min"] == summary["rounds_max"] else \
+        f"{summary['rounds_min']}-{summary['rounds_max']}"
+    print(f"[dpsgd] done: {rounds} rounds in {summary['wall_s']:.1f} s; {outcome}; results in {run_dir}", flush=True)

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import time
-from datetime import timedelta
 
 import numpy as np
 import pytest
