@@ -47,12 +47,14 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
 def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
     try:
         check_config(cfg, cfg.nodes)
-        table = prepare_data(cfg)  # before forking: ranks inherit or memory-map it
+        dataset = prepare_data(cfg)  # before forking: ranks inherit or memory-map it
+        dataset.partition(cfg.nodes, cfg.seed)  # too few users for the nodes is a user error, found here
     except ConfigError as error:
         _exit(str(error), launch.EXIT_CONFIG_ERROR)
+    print(f"[dpsgd] {cfg.dataset.name}: {dataset.describe()}", flush=True)
     print(f"[dpsgd] {cfg.nodes} nodes on this machine, results in {run_dir}", flush=True)
     try:
-        launch.spawn(lambda ctx: run_node(cfg, ctx, run_dir, table), cfg.nodes,
+        launch.spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), cfg.nodes,
                      grace_s=cfg.comm.timeout_s + 30, quiet_failures=True)
     except launch.RankFailure as failure:
         details = failure.errors.get(failure.first_failed, "")

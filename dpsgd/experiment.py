@@ -8,7 +8,7 @@ algorithm. No other module reads the config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,34 +18,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpsgd.algorithms.dpsgd import run_dpsgd
 from dpsgd.algorithms.rwm import run_rwm
+from dpsgd.averaging import MERGE_RULES
 from dpsgd.communication import FailureBoard, NeighbourLink, RandomWalkLink
-from dpsgd.data.partition import contiguous_blocks
-from dpsgd.data.ratings import RatingsTable, load_movielens, make_synthetic, split_node_ratings
+from dpsgd.data.datasets import DATASETS, NodeData, prepare_dataset
 from dpsgd.errors import ConfigError, NodeFailure
 from dpsgd.launch import RankContext
 from dpsgd.metrics import Aggregator, EvalSchedule, NodeLog, RoundRecorder, RunInfo, publish_rounds_completed
+from dpsgd.models import build_model
 from dpsgd.models.flat import flatten_model
-from dpsgd.models.mf import MatrixFactorization
 from dpsgd.node import Node
 from dpsgd.seeding import numpy_rng, torch_generator
-from dpsgd.averaging import MERGE_RULES
 from dpsgd.sharing import build_sharing, check_sharing
 from dpsgd.topology import Topology, build_topology
-from dpsgd.training import BatchStream, RatingsTask, Trainer, build_optimizer
+from dpsgd.training import BatchStream, ClassificationTask, RatingsTask, Task, Trainer, build_optimizer
 
 # Each communication pattern: its loop, and the transport that loop needs.
 ALGORITHMS = {"dpsgd": (run_dpsgd, NeighbourLink), "rwm": (run_rwm, RandomWalkLink)}
-RATINGS_DATASETS = ("synthetic", "movielens")
-
-
-@dataclass
-class NodeData:
-    """A node's examples as tensors, and what the model must cover."""
-
-    train: tuple[torch.Tensor, ...]
-    test: tuple[torch.Tensor, ...]
-    num_users: int
-    num_items: int
+# What test_loss means, per task.
+TEST_LOSS_METRIC = {"ratings": "rmse", "classification": "cross_entropy"}
 
 
 def check_config(cfg: DictConfig, world_size: int) -> Topology:
@@ -64,29 +54,28 @@ def check_config(cfg: DictConfig, world_size: int) -> Topology:
     if cfg.algorithm.name not in ALGORITHMS:
         raise ConfigError(f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of "
                           f"{sorted(ALGORITHMS)}, e.g. `algorithm=dpsgd`.")
-    if cfg.dataset.name not in RATINGS_DATASETS:
+    if cfg.dataset.name not in DATASETS:
         raise ConfigError(f"dataset.name={cfg.dataset.name!r} is not known; choose one of "
-                          f"{list(RATINGS_DATASETS)}, e.g. `dataset=movielens`.")
+                          f"{list(DATASETS)}, e.g. `dataset=movielens`.")
     check_sharing(cfg.sharing.name, cfg.alpha, _sharing_options(cfg))
     build_optimizer(cfg.optimizer.name, [torch.nn.Parameter(torch.zeros(1))], **_optimizer_options(cfg))
     return _topology(cfg)
 
 
-def prepare_data(cfg: DictConfig) -> RatingsTable:
+def prepare_data(cfg: DictConfig):
     """Parse (or generate) the data set once; the cache makes later calls cheap."""
-    dataset = cfg.dataset
-    if dataset.name == "synthetic":
-        return make_synthetic(cfg.seed, num_users=dataset.num_users, num_items=dataset.num_items,
-                              rank=dataset.rank, min_ratings=dataset.min_ratings,
-                              max_ratings=dataset.max_ratings, noise_std=dataset.noise_std)
-    return load_movielens(Path(dataset.path).expanduser(), Path(cfg.cache_dir).expanduser())
+    options = OmegaConf.to_container(cfg.dataset, resolve=True)
+    return prepare_dataset(options.pop("name"), options, cfg.seed, Path(cfg.cache_dir).expanduser())
 
 
-def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, table: RatingsTable | None = None) -> None:
+def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> None:
     """Everything one rank does in a run, from joining the process group to leaving it."""
     torch.set_num_threads(cfg.threads_per_rank)
     topology = check_config(cfg, ctx.world_size)
-    table = table if table is not None else prepare_data(cfg)
+    if dataset is None:  # under torchrun: every rank prepares; the cache makes one of them parse
+        dataset = prepare_data(cfg)
+        if ctx.rank == 0:
+            print(f"[dpsgd] {cfg.dataset.name}: {dataset.describe()}", flush=True)
     store = dist.PrefixStore(f"dpsgd/{run_dir}", ctx.store)
     dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=ctx.rank,
                             world_size=ctx.world_size, timeout=timedelta(seconds=cfg.comm.timeout_s))
@@ -95,8 +84,9 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, table: RatingsTab
     Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra made it on rank 0's machine, not elsewhere
     if ctx.rank == 0:
         OmegaConf.save(cfg, Path(run_dir) / "config.yaml", resolve=True)
-    node = build_node(cfg, ctx.rank, topology, table, store, run_dir)
-    aggregator = _start_aggregator(cfg, node, store, run_dir) if ctx.rank == 0 else None
+        write_partition(dataset, cfg, run_dir)
+    node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir)
+    aggregator = _start_aggregator(cfg, node, store, run_dir, dataset.task) if ctx.rank == 0 else None
     _barrier(ctx.rank)
     run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
     rounds_completed = run_algorithm(node, cfg.rounds)
@@ -108,16 +98,14 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, table: RatingsTab
     dist.destroy_process_group()
 
 
-def build_node(cfg: DictConfig, rank: int, topology: Topology, table: RatingsTable, store: dist.Store,
-               run_dir: Path) -> Node:
-    data = node_data(cfg, rank, table)
-    model = MatrixFactorization(data.num_users, data.num_items, cfg.model.embedding_dim,
-                                generator=torch_generator(cfg.seed, "model_init"))
+def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: dist.Store, run_dir: Path) -> Node:
+    data = dataset.node_data(rank, cfg.nodes, cfg.seed, cfg.eval.test_samples)
+    model = build_model(cfg.model.name, dataset.dims, cfg.seed, **_model_options(cfg))
     flat = flatten_model(model)
     optimizer = build_optimizer(cfg.optimizer.name, model.parameters(), **_optimizer_options(cfg))
     batches = BatchStream(data.train, cfg.train.batch_size, torch_generator(cfg.seed, "batches", rank))
-    trainer = Trainer(model, optimizer, RatingsTask(cfg.model.regularization), batches,
-                      cfg.train.local_steps, cfg.train.full_epochs)
+    trainer = Trainer(model, optimizer, _task(cfg, dataset.task), batches, cfg.train.local_steps,
+                      cfg.train.full_epochs)
     _, link_class = ALGORITHMS[cfg.algorithm.name]
     link = link_class(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store))
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
@@ -128,27 +116,18 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, table: RatingsTab
                 evaluate=lambda: _evaluate(cfg, trainer, data), rng=numpy_rng(cfg.seed, "neighbour_choice", rank))
 
 
-def node_data(cfg: DictConfig, rank: int, table: RatingsTable) -> NodeData:
-    """This node's users (a contiguous block), split 70:30 per user, as tensors."""
-    users = contiguous_blocks(table.num_users, cfg.nodes)[rank]
-    split = split_node_ratings(table, users, cfg.seed, cfg.dataset.train_fraction)
-
-    def tensors(user, item, rating):
-        return (torch.from_numpy(user).long(), torch.from_numpy(item).long(), torch.from_numpy(rating).float())
-
-    return NodeData(train=tensors(split.train_user, split.train_item, split.train_rating),
-                    test=_subset(tensors(split.test_user, split.test_item, split.test_rating),
-                                 cfg.eval.test_samples, cfg.seed, rank),
-                    num_users=table.num_users, num_items=table.num_items)
+def write_partition(dataset, cfg: DictConfig, run_dir: Path) -> None:
+    """Which users (and how many samples) each node got, so runs can be compared."""
+    partition = {"dataset": cfg.dataset.name, "description": dataset.describe(), **dataset.partition(cfg.nodes, cfg.seed)}
+    (Path(run_dir) / "partition.json").write_text(json.dumps(partition, indent=1) + "\n")
 
 
-def _subset(tensors: tuple[torch.Tensor, ...], samples: int | None, seed: int, rank: int) -> tuple[torch.Tensor, ...]:
-    """A seeded subset of `samples` test examples (all when None or larger than the set)."""
-    size = len(tensors[0])
-    if samples is None or samples >= size:
-        return tensors
-    chosen = torch.randperm(size, generator=torch_generator(seed, "eval_subset", rank))[:samples]
-    return tuple(t[chosen] for t in tensors)
+def _task(cfg: DictConfig, task: str) -> Task:
+    return RatingsTask(cfg.model.regularization) if task == "ratings" else ClassificationTask()
+
+
+def _model_options(cfg: DictConfig) -> dict:
+    return {"embedding_dim": cfg.model.embedding_dim} if cfg.model.name == "mf" else {}
 
 
 def _evaluate(cfg: DictConfig, trainer: Trainer, data: NodeData) -> dict[str, float]:
@@ -176,10 +155,10 @@ def _topology(cfg: DictConfig) -> Topology:
     return build_topology(t.kind, cfg.nodes, seed=cfg.seed, degree=t.degree, path=t.path, rewire_p=t.rewire_p)
 
 
-def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path) -> Aggregator:
+def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, task: str) -> Aggregator:
     info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
                    dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
-                   metric_name="rmse")
+                   metric_name=TEST_LOSS_METRIC[task])
     return Aggregator(store, run_dir, info, node.schedule.rounds_due(), per_node_tb=cfg.log.per_node_tb,
                       progress=cfg.log.progress).start()
 

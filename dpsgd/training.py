@@ -81,6 +81,28 @@ class RatingsTask:
         return {"loss": math.sqrt(squared_error / len(rating)), "acc": exact / len(rating)}
 
 
+@dataclass
+class ClassificationTask:
+    """Image classification: cross-entropy; judged by mean cross-entropy (`loss`) and accuracy (`acc`)."""
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        images, labels = batch
+        return nn.functional.cross_entropy(model(images), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        images, labels = tensors
+        if len(labels) == 0:
+            return {"loss": math.nan, "acc": math.nan}
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(labels), EVAL_BATCH_SIZE // 16):
+            part = slice(start, start + EVAL_BATCH_SIZE // 16)
+            logits = model(images[part])
+            total_loss += nn.functional.cross_entropy(logits, labels[part], reduction="sum").item()
+            correct += (logits.argmax(dim=1) == labels[part]).sum().item()
+        return {"loss": total_loss / len(labels), "acc": correct / len(labels)}
+
+
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 

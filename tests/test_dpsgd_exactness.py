@@ -26,13 +26,13 @@ def test_one_round_without_training_is_w_times_x(tmp_path, nodes, topology):
     cfg = compose_config(f"nodes={nodes}", "rounds=1", "optimizer.lr=0", "eval.every=1", "log.progress=false",
                          f"topology={topology}", degree, "dataset.num_users=40", "dataset.num_items=90")
     topology_graph = check_config(cfg, nodes)
-    table = prepare_data(cfg)
+    dataset = prepare_data(cfg)
 
     def rank_main(ctx):
         store = dist.PrefixStore("test", ctx.store)
         dist.init_process_group("gloo", store=store, rank=ctx.rank, world_size=ctx.world_size,
                                 timeout=timedelta(seconds=60))
-        node = build_node(cfg, ctx.rank, topology_graph, table, store, tmp_path)
+        node = build_node(cfg, ctx.rank, topology_graph, dataset, store, tmp_path)
         node.flat.copy_(_random_model(ctx.rank, node.flat.numel()))
         run_dpsgd(node, 1)
         np.save(tmp_path / f"after_{ctx.rank}.npy", node.flat.numpy())

@@ -24,7 +24,7 @@ TIMEOUT_S = 30
 def test_killed_node_is_named_and_the_others_stop(tmp_path, monkeypatch):
     cfg = compose_config("nodes=6", "rounds=500", "log.progress=false", f"comm.timeout_s={TIMEOUT_S}")
     check_config(cfg, 6)
-    table = prepare_data(cfg)
+    dataset = prepare_data(cfg)
     original_train_round = Trainer.train_round
 
     def train_round_then_die(self):
@@ -36,7 +36,7 @@ def test_killed_node_is_named_and_the_others_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_round", train_round_then_die)  # inherited by the forked ranks
     started = time.monotonic()
     with pytest.raises(RankFailure) as failure:
-        spawn(lambda ctx: run_node(cfg, ctx, tmp_path, table), 6, timeout_s=RANK_TEST_TIMEOUT_S,
+        spawn(lambda ctx: run_node(cfg, ctx, tmp_path, dataset), 6, timeout_s=RANK_TEST_TIMEOUT_S,
               grace_s=TIMEOUT_S + 30, quiet_failures=True)
     elapsed_s = time.monotonic() - started
 

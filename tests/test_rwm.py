@@ -68,10 +68,10 @@ def _children() -> list[int]:
 def test_repeated_short_runs_never_hang_and_leave_complete_logs(tmp_path):
     cfg = _rwm_config()
     topology = check_config(cfg, 8)
-    table = prepare_data(cfg)
+    dataset = prepare_data(cfg)
     for attempt in range(20):
         run_dir = tmp_path / str(attempt)
-        spawn(lambda ctx: run_node(cfg, ctx, run_dir, table), 8, timeout_s=60)  # raises on failure or hang
+        spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), 8, timeout_s=60)  # raises on failure or hang
         summary = json.loads((run_dir / "summary.json").read_text())
         per_node = summary["rounds_per_node"]
         assert max(per_node) == 6 and summary["rounds_max"] == 6
@@ -88,9 +88,9 @@ def test_repeated_short_runs_never_hang_and_leave_complete_logs(tmp_path):
 def test_rwm_sends_one_message_per_round_and_walks_reproducibly(tmp_path):
     """Full sharing: each round puts exactly one full message on the wire (D-PSGD: degree of them)."""
     cfg = _rwm_config("rounds=10")
-    table = prepare_data(cfg)
+    dataset = prepare_data(cfg)
     topology = check_config(cfg, 8)
-    spawn(lambda ctx: run_node(cfg, ctx, tmp_path, table), 8, timeout_s=RANK_TEST_TIMEOUT_S)
+    spawn(lambda ctx: run_node(cfg, ctx, tmp_path, dataset), 8, timeout_s=RANK_TEST_TIMEOUT_S)
     numel = json.loads((tmp_path / "summary.json").read_text())["num_parameters"]
     for node in range(8):
         records = read_jsonl(tmp_path / "nodes" / f"{node}.jsonl")
@@ -118,7 +118,7 @@ def test_rwm_bytes_per_node_are_about_one_over_degree_of_dpsgd(tmp_path):
 def test_a_crashed_node_ends_an_rwm_run_naming_it(tmp_path, monkeypatch):
     cfg = _rwm_config("rounds=100000", "comm.timeout_s=20")
     check_config(cfg, 8)
-    table = prepare_data(cfg)
+    dataset = prepare_data(cfg)
     original = Trainer.train_round
 
     def train_round_then_die(self):
@@ -130,7 +130,7 @@ def test_a_crashed_node_ends_an_rwm_run_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_round", train_round_then_die)
     started = time.monotonic()
     with pytest.raises(RankFailure) as failure:
-        spawn(lambda ctx: run_node(cfg, ctx, tmp_path, table), 8, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=50,
+        spawn(lambda ctx: run_node(cfg, ctx, tmp_path, dataset), 8, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=50,
               quiet_failures=True)
     assert time.monotonic() - started < 20 + 50
     assert failure.value.first_failed == 5

@@ -1,0 +1,48 @@
+"""The image models of the study (LEAF's FEMNIST and CelebA CNNs), exactly as SPEC §6 sizes them.
+
+They take batches as the data cache stores them (uint8 pixels) and scale to [0, 1]
+themselves, so a node's data stays 4x smaller in memory than float copies would be.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.transforms.v2.functional import to_dtype
+
+
+def _scaled(images: torch.Tensor) -> torch.Tensor:
+    return to_dtype(images, torch.float32, scale=True)
+
+
+class FemnistCNN(nn.Module):
+    """conv5x5(32) relu pool, conv5x5(64) relu pool, fc 3136->512 relu, fc 512->62: 1,690,046 parameters."""
+
+    def __init__(self, num_classes: int = 62):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(7 * 7 * 64, 512), nn.ReLU(), nn.Linear(512, num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 (batch, 28, 28)."""
+        return self.classifier(self.features(_scaled(images).unsqueeze(1)))
+
+
+class CelebaCNN(nn.Module):
+    """Four blocks conv3x3(32, same) pool relu (84->42->21->10->5), fc 800->2: 30,242 parameters."""
+
+    def __init__(self, num_classes: int = 2, channels: int = 32):
+        super().__init__()
+        blocks, in_channels = [], 3
+        for _ in range(4):
+            blocks += [nn.Conv2d(in_channels, channels, kernel_size=3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
+            in_channels = channels
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(5 * 5 * channels, num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 (batch, 84, 84, 3), channels last as decoded."""
+        return self.classifier(self.features(_scaled(images).permute(0, 3, 1, 2)))
