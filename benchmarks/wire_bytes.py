@@ -64,7 +64,8 @@ def measure(model_name: str, numel: int, sharing_name: str, alpha: float, flat: 
     if sharing_name == "full":
         sharing, expected_k = FullSharing(), numel
     elif sharing_name == "partial":
-        sharing = PartialSharing(flat, alpha)
+        sharing = PartialSharing(flat, alpha, accumulation=True, accumulate_averaging_changes=True,
+                                 metadata_cap=1.0)  # cap above every alpha measured: always top-k
         flat += training_change          # the change since construction is what top-k ranks
         expected_k = coordinates_to_send(alpha, numel)
     else:

@@ -70,7 +70,7 @@ class FailureBoard:
 
     def failure(self, rank: int, peer: int, seen: str) -> NodeFailure:
         """The error this node stops with: it names the first node that failed in the run."""
-        first = self.report(peer, f"node {rank} saw: {seen}")
+        first = self.report(peer, seen if peer == rank else f"node {rank} saw: {seen}")
         failed_node, text = first.split("|", 1)
         return NodeFailure(f"node {rank} stops: node {failed_node} failed ({text}). The run cannot continue "
                            f"without it; rounds completed so far are in nodes/*.jsonl.",
@@ -234,7 +234,13 @@ class RandomWalkLink:
         self.bytes.sent_meta += message.meta_bytes
 
     def receive(self) -> Message | None:
-        """The next model message in arrival order, or None once a neighbour has stopped."""
+        """The next model message in arrival order, or None once a neighbour has stopped.
+
+        The last send completes first: a full message is the live model itself (no copy),
+        and the caller is about to merge into it.
+        """
+        self._complete_sends()
+        self._last_heard = time.monotonic()  # silence counts from here, not from our own training
         while not self._stop_seen.is_set():
             try:
                 kind, peer, payload = self._arrivals.get(timeout=min(1.0, self.timeout_s))
@@ -304,8 +310,8 @@ class RandomWalkLink:
 
     def _check_silence(self) -> None:
         if time.monotonic() - self._last_heard > self.timeout_s:
-            raise NodeFailure(f"node {self.rank} stops: no message from any neighbour ({self.neighbours}) "
-                              f"within comm.timeout_s={self.timeout_s:g} s")
+            raise self.failures.failure(self.rank, self.rank, f"node {self.rank} heard from no neighbour "
+                                        f"({self.neighbours}) within comm.timeout_s={self.timeout_s:g} s")
 
     def _drain_failures(self) -> None:
         while not self._arrivals.empty():

@@ -76,7 +76,7 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
         dataset = prepare_data(cfg)
         if ctx.rank == 0:
             print(f"[dpsgd] {cfg.dataset.name}: {dataset.describe()}", flush=True)
-    store = dist.PrefixStore(f"dpsgd/{run_dir}", ctx.store)
+    store = dist.PrefixStore(f"dpsgd/{run_key(run_dir)}", ctx.store)
     dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=ctx.rank,
                             world_size=ctx.world_size, timeout=timedelta(seconds=cfg.comm.timeout_s))
     # On a NodeFailure the process group is left as it is: tearing down gloo pairs to a
@@ -88,6 +88,7 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir)
     aggregator = _start_aggregator(cfg, node, store, run_dir, dataset.task) if ctx.rank == 0 else None
     _barrier(ctx.rank)
+    node.recorder.start_clock()
     run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
     rounds_completed = run_algorithm(node, cfg.rounds)
     node.recorder.log.close()
@@ -96,6 +97,15 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     if aggregator is not None:
         _print_final(aggregator.finish(), run_dir)
     dist.destroy_process_group()
+
+
+def run_key(run_dir: Path) -> str:
+    """The run's name in the rendezvous store: the same on every machine whatever each one's cwd.
+
+    The last two parts of the run directory (date/time, or sweep time/job number) are
+    what differs between runs and jobs; the absolute path may not be equal everywhere.
+    """
+    return "/".join(Path(run_dir).parts[-2:])
 
 
 def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: dist.Store, run_dir: Path) -> Node:

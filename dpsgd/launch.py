@@ -10,6 +10,7 @@ ranks so that one death ends the run with a verdict instead of a hang.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -18,6 +19,7 @@ import socket
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
@@ -32,6 +34,7 @@ STORE_CONNECT_TIMEOUT_S = 120.0
 # Exit code of a rank that stopped because of a peer, or the user's configuration.
 EXIT_NODE_FAILURE = 3
 EXIT_CONFIG_ERROR = 2
+PR_SET_PDEATHSIG = 1  # linux prctl option: a signal for this process when its parent dies
 
 
 @dataclass
@@ -95,12 +98,13 @@ def spawn(
     """
     port = free_port()
     context = mp.get_context("fork")
+    parent = os.getpid()
     processes, error_pipes = [], []
     for rank in range(world_size):
         reader, writer = context.Pipe(duplex=False)
         process = context.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, writer, quiet_failures),
+            args=(fn, rank, world_size, port, writer, quiet_failures, parent),
             name=f"dpsgd-node-{rank}",
             daemon=True,
         )
@@ -111,16 +115,31 @@ def spawn(
     # The store is created after forking: no server thread exists in any child.
     store = dist.TCPStore(LOOPBACK, port, world_size=None, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S))
+    previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _watch(processes, timeout_s, grace_s)
     finally:
         _kill_all(processes)
+        signal.signal(signal.SIGTERM, previous_sigterm)
         del store
     _raise_on_failure(processes, error_pipes)
 
 
-def _rank_main(fn, rank, world_size, port, error_pipe, quiet_failures) -> None:
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through spawn's finally, which kills the ranks
+
+
+def _die_with_parent(parent: int) -> None:
+    """No rank outlives its parent, even one killed with SIGKILL (no cleanup code runs then)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _rank_main(fn, rank, world_size, port, error_pipe, quiet_failures, parent) -> None:
     """Body of one forked rank: connect to the parent's store, run, report how it ended."""
+    _die_with_parent(parent)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how Ctrl-C ends the run
     torch.set_num_threads(1)
@@ -132,13 +151,13 @@ def _rank_main(fn, rank, world_size, port, error_pipe, quiet_failures) -> None:
                        local_rank=rank, local_world_size=world_size))
     except NodeFailure as failure:
         code = EXIT_NODE_FAILURE
-        _report(error_pipe, str(failure), quiet_failures)
+        _report(error_pipe, str(failure), failure.failed_node, quiet_failures)
     except ConfigError as error:
         code = EXIT_CONFIG_ERROR
-        _report(error_pipe, str(error), quiet_failures or rank != 0)
+        _report(error_pipe, str(error), None, quiet_failures or rank != 0)
     except BaseException:  # noqa: BLE001 - a rank must always report, then exit
         code = 1
-        _report(error_pipe, f"node {rank} crashed:\n{traceback.format_exc()}", quiet_failures)
+        _report(error_pipe, f"node {rank} crashed:\n{traceback.format_exc()}", rank, quiet_failures)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -146,9 +165,9 @@ def _rank_main(fn, rank, world_size, port, error_pipe, quiet_failures) -> None:
         os._exit(code)
 
 
-def _report(pipe, message: str, quiet: bool) -> None:
+def _report(pipe, message: str, failed_node: int | None, quiet: bool) -> None:
     try:
-        pipe.send(message)
+        pipe.send((message, failed_node))
     except OSError:
         pass
     if not quiet:
@@ -184,35 +203,40 @@ def _kill_all(processes) -> None:
 
 def _raise_on_failure(processes, error_pipes) -> None:
     errors: dict[int, str] = {}
+    named: list[int] = []  # the nodes that the failing ranks blame
     for rank, (process, pipe) in enumerate(zip(processes, error_pipes)):
-        message = _read_report(pipe)
-        if message is not None:
-            errors[rank] = message
+        report = _read_report(pipe)
+        if report is not None:
+            errors[rank] = report[0]
+            if report[1] is not None:
+                named.append(report[1])
         elif process.exitcode != 0:
             errors[rank] = f"node {rank} died ({_describe_exit(process.exitcode)})"
         pipe.close()
     if not errors:
         return
-    first_failed = _first_failed(processes, errors)
+    first_failed = _first_failed(processes, errors, named)
     raise RankFailure(_failure_summary(errors, first_failed), errors, first_failed)
 
 
-def _read_report(pipe) -> str | None:
-    """The rank's own account of its failure, or None if it sent none (success or killed)."""
+def _read_report(pipe) -> tuple[str, int | None] | None:
+    """The rank's own account of its failure and whom it blames, or None (success, or killed)."""
     try:
         return pipe.recv() if pipe.poll() else None
     except (EOFError, OSError):
         return None
 
 
-def _first_failed(processes, errors: dict[int, str]) -> int | None:
-    """A rank killed by a signal or that crashed is the cause; the others only noticed it."""
+def _first_failed(processes, errors: dict[int, str], named: list[int]) -> int | None:
+    """A rank killed by a signal or that crashed is the cause; else the node the others blame."""
     for rank, process in enumerate(processes):
         if process.exitcode is not None and process.exitcode < 0:
             return rank
     for rank, process in enumerate(processes):
         if process.exitcode not in (0, EXIT_NODE_FAILURE):
             return rank
+    if named:
+        return Counter(named).most_common(1)[0][0]
     return min(errors) if errors else None
 
 

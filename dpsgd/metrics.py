@@ -40,7 +40,7 @@ class NodeLog:
     def __init__(self, run_dir: Path, node: int):
         path = node_log_path(run_dir, node)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", buffering=1)
+        self._file = open(path, "w", buffering=1)  # a rerun into the same directory starts afresh
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -248,6 +248,10 @@ class RoundRecorder:
         self.log = log
         self.store = store
         self.schedule = schedule
+        self.started = time.monotonic()
+
+    def start_clock(self) -> None:
+        """time_s counts from here: once every node is ready (after the start barrier)."""
         self.started = time.monotonic()
 
     def record(self, round_number: int, clock: PhaseClock, byte_counts, **metrics) -> dict:

@@ -47,3 +47,48 @@ def test_one_round_without_training_is_w_times_x(tmp_path, nodes, topology):
     expected = mh_matrix(topology_graph) @ before
     np.testing.assert_allclose(after, expected, atol=1e-6, rtol=0)
     assert not np.allclose(after, before, atol=1e-3)  # the round did move the models
+
+
+@pytest.mark.parametrize("merge", ["fill_own", "renormalize"])
+def test_one_round_of_partial_messages_follows_the_configured_merge_rule(tmp_path, merge):
+    """Sub-sampled messages (a different random mask per node) through real ranks and the configured rule."""
+    from dpsgd.seeding import stream_key
+    from dpsgd.sharing.subsampling import subsampling_mask
+    from dpsgd.topology import mh_weights
+    from tests.test_sharing import _renormalize_reference
+
+    nodes, alpha = 6, 0.5
+    cfg = compose_config(f"nodes={nodes}", "rounds=1", "optimizer.lr=0", "eval.every=1", "log.progress=false",
+                         "sharing=subsampling", f"alpha={alpha}", f"sharing.merge={merge}", "topology.degree=3",
+                         "dataset.num_users=40", "dataset.num_items=90")
+    topology = check_config(cfg, nodes)
+    dataset = prepare_data(cfg)
+
+    def rank_main(ctx):
+        store = dist.PrefixStore("test", ctx.store)
+        dist.init_process_group("gloo", store=store, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=timedelta(seconds=60))
+        node = build_node(cfg, ctx.rank, topology, dataset, store, tmp_path)
+        node.flat.copy_(_random_model(ctx.rank, node.flat.numel()))
+        run_dpsgd(node, 1)
+        np.save(tmp_path / f"after_{ctx.rank}.npy", node.flat.numpy())
+        dist.barrier()
+        dist.destroy_process_group()
+
+    spawn(rank_main, nodes, timeout_s=RANK_TEST_TIMEOUT_S)
+
+    numel = np.load(tmp_path / "after_0.npy").size
+    models = [_random_model(r, numel).numpy().astype(np.float64) for r in range(nodes)]
+    masks = [subsampling_mask(stream_key(cfg.seed, "subsampling", r, 1), numel, alpha).numpy() for r in range(nodes)]
+    for node in range(nodes):
+        peers = topology.neighbours(node)
+        self_weight, weights = mh_weights(topology.degree(node), {p: topology.degree(p) for p in peers})
+        w = np.array([weights[p] for p in peers])
+        values, peer_masks = np.stack([models[p] for p in peers]), np.stack([masks[p] for p in peers])
+        if merge == "fill_own":
+            expected = self_weight * models[node] + sum(
+                wj * np.where(m, v, models[node]) for wj, m, v in zip(w, peer_masks, values))
+        else:
+            degrees = np.array([topology.degree(p) for p in peers])
+            expected = _renormalize_reference(models[node], degrees, w, peer_masks, values, masks[node])
+        np.testing.assert_allclose(np.load(tmp_path / f"after_{node}.npy"), expected, atol=1e-5)

@@ -19,7 +19,29 @@ from dpsgd.sharing.selection import (decode_indices, encode_indices, index_bytes
                                      top_k_indices)
 from dpsgd.sharing.subsampling import SubsamplingSharing, subsampling_mask
 from dpsgd.sharing.wire import HEADER_BYTES, Encoding
-from tests.conftest import read_jsonl, run_train
+from tests.conftest import compose_config, read_jsonl, run_train
+
+def _options(method: str, **overrides) -> dict:
+    """The sharing.* options as conf/ declares them, with overrides."""
+    from omegaconf import OmegaConf
+    options = OmegaConf.to_container(compose_config(f"sharing={method}").sharing)
+    options.pop("name"), options.pop("merge")
+    return {**options, **overrides}
+
+
+def _partial(flat, alpha, **overrides) -> PartialSharing:
+    options = _options("partial", **overrides)
+    return PartialSharing(flat, alpha, accumulation=options["accumulation"],
+                          accumulate_averaging_changes=options["accumulate_averaging_changes"],
+                          metadata_cap=options["metadata_cap"])
+
+
+def _random_alpha(flat, alpha_list, seed, node, **overrides) -> RandomAlphaSharing:
+    options = _options("random_alpha", **overrides)
+    return RandomAlphaSharing(flat, alpha_list, seed, node, accumulation=options["accumulation"],
+                              accumulate_averaging_changes=options["accumulate_averaging_changes"],
+                              metadata_cap=options["metadata_cap"])
+
 
 # --- top-k selection -------------------------------------------------------------------
 
@@ -53,7 +75,7 @@ AFTER_AVERAGING_ROUND_1 = [0.5, -1.0, 2.0, 4.0]
 
 def _three_rounds(accumulation, averaging):
     flat = torch.zeros(4)
-    sharing = PartialSharing(flat, alpha=0.25, accumulation=accumulation, accumulate_averaging_changes=averaging)
+    sharing = _partial(flat, 0.25, accumulation=accumulation, accumulate_averaging_changes=averaging)
     sent = []
     for round_number, change in enumerate(CHANGES, start=1):
         flat += torch.tensor(change)  # local training
@@ -91,7 +113,7 @@ def test_total_drift_includes_averaging_changes():
 
 def test_metadata_cap_sends_the_full_model_and_resets_accumulators():
     flat = torch.zeros(10)
-    sharing = PartialSharing(flat, alpha=0.5, accumulation=True, metadata_cap=0.5)
+    sharing = _partial(flat, 0.5, accumulation=True, metadata_cap=0.5)
     flat += torch.arange(10.0)
     message = sharing.pack(flat, 1, degree=3)
     assert message.encoding == Encoding.FULL and message.values.numel() == 10 and message.index is None
@@ -101,7 +123,7 @@ def test_metadata_cap_sends_the_full_model_and_resets_accumulators():
 def test_averaging_switch_without_accumulation_warns_and_has_no_effect():
     with pytest.warns(UserWarning, match="accumulate_averaging_changes"):
         check_sharing("partial", 0.1, {"accumulation": False, "accumulate_averaging_changes": True})
-    sharing = PartialSharing(torch.zeros(4), alpha=0.25, accumulation=False, accumulate_averaging_changes=True)
+    sharing = _partial(torch.zeros(4), 0.25, accumulation=False, accumulate_averaging_changes=True)
     assert not sharing.accumulate_averaging_changes
 
 
@@ -109,7 +131,7 @@ def test_averaging_switch_without_accumulation_warns_and_has_no_effect():
 
 def test_random_alpha_draws_uniformly_from_the_list():
     alpha_list = [0.1, 0.2, 0.3, 0.4, 1.0]
-    sharing = RandomAlphaSharing(torch.zeros(100), alpha_list, seed=3, node=7, metadata_cap=0.5)
+    sharing = _random_alpha(torch.zeros(100), alpha_list, seed=3, node=7)
     draws = Counter(sharing.round_alpha() for _ in range(5000))
     assert set(draws) == set(alpha_list)
     assert all(abs(count / 5000 - 0.2) < 0.03 for count in draws.values())
@@ -117,7 +139,7 @@ def test_random_alpha_draws_uniformly_from_the_list():
 
 def test_random_alpha_sends_full_model_when_the_draw_reaches_the_cap():
     flat = torch.zeros(1000)
-    sharing = RandomAlphaSharing(flat, [0.1, 1.0], seed=0, node=0, metadata_cap=0.5)
+    sharing = _random_alpha(flat, [0.1, 1.0], seed=0, node=0)
     for round_number in range(1, 30):
         flat += torch.randn(1000)
         message = sharing.pack(flat, round_number, degree=4)
@@ -130,7 +152,7 @@ def test_random_alpha_sends_full_model_when_the_draw_reaches_the_cap():
 
 def test_random_alpha_sequence_depends_only_on_seed_and_node():
     def sequence(seed, node):
-        sharing = RandomAlphaSharing(torch.zeros(10), [0.1, 0.2, 0.3], seed=seed, node=node)
+        sharing = _random_alpha(torch.zeros(10), [0.1, 0.2, 0.3], seed=seed, node=node)
         return [sharing.round_alpha() for _ in range(50)]
     assert sequence(1, 2) == sequence(1, 2)
     assert sequence(1, 2) != sequence(1, 3)
@@ -143,12 +165,14 @@ def test_receiver_regenerates_the_senders_mask(alpha):
     sender = SubsamplingSharing(torch.zeros(5000), alpha, seed=11, node=3)
     receiver = SubsamplingSharing(torch.zeros(5000), alpha, seed=99, node=0)  # its own seed is irrelevant
     flat = torch.randn(5000)
+    global_state = torch.get_rng_state()
     for round_number in range(1, 101):
         message = sender.pack(flat, round_number, degree=4)
         assert message.index is None and message.encoding == Encoding.SEEDED_MASK
         index, values = receiver.decode(message)
         assert torch.equal(index, sender.last_sent_index)
         assert torch.equal(values, flat[index])
+    assert torch.equal(torch.get_rng_state(), global_state)  # masks never touch the global generator
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.3, 0.5])
@@ -261,7 +285,7 @@ def test_the_smaller_index_form_is_chosen(numel, k):
 
 def test_partial_message_bytes_are_what_is_sent():
     flat = torch.zeros(217_014)
-    sharing = PartialSharing(flat, alpha=0.1)
+    sharing = _partial(flat, 0.1)
     flat += torch.randn(217_014)
     message = sharing.pack(flat, 1, degree=4)
     k = coordinates_to_send(0.1, 217_014)
@@ -298,7 +322,7 @@ def _expected_message_bytes(method, node, round_number, numel, alpha, alpha_sequ
         k = int(subsampling_mask(stream_key(SEED, "subsampling", node, round_number), numel, alpha).sum())
         return HEADER_BYTES + 4 * k
     drawn = alpha_sequence[round_number - 1]
-    if drawn >= 0.5:
+    if drawn >= _options("random_alpha")["metadata_cap"]:
         return HEADER_BYTES + 4 * numel
     return _expected_message_bytes("partial", node, round_number, numel, drawn, None)
 
@@ -314,8 +338,8 @@ def test_each_method_learns_and_logs_the_bytes_it_sends(tmp_path, method, alpha)
     numel, degree = summary["num_parameters"], 2
     for node in range(NODES):
         generator = torch_generator(SEED, "random_alpha", node)
-        alpha_list = [0.1, 0.2, 0.3, 0.4, 1.0]
-        alphas = [alpha_list[torch.randint(5, (1,), generator=generator).item()] for _ in range(ROUNDS)]
+        alpha_list = _options("random_alpha")["alpha_list"]
+        alphas = [alpha_list[torch.randint(len(alpha_list), (1,), generator=generator).item()] for _ in range(ROUNDS)]
         total = 0
         for record in read_jsonl(run_dir / "nodes" / f"{node}.jsonl"):
             total += degree * _expected_message_bytes(method, node, record["round"], numel, alpha, alphas)

@@ -67,8 +67,7 @@ def build_sharing(name: str, flat: torch.Tensor, alpha: float, options: dict, se
         return FullSharing()
     if name == "subsampling":
         return SubsamplingSharing(flat, alpha, seed, node)
-    partial_options = {key: options[key] for key in
-                       ("accumulation", "accumulate_averaging_changes", "metadata_cap") if key in options}
+    partial_options = {key: options[key] for key in ("accumulation", "accumulate_averaging_changes", "metadata_cap")}
     if name == "partial":
         return PartialSharing(flat, alpha, **partial_options)
     return RandomAlphaSharing(flat, list(options["alpha_list"]), seed, node, **partial_options)

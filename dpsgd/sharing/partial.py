@@ -25,8 +25,9 @@ class PartialSharing:
 
     name = "partial"
 
-    def __init__(self, flat: torch.Tensor, alpha: float, accumulation: bool = True,
-                 accumulate_averaging_changes: bool = False, metadata_cap: float = 1.0):
+    def __init__(self, flat: torch.Tensor, alpha: float, *, accumulation: bool, accumulate_averaging_changes: bool,
+                 metadata_cap: float):
+        """The switches have no defaults here: conf/sharing/*.yaml is where they are declared."""
         self.alpha = alpha
         self.accumulation = accumulation
         self.accumulate_averaging_changes = accumulation and accumulate_averaging_changes

@@ -1,0 +1,86 @@
+"""The study's CNNs: exact sizes, shapes, a step that learns; presets; runs on the real LEAF samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dpsgd.models import build_model
+from dpsgd.models.flat import flatten_model, num_parameters
+from dpsgd.training import ClassificationTask
+from tests.conftest import SHARED_DATA, compose_config, read_jsonl, run_train
+
+
+@pytest.mark.parametrize("name,classes,shape,parameters", [
+    ("femnist_cnn", 62, (5, 28, 28), 1_690_046),
+    ("celeba_cnn", 2, (5, 84, 84, 3), 30_242),
+])
+def test_cnn_size_shape_and_one_step_of_learning(name, classes, shape, parameters):
+    model = build_model(name, {"num_classes": classes}, seed=0)
+    assert num_parameters(model) == parameters
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(5) % classes
+    assert model(images).shape == (5, classes)
+    flatten_model(model)  # training must work on the flat views exactly as in a run
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    task = ClassificationTask()
+    before = task.loss(model, (images, labels)).item()
+    for _ in range(5):
+        optimizer.zero_grad()
+        task.loss(model, (images, labels)).backward()
+        optimizer.step()
+    assert task.loss(model, (images, labels)).item() < before
+
+
+def test_models_start_identical_from_the_run_seed():
+    first = flatten_model(build_model("celeba_cnn", {"num_classes": 2}, seed=3))
+    again = flatten_model(build_model("celeba_cnn", {"num_classes": 2}, seed=3))
+    other = flatten_model(build_model("celeba_cnn", {"num_classes": 2}, seed=4))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("movielens_1", {"dataset.name": "movielens", "optimizer.name": "sgd", "optimizer.lr": 0.25,
+                     "train.local_steps": 9, "train.batch_size": 8, "train.full_epochs": False}),
+    ("movielens_2", {"dataset.name": "movielens", "optimizer.name": "adam", "optimizer.lr": 0.01,
+                     "train.local_steps": 5, "train.batch_size": 8, "train.full_epochs": True}),
+    ("femnist", {"dataset.name": "femnist", "model.name": "femnist_cnn", "optimizer.lr": 0.01,
+                 "train.local_steps": 47, "train.batch_size": 16}),
+    ("celeba", {"dataset.name": "celeba", "model.name": "celeba_cnn", "optimizer.lr": 0.001,
+                "train.local_steps": 8, "train.batch_size": 8}),
+])
+def test_study_presets_set_the_parameter_table(preset, expected):
+    from omegaconf import OmegaConf
+    cfg = compose_config(f"experiment={preset}")
+    for key, value in expected.items():
+        assert OmegaConf.select(cfg, key) == value, key
+
+
+def _require(path):
+    if not path.exists():
+        pytest.skip(f"LEAF sample not present at {path}")
+
+
+def test_femnist_run_on_the_real_sample_beats_chance(tmp_path):
+    _require(SHARED_DATA / "femnist" / "train")
+    run_train(tmp_path, "experiment=femnist", f"data_dir={SHARED_DATA}", "nodes=4", "topology=ring", "rounds=3",
+              "eval.every=3", "eval.test_samples=600", "optimizer.lr=0.05")
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_parameters"] == 1_690_046
+    assert summary["final"]["test_acc"]["mean"] > 3 / 62  # chance is 1/62
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert sum(entry["samples"] for entry in partition["nodes"]) == 14_697
+    writers = [set(entry["users"]) for entry in partition["nodes"]]
+    assert sum(len(w) for w in writers) == len(set().union(*writers)) == 110  # disjoint, complete
+
+
+def test_celeba_run_on_the_real_sample_beats_the_majority_class(tmp_path):
+    _require(SHARED_DATA / "celeba" / "img_align_celeba")
+    run_train(tmp_path, "experiment=celeba", f"data_dir={SHARED_DATA}", "nodes=4", "topology=ring", "rounds=12",
+              "eval.every=12", "optimizer.lr=0.05", "train.batch_size=16")
+    records = [read_jsonl(tmp_path / "run" / "nodes" / f"{n}.jsonl")[-1] for n in range(4)]
+    majority = 91 / 174  # "not smiling" share of the 174 test images
+    assert sum(r["test_acc"] for r in records) / 4 > majority + 0.05
