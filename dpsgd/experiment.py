@@ -30,7 +30,8 @@ from dpsgd.node import Node
 from dpsgd.seeding import numpy_rng, torch_generator
 from dpsgd.sharing import build_sharing, check_sharing
 from dpsgd.topology import Topology, build_topology
-from dpsgd.training import BatchStream, ClassificationTask, RatingsTask, Task, Trainer, build_optimizer
+from dpsgd.training import (BatchStream, ClassificationTask, RatingsTask, Task, Trainer, build_optimizer,
+                            check_optimizer)
 
 # Each communication pattern: its loop, and the transport that loop needs.
 ALGORITHMS = {"dpsgd": (run_dpsgd, NeighbourLink), "rwm": (run_rwm, RandomWalkLink)}
@@ -58,7 +59,8 @@ def check_config(cfg: DictConfig, world_size: int) -> Topology:
         raise ConfigError(f"dataset.name={cfg.dataset.name!r} is not known; choose one of "
                           f"{list(DATASETS)}, e.g. `dataset=movielens`.")
     check_sharing(cfg.sharing.name, cfg.alpha, _sharing_options(cfg))
-    build_optimizer(cfg.optimizer.name, [torch.nn.Parameter(torch.zeros(1))], **_optimizer_options(cfg))
+    # No torch computation here: the standalone parent runs this before forking the ranks.
+    check_optimizer(cfg.optimizer.name, cfg.optimizer.lr)
     return _topology(cfg)
 
 

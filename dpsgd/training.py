@@ -109,13 +109,18 @@ class ClassificationTask:
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
-def build_optimizer(name: str, parameters, lr: float, **options) -> torch.optim.Optimizer:
-    """The optimizer named in `optimizer.name`; extra keys (momentum, weight_decay) pass through."""
+def check_optimizer(name: str, lr: float) -> None:
+    """Reject an unknown optimizer or a bad learning rate (without building anything)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name={name!r} is not known. Choose one of "
                           f"{sorted(OPTIMIZERS)} (for example `optimizer=sgd`).")
     if not lr >= 0:
         raise ConfigError(f"optimizer.lr={lr} must be a non-negative number, e.g. `optimizer.lr=0.1`.")
+
+
+def build_optimizer(name: str, parameters, lr: float, **options) -> torch.optim.Optimizer:
+    """The optimizer named in `optimizer.name`; extra keys (momentum, weight_decay) pass through."""
+    check_optimizer(name, lr)
     return OPTIMIZERS[name](parameters, lr=lr, **options)
 
 

@@ -1,4 +1,4 @@
-"""Two torchrun agents on this host (c10d rendezvous on loopback) form one run with one directory."""
+"""torchrun launch: two agents on this host (c10d on loopback) emulate two machines; multirun sweeps."""
 
 from __future__ import annotations
 
@@ -6,20 +6,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from dpsgd.launch import free_port
-from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, read_jsonl
+from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, read_jsonl, run_train
 
 
-def test_two_agents_make_one_run_with_one_directory(tmp_path):
-    port = free_port()
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "DPSGD_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test",
-               str(REPO / "train.py"), "nodes=4", "topology=ring", "rounds=12", "eval.every=4"]
-    # cwd is tmp_path so the default, time-stamped run directory lands there.
-    agents = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+def _two_agents(tmp_path: Path, *overrides: str) -> None:
+    """launch/multinode.sh as two machines would run it, both on loopback, cwd tmp_path."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "DPSGD_CACHE": str(tmp_path / "cache"),
+           "DPSGD_PORT": str(free_port()), "DPSGD_RUN_ID": "test", "PYTHON": sys.executable}
+    command = ["bash", str(REPO / "launch" / "multinode.sh"), "127.0.0.1", "2", "2", *overrides]
+    agents = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
     try:
         outputs = [agent.communicate(timeout=RANK_TEST_TIMEOUT_S)[0] for agent in agents]
     finally:
@@ -28,12 +27,32 @@ def test_two_agents_make_one_run_with_one_directory(tmp_path):
             agent.wait()
     assert all(agent.returncode == 0 for agent in agents), "\n".join(outputs)
 
-    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
-    assert len(run_dirs) == 1, run_dirs
-    run_dir = run_dirs[0]
-    assert sorted(p.name for p in (run_dir / "nodes").iterdir()) == [f"{n}.jsonl" for n in range(4)]
-    for node in range(4):
-        assert [r["round"] for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")] == list(range(1, 13))
+
+def _assert_complete_run(run_dir: Path, nodes: int, rounds: int) -> None:
+    assert sorted(p.name for p in (run_dir / "nodes").iterdir()) == [f"{n}.jsonl" for n in range(nodes)]
+    for node in range(nodes):
+        assert [r["round"] for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")] == list(range(1, rounds + 1))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["nodes"] == 4 and summary["rounds_completed"] == 12
-    assert summary["per_round"][-1]["nodes_reporting"] == 4
+    assert summary["nodes"] == nodes and summary["rounds_min"] == rounds
+    assert summary["per_round"][-1]["nodes_reporting"] == nodes
+
+
+def test_two_agents_make_one_run_with_one_directory(tmp_path):
+    _two_agents(tmp_path, "topology=ring", "rounds=12", "eval.every=4")
+    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(run_dirs) == 1, run_dirs  # the default, time-stamped directory: one for all ranks
+    _assert_complete_run(run_dirs[0], nodes=4, rounds=12)
+
+
+def test_multirun_under_torchrun_gives_each_job_its_own_run(tmp_path):
+    _two_agents(tmp_path, "-m", "topology=ring", "rounds=4,6", "eval.every=2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _assert_complete_run(tmp_path / "sweep" / "0", nodes=4, rounds=4)
+    _assert_complete_run(tmp_path / "sweep" / "1", nodes=4, rounds=6)
+
+
+def test_standalone_multirun_gives_each_job_its_own_run(tmp_path):
+    run_train(tmp_path, "-m", "nodes=4", "topology=ring", "rounds=4,6", "eval.every=2",
+              f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    _assert_complete_run(tmp_path / "sweep" / "0", nodes=4, rounds=4)
+    _assert_complete_run(tmp_path / "sweep" / "1", nodes=4, rounds=6)
+    assert json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())["rounds"] == 6
