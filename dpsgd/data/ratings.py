@@ -189,24 +189,15 @@ def make_synthetic_with_truth(
     return table, expected
 
 
-def make_synthetic(
-    seed: int,
-    num_users: int = 400,
-    num_items: int = 600,
-    rank: int = 5,
-    min_ratings: int = 20,
-    max_ratings: int = 80,
-    noise_std: float = 0.3,
-) -> RatingsTable:
+def make_synthetic(seed: int, **shape) -> RatingsTable:
     """A deterministic MovieLens-like ratings set that needs no files.
 
     Low-rank user/item factors plus user and item biases plus Gaussian noise, snapped
     to the 0.5..5.0 half-star scale; each user rates between min_ratings and
     max_ratings distinct items, popular items more often. Same seed, same table.
+    `shape` takes the keyword arguments of `make_synthetic_with_truth`.
     """
-    table, _ = make_synthetic_with_truth(
-        seed, num_users, num_items, rank, min_ratings, max_ratings, noise_std
-    )
+    table, _ = make_synthetic_with_truth(seed, **shape)
     return table
 
 
