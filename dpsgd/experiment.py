@@ -91,6 +91,8 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     aggregator = _start_aggregator(cfg, node, store, run_dir, dataset.task) if ctx.rank == 0 else None
     _barrier(ctx.rank)
     node.recorder.start_clock()
+    if aggregator is not None:
+        aggregator.start_clock()
     run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
     rounds_completed = run_algorithm(node, cfg.rounds)
     node.recorder.log.close()

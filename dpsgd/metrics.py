@@ -110,6 +110,10 @@ class Aggregator:
         self._thread.start()
         return self
 
+    def start_clock(self) -> None:
+        """wall_s counts from the same moment as the nodes' time_s (after the start barrier)."""
+        self._started = time.monotonic()
+
     def finish(self) -> dict:
         """After every node published how far it got: drain, write summary.json, return it."""
         self._stop.set()

@@ -1,0 +1,125 @@
+"""The numbers the study compares runs by: curves, equal-time and equal-bytes cuts, final metrics.
+
+Only rounds that every node reached are compared, so a mean never silently changes
+which nodes it averages over (RWM nodes stop at different rounds). Time and bytes
+are the across-node means of each node's own clock and cumulative counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dpsgd.report.runs import Metric, Run
+
+Axis = Literal["round", "time_s", "bytes_sent"]
+AXES: tuple[Axis, ...] = ("round", "time_s", "bytes_sent")
+FINAL_COLUMNS = ("label", "run_dir", "algorithm", "sharing", "alpha", "dataset", "nodes", "rounds_min",
+                 "rounds_max", "wall_s", "final_round", "test_loss", "test_acc", "train_loss", "bytes_sent",
+                 "bytes_sent_data", "bytes_sent_meta", "test_loss_metric")
+FINAL_MEANS = ("test_loss", "test_acc", "train_loss", "bytes_sent", "bytes_sent_data", "bytes_sent_meta")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One round of a curve: where it lies on each x axis, and the metric across nodes."""
+
+    round: int
+    time_s: float
+    bytes_sent: float
+    mean: float
+    std: float
+    nodes: int
+
+    def at(self, axis: Axis) -> float:
+        return float(getattr(self, axis))
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What one run had reached when cut at a common time or byte budget (None: nothing yet)."""
+
+    run: Run
+    metric: Metric
+    axis: Axis
+    cut: float
+    point: Point | None
+
+
+def curve(run: Run, key: str) -> list[Point]:
+    """`key` per round across nodes: rounds every node reported, or the most that ever did."""
+    rows = [(number, stats) for number, stats in run.rounds.items()
+            if key in stats and "time_s" in stats and "bytes_sent" in stats]
+    if not rows:
+        return []
+    required = min(run.nodes, max(stats[key].n for _, stats in rows))
+    return [Point(number, stats["time_s"].mean, stats["bytes_sent"].mean, stats[key].mean, stats[key].std,
+                  stats[key].n)
+            for number, stats in rows if stats[key].n >= required]
+
+
+def test_curve(run: Run) -> list[Point]:
+    return curve(run, run.metric.key)
+
+
+def train_curve(run: Run) -> list[Point]:
+    return curve(run, run.train_key)
+
+
+def by_metric(runs: list[Run]) -> dict[Metric, list[Run]]:
+    """Runs grouped by test metric: accuracy and RMSE never share an axis or a cut."""
+    groups: dict[Metric, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.metric, []).append(run)
+    return groups
+
+
+def equal_cut(runs: list[Run], axis: Axis) -> list[Cut]:
+    """Each run's test metric at the smallest final `axis` value among runs of its metric.
+
+    The cut is where the shortest run (in time, or in bytes) ended, so every run is
+    judged with no more of that resource than all of them had.
+    """
+    cuts: list[Cut] = []
+    for metric, group in by_metric(runs).items():
+        curves = [test_curve(run) for run in group]
+        ends = [points[-1].at(axis) for points in curves if points]
+        limit = min(ends) if ends else float("nan")
+        cuts.extend(Cut(run, metric, axis, limit, reached(points, axis, limit))
+                    for run, points in zip(group, curves))
+    return cuts
+
+
+def equal_time(runs: list[Run]) -> list[Cut]:
+    return equal_cut(runs, "time_s")
+
+
+def equal_bytes(runs: list[Run]) -> list[Cut]:
+    return equal_cut(runs, "bytes_sent")
+
+
+def reached(points: list[Point], axis: Axis, limit: float) -> Point | None:
+    """The last evaluated round at or below `limit` on `axis`."""
+    within = [point for point in points if point.at(axis) <= limit]
+    return within[-1] if within else None
+
+
+def final_round(run: Run) -> int | None:
+    """The last evaluated round every node reached (what summary.json calls `final`)."""
+    key = run.metric.key
+    complete = [number for number, stats in run.rounds.items() if key in stats and stats[key].n >= run.nodes]
+    return complete[-1] if complete else None
+
+
+def final_metrics(run: Run) -> dict:
+    """One row of final_metrics.csv: the run's identity and its means at the final round."""
+    number = final_round(run)
+    stats = run.rounds.get(number, {}) if number is not None else {}
+    summary = run.summary
+    row = {"label": run.label, "run_dir": str(run.path), "algorithm": run.algorithm, "sharing": run.sharing,
+           "alpha": run.alpha, "dataset": run.dataset, "nodes": run.nodes,
+           "rounds_min": summary.get("rounds_min"), "rounds_max": summary.get("rounds_max"),
+           "wall_s": summary.get("wall_s"), "final_round": number,
+           "test_loss_metric": summary.get("test_loss_metric")}
+    row.update({key: stats[key].mean if key in stats else None for key in FINAL_MEANS})
+    return {column: row[column] for column in FINAL_COLUMNS}

@@ -1,0 +1,97 @@
+"""Writing the report: PNG figures, CSV tables, and the final-metrics table as text.
+
+CSV cells hold full-precision numbers (Python's shortest round-trip repr) so that a
+table can be checked against the logs exactly; an empty cell means "not measured".
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Iterable
+
+from dpsgd.report.compare import (AXES, FINAL_COLUMNS, Cut, equal_bytes, equal_time, final_metrics,
+                                  test_curve, train_curve)
+from dpsgd.report.plots import bytes_split_figure, curve_figure, cut_figure
+from dpsgd.report.runs import Run
+
+AXIS_NAMES = {"round": "rounds", "time_s": "time", "bytes_sent": "bytes"}
+CURVE_COLUMNS = ("label", "run_dir", "quantity", "key", "round", "time_s", "bytes_sent", "mean", "std", "nodes")
+FIGURE_DPI = 120
+
+
+def write_report(runs: list[Run], out: Path) -> list[Path]:
+    """Every figure and table of the report into `out`; returns the files written, in order."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_csv(out / "final_metrics.csv", FINAL_COLUMNS, [final_metrics(run) for run in runs]),
+               write_csv(out / "curves.csv", CURVE_COLUMNS, curve_rows(runs))]
+    for quantity, stem in (("test", "test_metric"), ("train", "train_loss")):
+        for axis in AXES:
+            written.append(save(curve_figure(runs, quantity, axis), out / f"{stem}_vs_{AXIS_NAMES[axis]}.png"))
+    for name, cuts in (("equal_time", equal_time(runs)), ("equal_bytes", equal_bytes(runs))):
+        written.append(write_csv(out / f"{name}.csv", cut_columns(cuts[0].axis), cut_rows(cuts)))
+        written.append(save(cut_figure(cuts, runs), out / f"{name}.png"))
+    written.append(save(bytes_split_figure(runs), out / "bytes_data_vs_meta.png"))
+    return written
+
+
+def save(figure, path: Path) -> Path:
+    figure.savefig(path, dpi=FIGURE_DPI)
+    return path
+
+
+def write_csv(path: Path, columns: Iterable[str], rows: Iterable[dict]) -> Path:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if value is None else value for key, value in row.items()})
+    return path
+
+
+def curve_rows(runs: list[Run]) -> list[dict]:
+    """Every point of every plotted curve, so figures can be redrawn with other tools."""
+    rows = []
+    for run in runs:
+        for quantity, key, points in (("test", run.metric.key, test_curve(run)),
+                                      ("train", run.train_key, train_curve(run))):
+            rows.extend({"label": run.label, "run_dir": str(run.path), "quantity": quantity, "key": key,
+                         "round": p.round, "time_s": p.time_s, "bytes_sent": p.bytes_sent, "mean": p.mean,
+                         "std": p.std, "nodes": p.nodes} for p in points)
+    return rows
+
+
+def cut_columns(axis: str) -> tuple[str, ...]:
+    return ("label", "run_dir", "metric", f"cut_{axis}", "round", "time_s", "bytes_sent", "metric_mean",
+            "metric_std")
+
+
+def cut_rows(cuts: list[Cut]) -> list[dict]:
+    rows = []
+    for cut in cuts:
+        point = cut.point
+        rows.append({"label": cut.run.label, "run_dir": str(cut.run.path), "metric": cut.metric.key,
+                     f"cut_{cut.axis}": cut.cut, "round": point.round if point else None,
+                     "time_s": point.time_s if point else None, "bytes_sent": point.bytes_sent if point else None,
+                     "metric_mean": point.mean if point else None, "metric_std": point.std if point else None})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as aligned text columns, numbers to 4 significant digits (the CSV keeps them all)."""
+    if not rows:
+        return "(no runs)"
+    columns = list(rows[0])
+    cells = [columns] + [[_cell(row[column]) for column in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
+                     for line in cells)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
