@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dpsgd import launch
+from dpsgd.checkpoint import check_resumable
 from dpsgd.errors import ConfigError, NodeFailure
 from dpsgd.experiment import check_config, prepare_data, run_node
 
@@ -47,6 +48,8 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
 def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
     try:
         check_config(cfg, cfg.nodes)
+        if cfg.resume:
+            check_resumable(cfg, run_dir, all_nodes_local=True)
         dataset = prepare_data(cfg)  # before forking: ranks inherit or memory-map it
         dataset.partition(cfg.nodes, cfg.seed)  # too few users for the nodes is a user error, found here
     except ConfigError as error:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpsgd.algorithms.dpsgd import run_dpsgd
 from dpsgd.algorithms.rwm import run_rwm
 from dpsgd.averaging import MERGE_RULES
+from dpsgd.checkpoint import agree_on_resume_round, check_resumable, restore, save
 from dpsgd.communication import FailureBoard, NeighbourLink, RandomWalkLink
 from dpsgd.data.datasets import DATASETS, NodeData, prepare_dataset
 from dpsgd.errors import ConfigError, NodeFailure
@@ -74,6 +75,8 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     """Everything one rank does in a run, from joining the process group to leaving it."""
     torch.set_num_threads(cfg.threads_per_rank)
     topology = check_config(cfg, ctx.world_size)
+    if cfg.resume:
+        check_resumable(cfg, run_dir)
     if dataset is None:  # under torchrun: every rank prepares; the cache makes one of them parse
         dataset = prepare_data(cfg)
         if ctx.rank == 0:
@@ -84,17 +87,23 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     # On a NodeFailure the process group is left as it is: tearing down gloo pairs to a
     # dead peer can block, and the launcher ends the process right after.
     Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra made it on rank 0's machine, not elsewhere
+    start_round = (agree_on_resume_round(store, ctx.rank, ctx.world_size, run_dir, cfg.comm.timeout_s)
+                   if cfg.resume else 0)
     if ctx.rank == 0:
         OmegaConf.save(cfg, Path(run_dir) / "config.yaml", resolve=True)
         write_partition(dataset, cfg, run_dir)
-    node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir)
-    aggregator = _start_aggregator(cfg, node, store, run_dir, dataset.task) if ctx.rank == 0 else None
+    node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round)
+    elapsed_s, algorithm_state = restore(node, run_dir, start_round) if start_round else (0.0, None)
+    aggregator = (_start_aggregator(cfg, node, store, run_dir, dataset.task, start_round)
+                  if ctx.rank == 0 else None)
     _barrier(ctx.rank)
-    node.recorder.start_clock()
+    node.recorder.start_clock(elapsed_s)
     if aggregator is not None:
-        aggregator.start_clock()
+        aggregator.start_clock(elapsed_s)
+        if start_round:
+            print(f"[dpsgd] resumed after round {start_round}", flush=True)
     run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
-    rounds_completed = run_algorithm(node, cfg.rounds)
+    rounds_completed = run_algorithm(node, cfg.rounds, start_round, algorithm_state)
     node.recorder.log.close()
     publish_rounds_completed(store, ctx.rank, rounds_completed)
     _barrier(ctx.rank)
@@ -112,7 +121,8 @@ def run_key(run_dir: Path) -> str:
     return "/".join(Path(run_dir).parts[-2:])
 
 
-def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: dist.Store, run_dir: Path) -> Node:
+def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: dist.Store, run_dir: Path,
+               start_round: int = 0) -> Node:
     data = dataset.node_data(rank, cfg.nodes, cfg.seed, cfg.eval.test_samples)
     model = build_model(cfg.model.name, dataset.dims, cfg.seed, **_model_options(cfg))
     flat = flatten_model(model)
@@ -123,11 +133,19 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: d
     _, link_class = ALGORITHMS[cfg.algorithm.name]
     link = link_class(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store))
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
-    recorder = RoundRecorder(rank, NodeLog(run_dir, rank), store, schedule)
+    recorder = RoundRecorder(rank, NodeLog(run_dir, rank, keep_through_round=start_round), store, schedule)
     sharing = build_sharing(cfg.sharing.name, flat, cfg.alpha, _sharing_options(cfg), cfg.seed, rank)
-    return Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=sharing,
+    node = Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=sharing,
                 merge=MERGE_RULES[cfg.sharing.merge], link=link, recorder=recorder, schedule=schedule,
-                evaluate=lambda: _evaluate(cfg, trainer, data), rng=numpy_rng(cfg.seed, "neighbour_choice", rank))
+                evaluate=lambda: _evaluate(cfg, trainer, data), rng=numpy_rng(cfg.seed, "neighbour_choice", rank),
+                checkpoint=lambda round_number, state: None)
+    every = cfg.checkpoint.every
+    if every:
+        def checkpoint(round_number: int, algorithm_state: dict) -> None:
+            if round_number % every == 0:
+                save(node, run_dir, round_number, recorder.elapsed_s(), algorithm_state)
+        node.checkpoint = checkpoint
+    return node
 
 
 def write_partition(dataset, cfg: DictConfig, run_dir: Path) -> None:
@@ -169,12 +187,13 @@ def _topology(cfg: DictConfig) -> Topology:
     return build_topology(t.kind, cfg.nodes, seed=cfg.seed, degree=t.degree, path=t.path, rewire_p=t.rewire_p)
 
 
-def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, task: str) -> Aggregator:
+def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, task: str,
+                      start_round: int) -> Aggregator:
     info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
                    dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
                    metric_name=TEST_LOSS_METRIC[task])
     return Aggregator(store, run_dir, info, node.schedule.rounds_due(), per_node_tb=cfg.log.per_node_tb,
-                      progress=cfg.log.progress).start()
+                      progress=cfg.log.progress, resumed_from=start_round).start()
 
 
 def _barrier(rank: int) -> None:

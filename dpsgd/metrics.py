@@ -35,12 +35,22 @@ def node_log_path(run_dir: Path, node: int) -> Path:
 
 
 class NodeLog:
-    """One JSON object per round, flushed at once, in `<run>/nodes/<node>.jsonl`."""
+    """One JSON object per round, flushed at once, in `<run>/nodes/<node>.jsonl`.
 
-    def __init__(self, run_dir: Path, node: int):
+    A new run starts the file afresh; a resumed run keeps the lines up to the round it
+    resumes from and appends after them.
+    """
+
+    def __init__(self, run_dir: Path, node: int, keep_through_round: int = 0):
         path = node_log_path(run_dir, node)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "w", buffering=1)  # a rerun into the same directory starts afresh
+        kept = []
+        if keep_through_round and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["round"] <= keep_through_round]
+        self._file = open(path, "w", buffering=1)
+        for line in kept:
+            self._file.write(line + "\n")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -92,14 +102,15 @@ class Aggregator:
     """Rank 0's reader of published records: TensorBoard curves, progress line, summary.json."""
 
     def __init__(self, store: dist.Store, run_dir: Path, info: RunInfo, eval_rounds: list[int],
-                 per_node_tb: bool = False, progress: bool = True):
+                 per_node_tb: bool = False, progress: bool = True, resumed_from: int = 0):
         self.store = store
         self.run_dir = Path(run_dir)
         self.info = info
-        self.pending = list(eval_rounds)
+        self.pending = [r for r in eval_rounds if r > resumed_from]
         self.per_node_tb = per_node_tb
         self.progress = progress
-        self.per_round: list[dict] = []
+        self.per_round: list[dict] = self._earlier_rounds(resumed_from)
+        self._first_round = resumed_from
         self._stop = threading.Event()
         self._started = time.monotonic()
         self._writer = _summary_writer(self.run_dir / "tb")
@@ -110,9 +121,16 @@ class Aggregator:
         self._thread.start()
         return self
 
-    def start_clock(self) -> None:
+    def start_clock(self, offset_s: float = 0.0) -> None:
         """wall_s counts from the same moment as the nodes' time_s (after the start barrier)."""
-        self._started = time.monotonic()
+        self._started = time.monotonic() - offset_s
+
+    def _earlier_rounds(self, resumed_from: int) -> list[dict]:
+        """On resume, the aggregates of rounds before the interruption, from the last summary written."""
+        path = self.run_dir / "summary.json"
+        if not resumed_from or not path.exists():
+            return []
+        return [entry for entry in json.loads(path.read_text())["per_round"] if entry["round"] <= resumed_from]
 
     def finish(self) -> dict:
         """After every node published how far it got: drain, write summary.json, return it."""
@@ -121,7 +139,7 @@ class Aggregator:
         self._collect(final=True)
         done_keys = [f"{DONE_PREFIX}/{node}" for node in range(self.info.nodes)]
         summary = self._summary([int(raw) for raw in self.store.multi_get(done_keys)])
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        self._write_summary(summary)
         self._writer.close()
         for writer in self._node_writers.values():
             writer.close()
@@ -163,6 +181,7 @@ class Aggregator:
         if self.per_node_tb:
             self._log_nodes(round_number, records)
         self._writer.flush()
+        self._write_summary(self._summary(None))  # an interrupted run keeps its aggregates so far
         if self.progress and len(records) == self.info.nodes:
             self._print_progress(round_number, stats)
 
@@ -177,7 +196,7 @@ class Aggregator:
 
     def _print_progress(self, round_number: int, stats: dict) -> None:
         elapsed = time.monotonic() - self._started
-        rate = round_number / elapsed if elapsed > 0 else 0.0
+        rate = (round_number - self._first_round) / elapsed if elapsed > 0 else 0.0
         eta = (self.info.rounds - round_number) / rate if rate > 0 else math.nan
         parts = [f"round {round_number}/{self.info.rounds}", f"{rate:.2f} rounds/s", f"ETA {eta:.0f}s"]
         for key, label in (("test_loss", f"test {self.info.metric_name}"), ("test_acc", "test acc")):
@@ -185,9 +204,21 @@ class Aggregator:
                 parts.append(f"{label} {stats[key]['mean']:.4f}")
         print("[dpsgd] " + " | ".join(parts), file=sys.stdout, flush=True)
 
-    def _summary(self, rounds_per_node: list[int]) -> dict:
-        """`final` is the last evaluated round that every node reached (RWM nodes stop apart)."""
+    def _write_summary(self, summary: dict) -> None:
+        temporary = self.run_dir / ".summary.json.tmp"
+        temporary.write_text(json.dumps(summary, indent=1) + "\n")
+        temporary.replace(self.run_dir / "summary.json")
+
+    def _summary(self, rounds_per_node: list[int] | None) -> dict:
+        """`final` is the last evaluated round that every node reached (RWM nodes stop apart).
+
+        While the run goes on (`rounds_per_node` None), `in_progress` is true and the
+        rounds reached are those aggregated so far.
+        """
         info = self.info
+        if rounds_per_node is None:
+            reached = self.per_round[-1]["round"] if self.per_round else 0
+            rounds_per_node = [reached] * info.nodes
         rounds_min = min(rounds_per_node)
         complete = [entry for entry in self.per_round
                     if entry["round"] <= rounds_min and entry["nodes_reporting"] == info.nodes]
@@ -196,7 +227,7 @@ class Aggregator:
             "rounds_min": rounds_min, "rounds_max": max(rounds_per_node), "rounds_per_node": rounds_per_node,
             "num_parameters": info.num_parameters, "model": info.model, "dataset": info.dataset,
             "algorithm": info.algorithm, "sharing": info.sharing, "test_loss_metric": info.metric_name,
-            "wall_s": time.monotonic() - self._started,
+            "wall_s": time.monotonic() - self._started, "in_progress": not self._stop.is_set(),
             "final": complete[-1] if complete else None,
             "per_round": self.per_round,
         }
@@ -254,9 +285,12 @@ class RoundRecorder:
         self.schedule = schedule
         self.started = time.monotonic()
 
-    def start_clock(self) -> None:
-        """time_s counts from here: once every node is ready (after the start barrier)."""
-        self.started = time.monotonic()
+    def start_clock(self, offset_s: float = 0.0) -> None:
+        """time_s counts from here (after the start barrier), plus the time before a resume."""
+        self.started = time.monotonic() - offset_s
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
 
     def record(self, round_number: int, clock: PhaseClock, byte_counts, **metrics) -> dict:
         record = {"node": self.node, "round": round_number, "time_s": time.monotonic() - self.started,

@@ -29,6 +29,7 @@ class Node:
     schedule: EvalSchedule
     evaluate: Callable[[], dict[str, float]]
     rng: np.random.Generator                # this node's algorithm-level choices (RWM's next neighbour)
+    checkpoint: Callable[[int, dict], None]  # after a round: save state if due (round, algorithm state)
 
     @property
     def degree(self) -> int:

@@ -41,6 +41,14 @@ class BatchStream:
         self._position += self.batch_size
         return tuple(t[chosen] for t in self.tensors)
 
+    def state_dict(self) -> dict:
+        """Where the stream is: a resumed run draws exactly the batches it would have."""
+        return {"order": self._order, "position": self._position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order, self._position = state["order"], state["position"]
+        self.generator.set_state(state["generator"])
+
 
 class Task(Protocol):
     """How a model is trained and judged on one kind of data."""

@@ -9,9 +9,9 @@ from dpsgd.sharing.wire import Message
 from dpsgd.topology import mh_weights
 
 
-def run_dpsgd(node: Node, rounds: int) -> int:
-    """Run `rounds` synchronous rounds; return the number completed."""
-    for round_number in range(1, rounds + 1):
+def run_dpsgd(node: Node, rounds: int, start_round: int = 0, state: dict | None = None) -> int:
+    """Run synchronous rounds start_round+1 .. rounds; return the number completed."""
+    for round_number in range(start_round + 1, rounds + 1):
         clock = PhaseClock()
         with clock.phase("train"):
             batch_loss = node.trainer.train_round()
@@ -24,6 +24,7 @@ def run_dpsgd(node: Node, rounds: int) -> int:
         with clock.phase("eval"):
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
         node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, **metrics)
+        node.checkpoint(round_number, {})
     return rounds
 
 

@@ -14,14 +14,17 @@ from dpsgd.metrics import PhaseClock
 from dpsgd.node import Node
 
 
-def run_rwm(node: Node, rounds: int) -> int:
-    """Run until this node completes `rounds` or a neighbour stops; return the rounds completed."""
+def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = None) -> int:
+    """Run until this node completes `rounds` or a neighbour stops; return the rounds completed.
+
+    A resumed run (start_round > 0) starts its walk afresh from the saved model and age.
+    """
     node.link.start()
-    age = 0
-    completed = 0
-    for round_number in range(1, rounds + 1):
+    age = (state or {}).get("age", 0)
+    completed = start_round
+    for round_number in range(start_round + 1, rounds + 1):
         clock = PhaseClock()
-        if round_number > 1:
+        if round_number > start_round + 1:
             with clock.phase("comm"):
                 message = node.link.receive()
                 if message is None:
@@ -40,6 +43,7 @@ def run_rwm(node: Node, rounds: int) -> int:
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
         node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=age,
                              sent_to=peer, **metrics)
+        node.checkpoint(round_number, {"age": age})
         completed = round_number
     node.link.close(completed)
     return completed

@@ -33,6 +33,11 @@ class Sharing(Protocol):
     def after_merge(self, flat: torch.Tensor) -> None:
         """Bookkeeping once the round's merge is done (e.g. change accumulators)."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep to continue exactly."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 SHARING_METHODS = ("full", "partial", "random_alpha", "subsampling")
 

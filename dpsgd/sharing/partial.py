@@ -69,6 +69,13 @@ class PartialSharing:
             self._accumulated += flat - self._snapshot
         self._snapshot.copy_(flat)
 
+    def state_dict(self) -> dict:
+        return {"snapshot": self._snapshot.clone(), "accumulated": self._accumulated.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._snapshot.copy_(state["snapshot"])
+        self._accumulated.copy_(state["accumulated"])
+
 
 class RandomAlphaSharing(PartialSharing):
     """Partial sharing whose alpha is drawn each round, uniformly from `alpha_list`."""
@@ -80,6 +87,13 @@ class RandomAlphaSharing(PartialSharing):
         self.alpha_list = list(alpha_list)
         self._generator = torch_generator(seed, "random_alpha", node)
         self.last_alpha: float | None = None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._generator.set_state(state["generator"])
 
     def round_alpha(self) -> float:
         choice = torch.randint(len(self.alpha_list), (1,), generator=self._generator).item()

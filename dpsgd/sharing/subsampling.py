@@ -47,3 +47,9 @@ class SubsamplingSharing:
 
     def after_merge(self, flat: torch.Tensor) -> None:
         pass
+
+    def state_dict(self) -> dict:
+        return {}  # masks are a function of (seed, node, round): nothing to keep
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,74 @@
+"""Checkpoints and resume: a resumed run continues exactly; interruptions lose nothing completed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, read_jsonl, run_train
+
+TIMINGS = {"time_s", "train_s", "comm_s", "eval_s"}
+COMMON = ("nodes=4", "topology=ring", "eval.every=4", "checkpoint.every=4", "sharing=random_alpha",
+          "optimizer=adam", "optimizer.lr=0.01")
+
+
+def _numbers(run_dir, node):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")]
+
+
+def test_resumed_dpsgd_run_equals_the_uninterrupted_one(tmp_path):
+    run_train(tmp_path / "whole", *COMMON, "rounds=12")
+    run_train(tmp_path / "parts", *COMMON, "rounds=8")
+    assert sorted(p.name for p in (tmp_path / "parts" / "run" / "checkpoints" / "0").iterdir()) == ["4.pt", "8.pt"]
+    result = run_train(tmp_path / "parts", *COMMON, "rounds=12", "resume=true")
+    assert "resumed after round 8" in result.stdout
+    for node in range(4):
+        assert _numbers(tmp_path / "parts" / "run", node) == _numbers(tmp_path / "whole" / "run", node)
+    whole = json.loads((tmp_path / "whole" / "run" / "summary.json").read_text())
+    parts = json.loads((tmp_path / "parts" / "run" / "summary.json").read_text())
+    assert [e["round"] for e in parts["per_round"]] == [e["round"] for e in whole["per_round"]] == [4, 8, 12]
+    assert parts["final"]["test_loss"]["mean"] == pytest.approx(whole["final"]["test_loss"]["mean"])
+
+
+def test_an_interrupted_run_keeps_its_rounds_and_resumes_after_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
+    command = [sys.executable, str(REPO / "train.py"), "nodes=4", "topology=ring", "rounds=100000", "eval.every=2",
+               "checkpoint.every=3", f"hydra.run.dir={run_dir}", "log.progress=false"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            logs = [run_dir / "nodes" / f"{n}.jsonl" for n in range(4)]
+            if all(p.exists() and len(p.read_text().splitlines()) >= 8 for p in logs):
+                break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)  # no cleanup at all: ranks die with their parent
+    finally:
+        process.kill()
+        process.wait()
+    time.sleep(1)
+    written = min(len(read_jsonl(run_dir / "nodes" / f"{n}.jsonl")) for n in range(4))
+    assert written >= 8
+    overrides = ("nodes=4", "topology=ring", "eval.every=2", "checkpoint.every=3", "log.progress=false")
+    run_train(tmp_path, *overrides, "rounds=24", "resume=true")
+    for node in range(4):
+        rounds = [r["round"] for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")]
+        assert rounds == list(range(1, 25))  # no round lost, none duplicated
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_min"] == 24 and not summary["in_progress"]
+
+
+def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tmp_path):
+    run_train(tmp_path, "nodes=4", "topology=ring", "rounds=4", "checkpoint.every=0")
+    missing = run_train(tmp_path, "nodes=4", "topology=ring", "rounds=8", "resume=true", check=False, timeout_s=120)
+    assert missing.returncode == 2 and "no round has a checkpoint" in missing.stderr
+    changed = run_train(tmp_path, "nodes=4", "topology=ring", "rounds=8", "optimizer.lr=0.5", "resume=true",
+                        check=False, timeout_s=60)
+    assert changed.returncode == 2 and "optimizer.lr" in changed.stderr and "Traceback" not in changed.stderr
