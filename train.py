@@ -83,12 +83,18 @@ def _agree_start_time(ctx: launch.RankContext | None) -> datetime:
     return datetime.fromtimestamp(float(ctx.store.get(START_TIME_KEY)))
 
 
+def _add_overrides(overrides: list[str]) -> None:
+    """Append overrides, but before a trailing -m/--multirun (after it they would be rejected)."""
+    position = len(sys.argv) - 1 if sys.argv[-1] in ("-m", "--multirun") else len(sys.argv)
+    sys.argv[position:position] = overrides
+
+
 def main() -> None:
     global RANK_CONTEXT
     if launch.under_torchrun():
         RANK_CONTEXT = launch.context_from_env()
         if RANK_CONTEXT.rank != 0:
-            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+            _add_overrides(["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
     start = _agree_start_time(RANK_CONTEXT)
     OmegaConf.register_new_resolver("dpsgd_start", lambda pattern: start.strftime(pattern), replace=True)
     task()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -28,8 +29,9 @@ from dpsgd.errors import ConfigError
 from dpsgd.node import Node
 
 KEEP = 2
+SAVED_KEY = "checkpoint/latest"
 # Top-level keys that may differ between a run and its resumption: none changes the numbers.
-RESUMABLE_CHANGES = {"resume", "rounds", "checkpoint", "log", "comm"}
+RESUMABLE_CHANGES = {"resume", "rounds", "checkpoint", "log", "comm", "cache_dir", "threads_per_rank"}
 
 
 def checkpoint_dir(run_dir: Path, node: int) -> Path:
@@ -41,8 +43,19 @@ def saved_rounds(run_dir: Path, node: int) -> list[int]:
     return sorted(int(p.stem) for p in directory.glob("*.pt")) if directory.exists() else []
 
 
-def save(node: Node, run_dir: Path, round_number: int, elapsed_s: float, algorithm_state: dict) -> None:
-    """Write this node's state after `round_number`; keep the last KEEP checkpoints."""
+def discard(run_dir: Path, node: int) -> None:
+    """A new run in an old directory must not leave the old run's checkpoints to be resumed."""
+    shutil.rmtree(checkpoint_dir(run_dir, node), ignore_errors=True)
+
+
+def save(node: Node, run_dir: Path, round_number: int, elapsed_s: float, algorithm_state: dict,
+         store: dist.Store, world_size: int) -> None:
+    """Write this node's state after `round_number`, then prune what no resume can need.
+
+    Nodes drift apart in rounds (RWM without bound), so a node keeps every checkpoint
+    from the slowest node's latest saved round on: that round is the one a resume
+    would pick. Checkpoints fall on multiples of checkpoint.every, the same for all.
+    """
     directory = checkpoint_dir(run_dir, node.rank)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -52,10 +65,17 @@ def save(node: Node, run_dir: Path, round_number: int, elapsed_s: float, algorit
         "rng": node.rng.bit_generator.state, "algorithm": algorithm_state,
     }
     temporary = directory / f".{round_number}.pt.tmp"
-    torch.save(state, temporary)
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())  # the rename must never expose a torn file, even after an OS crash
     os.replace(temporary, directory / f"{round_number}.pt")
+    store.set(f"{SAVED_KEY}/{node.rank}", str(round_number))
+    keys = [f"{SAVED_KEY}/{rank}" for rank in range(world_size)]
+    slowest = min(int(raw) for raw in store.multi_get(keys)) if store.check(keys) else 0
     for old in saved_rounds(run_dir, node.rank)[:-KEEP]:
-        (directory / f"{old}.pt").unlink(missing_ok=True)
+        if old < slowest:
+            (directory / f"{old}.pt").unlink(missing_ok=True)
 
 
 def restore(node: Node, run_dir: Path, round_number: int) -> tuple[float, dict]:
@@ -79,6 +99,12 @@ def agree_on_resume_round(store: dist.Store, rank: int, world_size: int, run_dir
     return latest_common_round([json.loads(raw) for raw in store.multi_get(keys)], run_dir)
 
 
+def check_rounds(rounds: int, start_round: int) -> None:
+    if rounds < start_round:
+        raise ConfigError(f"rounds={rounds} but the run resumes after round {start_round}: set rounds to "
+                          f"{start_round} or more to continue it.")
+
+
 def latest_common_round(rounds_per_node: list[list[int]], run_dir: Path) -> int:
     common = set.intersection(*(set(rounds) for rounds in rounds_per_node))
     if not common:
@@ -88,12 +114,15 @@ def latest_common_round(rounds_per_node: list[list[int]], run_dir: Path) -> int:
     return max(common)
 
 
-def check_resumable(cfg: DictConfig, run_dir: Path, all_nodes_local: bool = False) -> None:
+def check_resumable(cfg: DictConfig, run_dir: Path, all_nodes_local: bool = False, rank: int = 0) -> None:
     """Resuming continues the same experiment: only keys that do not change the numbers may differ.
 
+    config.yaml lives on rank 0's machine; other machines check only if they have a copy.
     With every node on this machine (standalone mode) the checkpoints are checked too.
     """
     saved_path = Path(run_dir) / "config.yaml"
+    if rank != 0 and not saved_path.exists():
+        return
     if not saved_path.exists():
         raise ConfigError(f"resume=true, but {saved_path} does not exist. Point hydra.run.dir at the directory of "
                           "the run to continue, e.g. `hydra.run.dir=outputs/2026-11-26/10-00-00 resume=true`.")

@@ -19,12 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from dpsgd.algorithms.dpsgd import run_dpsgd
 from dpsgd.algorithms.rwm import run_rwm
 from dpsgd.averaging import MERGE_RULES
-from dpsgd.checkpoint import agree_on_resume_round, check_resumable, restore, save
+from dpsgd.checkpoint import agree_on_resume_round, check_resumable, check_rounds, restore, save
+from dpsgd.checkpoint import discard as discard_checkpoints
 from dpsgd.communication import FailureBoard, NeighbourLink, RandomWalkLink
 from dpsgd.data.datasets import DATASETS, NodeData, prepare_dataset
 from dpsgd.errors import ConfigError, NodeFailure
 from dpsgd.launch import RankContext
-from dpsgd.metrics import Aggregator, EvalSchedule, NodeLog, RoundRecorder, RunInfo, publish_rounds_completed
+from dpsgd.metrics import (Aggregator, EvalSchedule, NodeLog, RoundRecorder, RunInfo, earlier_rounds,
+                           publish_rounds_completed, republish_kept_rounds)
 from dpsgd.models import build_model
 from dpsgd.models.flat import flatten_model
 from dpsgd.node import Node
@@ -76,7 +78,9 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     torch.set_num_threads(cfg.threads_per_rank)
     topology = check_config(cfg, ctx.world_size)
     if cfg.resume:
-        check_resumable(cfg, run_dir)
+        check_resumable(cfg, run_dir, rank=ctx.rank)
+    else:
+        discard_checkpoints(run_dir, ctx.rank)
     if dataset is None:  # under torchrun: every rank prepares; the cache makes one of them parse
         dataset = prepare_data(cfg)
         if ctx.rank == 0:
@@ -89,13 +93,20 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra made it on rank 0's machine, not elsewhere
     start_round = (agree_on_resume_round(store, ctx.rank, ctx.world_size, run_dir, cfg.comm.timeout_s)
                    if cfg.resume else 0)
+    check_rounds(cfg.rounds, start_round)
     if ctx.rank == 0:
         OmegaConf.save(cfg, Path(run_dir) / "config.yaml", resolve=True)
         write_partition(dataset, cfg, run_dir)
     node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round)
     elapsed_s, algorithm_state = restore(node, run_dir, start_round) if start_round else (0.0, None)
-    aggregator = (_start_aggregator(cfg, node, store, run_dir, dataset.task, start_round)
-                  if ctx.rank == 0 else None)
+    aggregator = None
+    if ctx.rank == 0:
+        carried = earlier_rounds(run_dir, start_round)
+        store.set("resume/aggregated", str(carried[-1]["round"] if carried else 0))
+        aggregator = _start_aggregator(cfg, node, store, run_dir, dataset.task, carried)
+    if start_round:  # rank 0 may not have aggregated every round the nodes had logged
+        republish_kept_rounds(store, ctx.rank, node.recorder.log, int(store.get("resume/aggregated")),
+                              node.schedule)
     _barrier(ctx.rank)
     node.recorder.start_clock(elapsed_s)
     if aggregator is not None:
@@ -143,7 +154,7 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: d
     if every:
         def checkpoint(round_number: int, algorithm_state: dict) -> None:
             if round_number % every == 0:
-                save(node, run_dir, round_number, recorder.elapsed_s(), algorithm_state)
+                save(node, run_dir, round_number, recorder.elapsed_s(), algorithm_state, store, cfg.nodes)
         node.checkpoint = checkpoint
     return node
 
@@ -188,12 +199,12 @@ def _topology(cfg: DictConfig) -> Topology:
 
 
 def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, task: str,
-                      start_round: int) -> Aggregator:
+                      carried: list[dict]) -> Aggregator:
     info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
                    dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
                    metric_name=TEST_LOSS_METRIC[task])
     return Aggregator(store, run_dir, info, node.schedule.rounds_due(), per_node_tb=cfg.log.per_node_tb,
-                      progress=cfg.log.progress, resumed_from=start_round).start()
+                      progress=cfg.log.progress, earlier_rounds=carried).start()
 
 
 def _barrier(rank: int) -> None:

@@ -116,13 +116,14 @@ def spawn(
     store = dist.TCPStore(LOOPBACK, port, world_size=None, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S))
     previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    killed: set[int] = set()
     try:
         _watch(processes, timeout_s, grace_s)
     finally:
-        _kill_all(processes)
+        killed = _kill_all(processes)
         signal.signal(signal.SIGTERM, previous_sigterm)
         del store
-    _raise_on_failure(processes, error_pipes)
+    _raise_on_failure(processes, error_pipes, killed)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -175,33 +176,41 @@ def _report(pipe, message: str, failed_node: int | None, quiet: bool) -> None:
 
 
 def _watch(processes, timeout_s: float | None, grace_s: float) -> None:
-    """Wait until every rank exited; after the first failure allow only `grace_s` more."""
-    started = time.monotonic()
-    deadline = None if timeout_s is None else started + timeout_s
+    """Wait until every rank exited; after the first failure allow only `grace_s` more.
+
+    Returns when all exited or the grace ran out (the caller kills the rest); raises
+    TimeoutError only when `timeout_s`, the bound on the whole run, runs out.
+    """
+    hard_deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    grace_deadline = None
     running = {p.sentinel: p for p in processes}
     while running:
-        wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+        deadlines = [d for d in (hard_deadline, grace_deadline) if d is not None]
+        wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         ready = mp.connection.wait(list(running), timeout=wait_s)
         if not ready:
+            if grace_deadline is not None and time.monotonic() >= grace_deadline:
+                return
             raise TimeoutError(f"ranks still running after {timeout_s:.0f} s: "
                                f"{sorted(p.name for p in running.values())}")
         for sentinel in ready:
             process = running.pop(sentinel)
             process.join()
-            if process.exitcode != 0:
-                failure_deadline = time.monotonic() + grace_s
-                deadline = failure_deadline if deadline is None else min(deadline, failure_deadline)
+            if process.exitcode != 0 and grace_deadline is None:
+                grace_deadline = time.monotonic() + grace_s
 
 
-def _kill_all(processes) -> None:
-    for process in processes:
-        if process.is_alive():
-            process.kill()
+def _kill_all(processes) -> set[int]:
+    """Kill the ranks still running; return their ranks (they did not fail, they were stopped)."""
+    killed = {rank for rank, process in enumerate(processes) if process.is_alive()}
+    for rank in killed:
+        processes[rank].kill()
     for process in processes:
         process.join()
+    return killed
 
 
-def _raise_on_failure(processes, error_pipes) -> None:
+def _raise_on_failure(processes, error_pipes, killed: set[int]) -> None:
     errors: dict[int, str] = {}
     named: list[int] = []  # the nodes that the failing ranks blame
     for rank, (process, pipe) in enumerate(zip(processes, error_pipes)):
@@ -210,12 +219,14 @@ def _raise_on_failure(processes, error_pipes) -> None:
             errors[rank] = report[0]
             if report[1] is not None:
                 named.append(report[1])
+        elif rank in killed:
+            errors[rank] = f"node {rank} was stopped: it had not ended on its own within the grace period"
         elif process.exitcode != 0:
             errors[rank] = f"node {rank} died ({_describe_exit(process.exitcode)})"
         pipe.close()
     if not errors:
         return
-    first_failed = _first_failed(processes, errors, named)
+    first_failed = _first_failed(processes, errors, named, killed)
     raise RankFailure(_failure_summary(errors, first_failed), errors, first_failed)
 
 
@@ -227,13 +238,13 @@ def _read_report(pipe) -> tuple[str, int | None] | None:
         return None
 
 
-def _first_failed(processes, errors: dict[int, str], named: list[int]) -> int | None:
-    """A rank killed by a signal or that crashed is the cause; else the node the others blame."""
+def _first_failed(processes, errors: dict[int, str], named: list[int], killed: set[int]) -> int | None:
+    """A rank killed by a signal (not by us) or that crashed is the cause; else the node the others blame."""
     for rank, process in enumerate(processes):
-        if process.exitcode is not None and process.exitcode < 0:
+        if rank not in killed and process.exitcode is not None and process.exitcode < 0:
             return rank
     for rank, process in enumerate(processes):
-        if process.exitcode not in (0, EXIT_NODE_FAILURE):
+        if rank not in killed and process.exitcode not in (0, EXIT_NODE_FAILURE):
             return rank
     if named:
         return Counter(named).most_common(1)[0][0]

@@ -47,16 +47,25 @@ class NodeLog:
         kept = []
         if keep_through_round and path.exists():
             kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["round"] <= keep_through_round]
+                    if _round_of(line) is not None and _round_of(line) <= keep_through_round]
         self._file = open(path, "w", buffering=1)
         for line in kept:
             self._file.write(line + "\n")
+        self.kept_records = [json.loads(line) for line in kept]
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self._file.close()
+
+
+def _round_of(line: str) -> int | None:
+    """The round of a JSONL line, or None for a line torn by a crash."""
+    try:
+        return json.loads(line)["round"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def publish(store: dist.Store, node: int, record: dict) -> None:
@@ -102,18 +111,24 @@ class Aggregator:
     """Rank 0's reader of published records: TensorBoard curves, progress line, summary.json."""
 
     def __init__(self, store: dist.Store, run_dir: Path, info: RunInfo, eval_rounds: list[int],
-                 per_node_tb: bool = False, progress: bool = True, resumed_from: int = 0):
+                 per_node_tb: bool = False, progress: bool = True, earlier_rounds: list[dict] | None = None):
+        """`earlier_rounds`: on resume, the aggregates already written before the interruption."""
         self.store = store
         self.run_dir = Path(run_dir)
         self.info = info
-        self.pending = [r for r in eval_rounds if r > resumed_from]
+        self.per_round: list[dict] = list(earlier_rounds or [])
+        aggregated_through = self.per_round[-1]["round"] if self.per_round else 0
+        self.pending = [r for r in eval_rounds if r > aggregated_through]
         self.per_node_tb = per_node_tb
         self.progress = progress
-        self.per_round: list[dict] = self._earlier_rounds(resumed_from)
-        self._first_round = resumed_from
+        self._first_round = aggregated_through
         self._stop = threading.Event()
-        self._started = time.monotonic()
-        self._writer = _summary_writer(self.run_dir / "tb")
+        self._started = time.monotonic()       # origin of wall_s (moved back on resume)
+        self._clock_started = self._started    # origin of rounds/s (this process's own rounds)
+        # On resume, events after the last aggregated round are dropped: they are logged again.
+        self._writer = _summary_writer(self.run_dir / "tb", purge_after=aggregated_through)
+        bytes_through = int(self.per_round[-1]["bytes_sent"]["mean"]) if self.per_round else 0
+        self._bytes_writer = _summary_writer(self.run_dir / "tb" / "vs_bytes", purge_after=bytes_through)
         self._node_writers = {}
         self._thread = threading.Thread(target=self._loop, name="dpsgd-aggregator", daemon=True)
 
@@ -124,13 +139,7 @@ class Aggregator:
     def start_clock(self, offset_s: float = 0.0) -> None:
         """wall_s counts from the same moment as the nodes' time_s (after the start barrier)."""
         self._started = time.monotonic() - offset_s
-
-    def _earlier_rounds(self, resumed_from: int) -> list[dict]:
-        """On resume, the aggregates of rounds before the interruption, from the last summary written."""
-        path = self.run_dir / "summary.json"
-        if not resumed_from or not path.exists():
-            return []
-        return [entry for entry in json.loads(path.read_text())["per_round"] if entry["round"] <= resumed_from]
+        self._clock_started = time.monotonic()
 
     def finish(self) -> dict:
         """After every node published how far it got: drain, write summary.json, return it."""
@@ -141,6 +150,7 @@ class Aggregator:
         summary = self._summary([int(raw) for raw in self.store.multi_get(done_keys)])
         self._write_summary(summary)
         self._writer.close()
+        self._bytes_writer.close()
         for writer in self._node_writers.values():
             writer.close()
         return summary
@@ -177,10 +187,11 @@ class Aggregator:
             step = int(stats["bytes_sent"]["mean"])
             for key in ("test_loss", "test_acc", "train_loss"):
                 if key in stats:
-                    self._writer.add_scalar(f"vs_bytes/{key}", stats[key]["mean"], step)
+                    self._bytes_writer.add_scalar(f"vs_bytes/{key}", stats[key]["mean"], step)
         if self.per_node_tb:
             self._log_nodes(round_number, records)
         self._writer.flush()
+        self._bytes_writer.flush()
         self._write_summary(self._summary(None))  # an interrupted run keeps its aggregates so far
         if self.progress and len(records) == self.info.nodes:
             self._print_progress(round_number, stats)
@@ -195,7 +206,7 @@ class Aggregator:
                     self._node_writers[node].add_scalar(key, record[key], round_number)
 
     def _print_progress(self, round_number: int, stats: dict) -> None:
-        elapsed = time.monotonic() - self._started
+        elapsed = time.monotonic() - self._clock_started
         rate = (round_number - self._first_round) / elapsed if elapsed > 0 else 0.0
         eta = (self.info.rounds - round_number) / rate if rate > 0 else math.nan
         parts = [f"round {round_number}/{self.info.rounds}", f"{rate:.2f} rounds/s", f"ETA {eta:.0f}s"]
@@ -233,11 +244,27 @@ class Aggregator:
         }
 
 
-def _summary_writer(log_dir: Path):
+def earlier_rounds(run_dir: Path, through_round: int) -> list[dict]:
+    """The aggregates a run wrote (summary.json) up to `through_round`, to carry over on resume."""
+    path = Path(run_dir) / "summary.json"
+    if not through_round or not path.exists():
+        return []
+    return [entry for entry in json.loads(path.read_text())["per_round"] if entry["round"] <= through_round]
+
+
+def republish_kept_rounds(store: dist.Store, node: int, log: "NodeLog", after_round: int,
+                          schedule: "EvalSchedule") -> None:
+    """On resume: evaluated rounds that rank 0 had not aggregated yet are published again."""
+    for record in log.kept_records:
+        if record["round"] > after_round and schedule.due(record["round"]):
+            publish(store, node, record)
+
+
+def _summary_writer(log_dir: Path, purge_after: int = 0):
     # Imported here: tensorboard's import is slow and only rank 0 needs it.
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(log_dir), flush_secs=5)
+    return SummaryWriter(log_dir=str(log_dir), flush_secs=5, purge_step=purge_after + 1 if purge_after else None)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@
 #
 # HEAD_HOST is any one of the machines (it hosts the rendezvous); no IP lists, no
 # per-host edits. Environment: DPSGD_PORT (default 29500), DPSGD_RUN_ID (default
-# dpsgd: the same on every machine), PYTHON (default: python3 on PATH),
+# dpsgd: the same on every machine), PYTHON (default: the repository's .venv if it
+# exists, else python3 on PATH),
 # GLOO_SOCKET_IFNAME (the interface the machines share, if the default does not reach).
 set -euo pipefail
 if [ "$#" -lt 3 ]; then
@@ -17,7 +18,9 @@ fi
 head_host=$1 machines=$2 procs=$3
 shift 3
 repo=$(cd "$(dirname "$0")/.." && pwd)
-exec "${PYTHON:-python3}" -m torch.distributed.run \
+python=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x "$repo/.venv/bin/python" ] && python=$repo/.venv/bin/python
+exec "$python" -m torch.distributed.run \
   --nnodes "$machines" --nproc_per_node "$procs" \
   --rdzv-backend c10d --rdzv-endpoint "$head_host:${DPSGD_PORT:-29500}" --rdzv-id "${DPSGD_RUN_ID:-dpsgd}" \
   "$repo/train.py" "$@" nodes=$((machines * procs))  # overrides first: "-m" must precede them all

@@ -63,6 +63,9 @@ def test_an_interrupted_run_keeps_its_rounds_and_resumes_after_the_last_checkpoi
         assert rounds == list(range(1, 25))  # no round lost, none duplicated
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_min"] == 24 and not summary["in_progress"]
+    # Rounds logged before the kill but not yet aggregated were published again on resume.
+    assert [entry["round"] for entry in summary["per_round"]] == list(range(2, 25, 2))
+    assert all(entry["nodes_reporting"] == 4 for entry in summary["per_round"])
 
 
 def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tmp_path):
@@ -72,3 +75,17 @@ def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tmp_path
     changed = run_train(tmp_path, "nodes=4", "topology=ring", "rounds=8", "optimizer.lr=0.5", "resume=true",
                         check=False, timeout_s=60)
     assert changed.returncode == 2 and "optimizer.lr" in changed.stderr and "Traceback" not in changed.stderr
+
+
+def test_rwm_resumes_from_the_latest_round_every_node_saved(tmp_path):
+    common = ("algorithm=rwm", "nodes=4", "topology=ring", "eval.every=2", "checkpoint.every=2")
+    run_train(tmp_path, *common, "rounds=10")
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    resumed = run_train(tmp_path, *common, "rounds=16", "resume=true")
+    start = int(resumed.stdout.split("resumed after round ")[1].split()[0])
+    assert start <= first["rounds_min"] and start % 2 == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds_max"] == 16
+    for node in range(4):
+        rounds = [r["round"] for r in read_jsonl(tmp_path / "run" / "nodes" / f"{node}.jsonl")]
+        assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) > start
