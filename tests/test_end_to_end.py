@@ -10,7 +10,7 @@ import pytest
 from dpsgd.sharing.wire import HEADER_BYTES
 from tests.conftest import read_jsonl, run_train
 
-SMALL_RUN = ("nodes=6", "rounds=30", "eval.every=5", "train.local_steps=20")
+SMALL_RUN = ("nodes=6", "rounds=30", "eval.every=5", "train.local_steps=20", "log.per_node_tb=true")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,8 @@ def test_output_contract_is_present_and_consistent(small_run):
     assert [entry["round"] for entry in summary["per_round"]] == [5, 10, 15, 20, 25, 30]
     assert all(entry["nodes_reporting"] == 6 for entry in summary["per_round"])
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert list((run_dir / "tb" / "vs_bytes").glob("events.out.tfevents.*"))
+    assert all(list((run_dir / "tb" / "nodes" / str(n)).glob("events.out.tfevents.*")) for n in range(6))
 
     numel = summary["num_parameters"]
     degree = 4

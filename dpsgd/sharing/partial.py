@@ -35,6 +35,7 @@ class PartialSharing:
         self.numel = flat.numel()
         self._snapshot = flat.clone()          # the model when this round's training started
         self._accumulated = torch.zeros_like(flat)
+        self._values = torch.empty_like(flat)  # send buffer, reused: a message is sent before the next pack
         self.last_sent_index: torch.Tensor | None = None
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
@@ -53,7 +54,8 @@ class PartialSharing:
         self._accumulated[chosen] = 0.0
         self.last_sent_index = chosen
         encoding = smaller_encoding(chosen.numel(), self.numel)
-        return Message(round=round_number, degree=degree, age=age, encoding=encoding, values=flat[chosen],
+        return Message(round=round_number, degree=degree, age=age, encoding=encoding,
+                       values=torch.index_select(flat, 0, chosen, out=self._values[:chosen.numel()]),
                        index=encode_indices(chosen, self.numel, encoding))
 
     def round_alpha(self) -> float:

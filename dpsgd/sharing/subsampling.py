@@ -28,6 +28,7 @@ class SubsamplingSharing:
         self.seed = seed
         self.node = node
         self.numel = flat.numel()
+        self._values = torch.empty_like(flat)  # send buffer, reused: a message is sent before the next pack
         self.last_sent_index: torch.Tensor | None = None
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
@@ -35,7 +36,8 @@ class SubsamplingSharing:
         chosen = subsampling_mask(mask_seed, self.numel, self.alpha).nonzero().squeeze(1)
         self.last_sent_index = chosen
         return Message(round=round_number, degree=degree, age=age, encoding=Encoding.SEEDED_MASK,
-                       values=flat[chosen], seed=mask_seed)
+                       values=torch.index_select(flat, 0, chosen, out=self._values[:chosen.numel()]),
+                       seed=mask_seed)
 
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
         chosen = subsampling_mask(message.seed, self.numel, self.alpha).nonzero().squeeze(1)
