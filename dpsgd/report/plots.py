@@ -122,13 +122,13 @@ def _train_label(group: list[Run]) -> str:
 
 def _cut_title(cut: Cut) -> str:
     if cut.axis == "time_s":
-        return f"equal time: each run at {cut.cut:.3g} s"
-    return f"equal bytes: each run at {_bytes_text(cut.cut)} per node"
+        return f"equal time: each run at {cut.cut:.3g} s\n(n/a: no evaluation by then)"
+    return f"equal bytes: each run at {_bytes_text(cut.cut)} per node\n(n/a: no evaluation by then)"
 
 
 def _cut_note(cut: Cut) -> str:
     if cut.point is None:
-        return "not evaluated yet"
+        return "n/a"  # short: neighbouring bars' notes must not overlap
     return f"{cut.point.mean:.4g}\n(round {cut.point.round})"
 
 
