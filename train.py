@@ -93,6 +93,9 @@ def main() -> None:
     global RANK_CONTEXT
     if launch.under_torchrun():
         RANK_CONTEXT = launch.context_from_env()
+        if not any(arg.startswith("nodes=") for arg in sys.argv[1:]):
+            # `torchrun --nnodes 4 --nproc_per_node 24 train.py ...` means 96 nodes: the world decides.
+            _add_overrides([f"nodes={RANK_CONTEXT.world_size}"])
         if RANK_CONTEXT.rank != 0:
             _add_overrides(["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
     start = _agree_start_time(RANK_CONTEXT)

@@ -56,3 +56,14 @@ def test_standalone_multirun_gives_each_job_its_own_run(tmp_path):
     _assert_complete_run(tmp_path / "sweep" / "0", nodes=4, rounds=4)
     _assert_complete_run(tmp_path / "sweep" / "1", nodes=4, rounds=6)
     assert json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())["rounds"] == 6
+
+
+def test_plain_torchrun_takes_the_node_count_from_the_world_size(tmp_path):
+    """`torchrun --standalone --nproc_per_node 4 train.py` with no `nodes=`: four nodes."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "DPSGD_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+               str(REPO / "train.py"), "topology=ring", "rounds=4", "eval.every=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=RANK_TEST_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_complete_run(tmp_path / "run", nodes=4, rounds=4)
