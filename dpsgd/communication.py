@@ -40,6 +40,10 @@ class ByteCounters:
     def sent(self) -> int:
         return self.sent_data + self.sent_meta
 
+    def count_sent(self, message: Message) -> None:
+        self.sent_data += message.data_bytes
+        self.sent_meta += message.meta_bytes
+
 
 @dataclass
 class _ReceiveBuffers:
@@ -85,14 +89,35 @@ def describe_peer_error(peer: int, error: Exception, timeout_s: float) -> str:
     return f"the connection to neighbour {peer} closed (its process stopped)"
 
 
-class NeighbourLink:
+def wire_parts(message: Message, header: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """The tensors a message puts on the wire, in order, with their tags (END: header only)."""
+    parts = [(header, HEADER_TAG)]
+    if message.encoding != Encoding.END:
+        parts.append((message.values, VALUES_TAG))
+    if message.index is not None:
+        parts.append((message.index, INDEX_TAG))
+    return parts
+
+
+class _PeerFailures:
+    """Turning a failed gloo operation on a pair into the NodeFailure that names the culprit."""
+
+    rank: int
+    timeout_s: float
+    failures: FailureBoard
+
+    def _failure(self, peer: int, error: Exception, where: str) -> NodeFailure:
+        seen = describe_peer_error(peer, error, self.timeout_s)
+        return self.failures.failure(self.rank, peer, f"{seen} ({where})")
+
+
+class NeighbourLink(_PeerFailures):
     """Point-to-point exchange of Messages with this node's graph neighbours."""
 
     def __init__(self, rank: int, neighbours: list[int], max_values: int, timeout_s: float,
                  failures: FailureBoard):
         self.rank = rank
         self.neighbours = list(neighbours)
-        self.timeout = timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
         self.failures = failures
         self.bytes = ByteCounters()
@@ -101,34 +126,29 @@ class NeighbourLink:
                                   values=torch.empty(max_values, dtype=VALUES_DTYPE))
             for peer in self.neighbours
         }
-        self._max_values = max_values
 
     def exchange(self, outgoing: Message) -> dict[int, Message]:
         """Send `outgoing` to every neighbour and receive one message from each (D-PSGD)."""
         round_number = outgoing.round
         header_receives = {peer: self._post(dist.irecv, self._buffers[peer].header, peer, HEADER_TAG, round_number)
                            for peer in self.neighbours}
-        header = outgoing.header()
-        sends = [(peer, work) for peer in self.neighbours for work in self._post_send(outgoing, header, peer)]
+        sends = [(peer, work) for peer in self.neighbours for work in self._post_send(outgoing, peer)]
         received = {}
         for peer, work in header_receives.items():
-            self._wait(work, peer, outgoing.round, "header")
+            self._wait(work, peer, round_number, "header")
             fields = parse_header(self._buffers[peer].header)
-            if fields["round"] != outgoing.round:
+            if fields["round"] != round_number:
                 raise RuntimeError(f"node {self.rank}: neighbour {peer} sent round {fields['round']} "
-                                   f"while round {outgoing.round} was expected (message order broken)")
-            received[peer] = self._receive_body(peer, fields, outgoing.round)
+                                   f"while round {round_number} was expected (message order broken)")
+            received[peer] = self._receive_body(peer, fields, round_number)
         for peer, work in sends:
-            self._wait(work, peer, outgoing.round, "send")
+            self._wait(work, peer, round_number, "send")
         return received
 
-    def _post_send(self, message: Message, header: torch.Tensor, peer: int) -> list[dist.Work]:
-        works = [self._post(dist.isend, header, peer, HEADER_TAG, message.round),
-                 self._post(dist.isend, message.values, peer, VALUES_TAG, message.round)]
-        if message.index is not None:
-            works.append(self._post(dist.isend, message.index, peer, INDEX_TAG, message.round))
-        self.bytes.sent_data += message.data_bytes
-        self.bytes.sent_meta += message.meta_bytes
+    def _post_send(self, message: Message, peer: int) -> list[dist.Work]:
+        works = [self._post(dist.isend, tensor, peer, tag, message.round)
+                 for tensor, tag in wire_parts(message, message.header())]
+        self.bytes.count_sent(message)
         return works
 
     def _receive_body(self, peer: int, header: dict[str, int], expected_round: int) -> Message:
@@ -143,8 +163,7 @@ class NeighbourLink:
         self._wait(value_work, peer, expected_round, "values")
         if index is not None:
             self._wait(index_work, peer, expected_round, "index")
-        message = Message(round=header["round"], degree=header["degree"], age=header["age"],
-                          encoding=encoding, values=values, index=index, seed=header["seed"])
+        message = Message.received(header, values, index)
         self.bytes.recv += message.total_bytes
         return message
 
@@ -160,20 +179,16 @@ class NeighbourLink:
         try:
             return operation(tensor, peer, tag=tag)
         except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
-            raise self._failure(peer, round_number, "post", error) from None
+            raise self._failure(peer, error, f"post, round {round_number}") from None
 
     def _wait(self, work: dist.Work, peer: int, round_number: int, what: str) -> None:
         try:
-            work.wait(timeout=self.timeout)
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
         except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
-            raise self._failure(peer, round_number, what, error) from None
-
-    def _failure(self, peer: int, round_number: int, what: str, error: Exception) -> NodeFailure:
-        seen = describe_peer_error(peer, error, self.timeout_s)
-        return self.failures.failure(self.rank, peer, f"{seen} ({what}, round {round_number})")
+            raise self._failure(peer, error, f"{what}, round {round_number}") from None
 
 
-class RandomWalkLink:
+class RandomWalkLink(_PeerFailures):
     """Asynchronous messages for RWM: send to one neighbour, receive from whichever sends.
 
     One receiver thread per neighbour keeps a header receive posted on that pair, so a
@@ -192,9 +207,9 @@ class RandomWalkLink:
 
     def __init__(self, rank: int, neighbours: list[int], max_values: int, timeout_s: float,
                  failures: FailureBoard):
+        # max_values is unused here (each arriving message gets its own buffer): same signature as NeighbourLink.
         self.rank = rank
         self.neighbours = list(neighbours)
-        self.max_values = max_values
         self.timeout_s = timeout_s
         self.failures = failures
         self.bytes = ByteCounters()
@@ -211,27 +226,16 @@ class RandomWalkLink:
         for thread in self._threads:
             thread.start()
 
-    @property
-    def stop_requested(self) -> bool:
-        """A neighbour has stopped; this node should stop before its next round."""
-        return self._stop_seen.is_set()
-
     def send(self, peer: int, message: Message) -> None:
         """Send asynchronously; the previous sends are completed first, so few are ever in flight."""
         self._complete_sends()
-        tensors = [(message.header(), HEADER_TAG)]
-        if message.encoding != Encoding.END:
-            tensors.append((message.values, VALUES_TAG))
-        if message.index is not None:
-            tensors.append((message.index, INDEX_TAG))
-        for tensor, tag in tensors:
+        for tensor, tag in wire_parts(message, message.header()):
             try:
                 work = dist.isend(tensor, peer, tag=tag)
             except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
                 raise self._failure(peer, error, f"send, round {message.round}") from None
             self._pending_sends.append((peer, work, tensor))
-        self.bytes.sent_data += message.data_bytes
-        self.bytes.sent_meta += message.meta_bytes
+        self.bytes.count_sent(message)
 
     def receive(self) -> Message | None:
         """The next model message in arrival order, or None once a neighbour has stopped.
@@ -288,8 +292,7 @@ class RandomWalkLink:
                 if encoding in INDEX_DTYPES:
                     index = torch.empty(fields["num_index"], dtype=INDEX_DTYPES[encoding])
                     dist.irecv(index, peer, tag=INDEX_TAG).wait(timeout=NO_BOUND)
-                message = Message(round=fields["round"], degree=fields["degree"], age=fields["age"],
-                                  encoding=encoding, values=values, index=index, seed=fields["seed"])
+                message = Message.received(fields, values, index)
                 self._count_received(message.total_bytes)
                 self._arrivals.put(("message", peer, message))
         except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
@@ -318,6 +321,3 @@ class RandomWalkLink:
             kind, _, payload = self._arrivals.get_nowait()
             if kind == "failure":
                 raise payload
-
-    def _failure(self, peer: int, error: Exception, where: str) -> NodeFailure:
-        return self.failures.failure(self.rank, peer, f"{describe_peer_error(peer, error, self.timeout_s)} ({where})")

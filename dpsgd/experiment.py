@@ -61,7 +61,7 @@ def check_config(cfg: DictConfig, world_size: int) -> Topology:
     if cfg.dataset.name not in DATASETS:
         raise ConfigError(f"dataset.name={cfg.dataset.name!r} is not known; choose one of "
                           f"{list(DATASETS)}, e.g. `dataset=movielens`.")
-    check_sharing(cfg.sharing.name, cfg.alpha, _sharing_options(cfg))
+    check_sharing(cfg.sharing.name, cfg.alpha, _options(cfg.sharing))
     # No torch computation here: the standalone parent runs this before forking the ranks.
     check_optimizer(cfg.optimizer.name, cfg.optimizer.lr)
     return _topology(cfg)
@@ -69,8 +69,7 @@ def check_config(cfg: DictConfig, world_size: int) -> Topology:
 
 def prepare_data(cfg: DictConfig):
     """Parse (or generate) the data set once; the cache makes later calls cheap."""
-    options = OmegaConf.to_container(cfg.dataset, resolve=True)
-    return prepare_dataset(options.pop("name"), options, cfg.seed, Path(cfg.cache_dir).expanduser())
+    return prepare_dataset(cfg.dataset.name, _options(cfg.dataset), cfg.seed, Path(cfg.cache_dir).expanduser())
 
 
 def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> None:
@@ -137,7 +136,7 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: d
     data = dataset.node_data(rank, cfg.nodes, cfg.seed, cfg.eval.test_samples)
     model = build_model(cfg.model.name, dataset.dims, cfg.seed, **_model_options(cfg))
     flat = flatten_model(model)
-    optimizer = build_optimizer(cfg.optimizer.name, model.parameters(), **_optimizer_options(cfg))
+    optimizer = build_optimizer(cfg.optimizer.name, model.parameters(), **_options(cfg.optimizer))
     batches = BatchStream(data.train, cfg.train.batch_size, torch_generator(cfg.seed, "batches", rank))
     trainer = Trainer(model, optimizer, _task(cfg, dataset.task), batches, cfg.train.local_steps,
                       cfg.train.full_epochs)
@@ -145,7 +144,7 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: d
     link = link_class(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store))
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
     recorder = RoundRecorder(rank, NodeLog(run_dir, rank, keep_through_round=start_round), store, schedule)
-    sharing = build_sharing(cfg.sharing.name, flat, cfg.alpha, _sharing_options(cfg), cfg.seed, rank)
+    sharing = build_sharing(cfg.sharing.name, flat, cfg.alpha, _options(cfg.sharing), cfg.seed, rank)
     node = Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=sharing,
                 merge=MERGE_RULES[cfg.sharing.merge], link=link, recorder=recorder, schedule=schedule,
                 evaluate=lambda: _evaluate(cfg, trainer, data), rng=numpy_rng(cfg.seed, "neighbour_choice", rank),
@@ -181,14 +180,9 @@ def _evaluate(cfg: DictConfig, trainer: Trainer, data: NodeData) -> dict[str, fl
     return result
 
 
-def _optimizer_options(cfg: DictConfig) -> dict:
-    options = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    options.pop("name")
-    return options
-
-
-def _sharing_options(cfg: DictConfig) -> dict:
-    options = OmegaConf.to_container(cfg.sharing, resolve=True)
+def _options(group: DictConfig) -> dict:
+    """A config group's settings other than its `name`, as plain keyword arguments."""
+    options = OmegaConf.to_container(group, resolve=True)
     options.pop("name")
     return options
 

@@ -8,6 +8,7 @@ ratings); LEAF data sets test globally (every node on the same shared test set).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +113,6 @@ class LeafDataset:
 
 def _shared_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor over the memory-mapped cache, without a private copy per rank (read-only use)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "non-writable array": evaluation never writes
         return torch.from_numpy(array)

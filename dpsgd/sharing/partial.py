@@ -35,12 +35,13 @@ class PartialSharing:
         self.numel = flat.numel()
         self._snapshot = flat.clone()          # the model when this round's training started
         self._accumulated = torch.zeros_like(flat)
+        self._change = torch.empty_like(flat)  # this round's training change, reused every round
         self._values = torch.empty_like(flat)  # send buffer, reused: a message is sent before the next pack
         self.last_sent_index: torch.Tensor | None = None
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
         alpha = self.round_alpha()
-        training_change = flat - self._snapshot
+        training_change = torch.sub(flat, self._snapshot, out=self._change)
         if self.accumulation:
             self._accumulated += training_change
         if self.accumulate_averaging_changes:

@@ -44,6 +44,12 @@ class Message:
     index: torch.Tensor | None = None
     seed: int = 0
 
+    @classmethod
+    def received(cls, fields: dict[str, int], values: torch.Tensor, index: torch.Tensor | None) -> "Message":
+        """A message as it arrived: the header's fields with the payload received after it."""
+        return cls(round=fields["round"], degree=fields["degree"], age=fields["age"],
+                   encoding=Encoding(fields["encoding"]), values=values, index=index, seed=fields["seed"])
+
     def header(self) -> torch.Tensor:
         num_index = 0 if self.index is None else self.index.numel()
         fields = [self.round, self.degree, self.age, int(self.encoding), self.values.numel(), num_index, self.seed]
