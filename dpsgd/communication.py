@@ -99,28 +99,28 @@ def wire_parts(message: Message, header: torch.Tensor) -> list[tuple[torch.Tenso
     return parts
 
 
-class _PeerFailures:
-    """Turning a failed gloo operation on a pair into the NodeFailure that names the culprit."""
+class _Link:
+    """What both transports share: who this node talks to, its byte counts, and failure naming."""
 
-    rank: int
-    timeout_s: float
-    failures: FailureBoard
-
-    def _failure(self, peer: int, error: Exception, where: str) -> NodeFailure:
-        seen = describe_peer_error(peer, error, self.timeout_s)
-        return self.failures.failure(self.rank, peer, f"{seen} ({where})")
-
-
-class NeighbourLink(_PeerFailures):
-    """Point-to-point exchange of Messages with this node's graph neighbours."""
-
-    def __init__(self, rank: int, neighbours: list[int], max_values: int, timeout_s: float,
-                 failures: FailureBoard):
+    def __init__(self, rank: int, neighbours: list[int], timeout_s: float, failures: FailureBoard):
         self.rank = rank
         self.neighbours = list(neighbours)
         self.timeout_s = timeout_s
         self.failures = failures
         self.bytes = ByteCounters()
+
+    def _failure(self, peer: int, error: Exception, where: str) -> NodeFailure:
+        """The NodeFailure for a failed gloo operation on the pair with `peer`."""
+        seen = describe_peer_error(peer, error, self.timeout_s)
+        return self.failures.failure(self.rank, peer, f"{seen} ({where})")
+
+
+class NeighbourLink(_Link):
+    """Point-to-point exchange of Messages with this node's graph neighbours."""
+
+    def __init__(self, rank: int, neighbours: list[int], max_values: int, timeout_s: float,
+                 failures: FailureBoard):
+        super().__init__(rank, neighbours, timeout_s, failures)
         self._buffers = {
             peer: _ReceiveBuffers(header=torch.empty(len(HEADER_FIELDS), dtype=HEADER_DTYPE),
                                   values=torch.empty(max_values, dtype=VALUES_DTYPE))
@@ -188,7 +188,7 @@ class NeighbourLink(_PeerFailures):
             raise self._failure(peer, error, f"{what}, round {round_number}") from None
 
 
-class RandomWalkLink(_PeerFailures):
+class RandomWalkLink(_Link):
     """Asynchronous messages for RWM: send to one neighbour, receive from whichever sends.
 
     One receiver thread per neighbour keeps a header receive posted on that pair, so a
@@ -208,11 +208,7 @@ class RandomWalkLink(_PeerFailures):
     def __init__(self, rank: int, neighbours: list[int], max_values: int, timeout_s: float,
                  failures: FailureBoard):
         # max_values is unused here (each arriving message gets its own buffer): same signature as NeighbourLink.
-        self.rank = rank
-        self.neighbours = list(neighbours)
-        self.timeout_s = timeout_s
-        self.failures = failures
-        self.bytes = ByteCounters()
+        super().__init__(rank, neighbours, timeout_s, failures)
         self._arrivals: "queue.Queue[tuple[str, int, object]]" = queue.Queue()
         self._stop_seen = threading.Event()
         self._lock = threading.Lock()
