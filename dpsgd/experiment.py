@@ -134,12 +134,7 @@ def run_key(run_dir: Path) -> str:
 def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: dist.Store, run_dir: Path,
                start_round: int = 0) -> Node:
     data = dataset.node_data(rank, cfg.nodes, cfg.seed, cfg.eval.test_samples)
-    model = build_model(cfg.model.name, dataset.dims, cfg.seed, **_model_options(cfg))
-    flat = flatten_model(model)
-    optimizer = build_optimizer(cfg.optimizer.name, model.parameters(), **_options(cfg.optimizer))
-    batches = BatchStream(data.train, cfg.train.batch_size, torch_generator(cfg.seed, "batches", rank))
-    trainer = Trainer(model, optimizer, _task(cfg, dataset.task), batches, cfg.train.local_steps,
-                      cfg.train.full_epochs)
+    trainer, flat = build_trainer(cfg, dataset, data, rank)
     _, link_class = ALGORITHMS[cfg.algorithm.name]
     link = link_class(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store))
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
@@ -158,18 +153,37 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: d
     return node
 
 
+def build_trainer(cfg: DictConfig, dataset, data: NodeData, rank: int) -> tuple[Trainer, torch.Tensor]:
+    """A node's model, optimizer, batch stream and task from the config, and the flat vector
+    that holds the model's parameters (`dpsgd.models.flat`).
+
+    Used by every node of a run and by the centralized reference (`benchmarks/centralized.py`),
+    so both train exactly the same way.
+    """
+    model = build_model(cfg.model.name, dataset.dims, cfg.seed, **_model_options(cfg, data))
+    flat = flatten_model(model)
+    optimizer = build_optimizer(cfg.optimizer.name, model.parameters(), **_options(cfg.optimizer))
+    batches = BatchStream(data.train, cfg.train.batch_size, torch_generator(cfg.seed, "batches", rank))
+    trainer = Trainer(model, optimizer, build_task(cfg, dataset.task), batches, cfg.train.local_steps,
+                      cfg.train.full_epochs)
+    return trainer, flat
+
+
 def write_partition(dataset, cfg: DictConfig, run_dir: Path) -> None:
     """Which users (and how many samples) each node got, so runs can be compared."""
     partition = {"dataset": cfg.dataset.name, "description": dataset.describe(), **dataset.partition(cfg.nodes, cfg.seed)}
     (Path(run_dir) / "partition.json").write_text(json.dumps(partition, indent=1) + "\n")
 
 
-def _task(cfg: DictConfig, task: str) -> Task:
+def build_task(cfg: DictConfig, task: str) -> Task:
     return RatingsTask(cfg.model.regularization) if task == "ratings" else ClassificationTask()
 
 
-def _model_options(cfg: DictConfig) -> dict:
-    return {"embedding_dim": cfg.model.embedding_dim} if cfg.model.name == "mf" else {}
+def _model_options(cfg: DictConfig, data: NodeData) -> dict:
+    if cfg.model.name != "mf":
+        return {}
+    # SPEC §6: the global offset starts from the node's own train mean (no communication).
+    return {"embedding_dim": cfg.model.embedding_dim, "initial_offset": float(data.train[2].double().mean())}
 
 
 def _evaluate(cfg: DictConfig, trainer: Trainer, data: NodeData) -> dict[str, float]:

@@ -57,6 +57,8 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> dict[str, float]: ...
 
+    def no_learning(self, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]) -> dict[str, float]: ...
+
 
 @dataclass
 class RatingsTask:
@@ -91,6 +93,13 @@ class RatingsTask:
             exact += (snapped == rating[part]).sum().item()
         return {"loss": math.sqrt(squared_error / len(rating)), "acc": exact / len(rating)}
 
+    def no_learning(self, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        """What predicting the train mean rating for everything scores on `test`: the line a
+        model that learned nothing about users or items sits on (about 1.04 RMSE on MovieLens)."""
+        mean, rating = train[2].double().mean(), test[2].double()
+        snapped = (mean.clamp(self.min_rating, self.max_rating) * 2).round() / 2
+        return {"loss": (rating - mean).pow(2).mean().sqrt().item(), "acc": (rating == snapped).double().mean().item()}
+
 
 @dataclass
 class ClassificationTask:
@@ -112,6 +121,15 @@ class ClassificationTask:
             total_loss += nn.functional.cross_entropy(logits, labels[part], reduction="sum").item()
             correct += (logits.argmax(dim=1) == labels[part]).sum().item()
         return {"loss": total_loss / len(labels), "acc": correct / len(labels)}
+
+    def no_learning(self, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        """What always answering the train set's most common class scores on `test` (and the
+        cross-entropy of predicting the train class frequencies): a stricter line than chance."""
+        num_classes = int(max(train[1].max(), test[1].max())) + 1
+        frequency = torch.bincount(train[1], minlength=num_classes).double() / len(train[1])
+        labels = test[1]
+        cross_entropy = -frequency.clamp_min(1e-12).log()[labels].mean().item()
+        return {"loss": cross_entropy, "acc": (labels == frequency.argmax()).double().mean().item()}
 
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}

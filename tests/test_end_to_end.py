@@ -91,7 +91,7 @@ def test_real_movielens_run_learns(tmp_path, movielens_csv):
     run_train(tmp_path, "dataset=movielens", f"data_dir={data_dir}", "nodes=8", "rounds=40", "eval.every=10",
               "train.local_steps=20")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["num_parameters"] == (610 + 9724) * 21
+    assert summary["num_parameters"] == (610 + 9724) * 21 + 1  # factors and biases, plus the offset mu
     rmse = [entry["test_loss"]["mean"] for entry in summary["per_round"]]
     assert rmse[-1] < rmse[0]
 
