@@ -181,7 +181,7 @@ def build_task(cfg: DictConfig, task: str) -> Task:
 
 def _model_options(cfg: DictConfig, data: NodeData) -> dict:
     if cfg.model.name != "mf":
-        return {}
+        return {"input_scale": float(cfg.model.input_scale)}
     # SPEC §6: the global offset starts from the node's own train mean (no communication).
     return {"embedding_dim": cfg.model.embedding_dim, "initial_offset": float(data.train[2].double().mean())}
 

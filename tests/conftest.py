@@ -23,6 +23,17 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def no_learning_baseline(tmp_path: Path, *overrides: str) -> dict[str, float]:
+    """What the task of this config scores without learning (global train mean; majority class),
+    on the same split and test set as a run with these overrides: the line a learning test must beat."""
+    from dpsgd.experiment import build_task, prepare_data
+
+    cfg = compose_config(*overrides, f"cache_dir={tmp_path / 'cache'}")
+    dataset = prepare_data(cfg)
+    whole = dataset.node_data(0, 1, cfg.seed, cfg.eval.test_samples)
+    return build_task(cfg, dataset.task).no_learning(whole.train, whole.test)
+
+
 def run_train(tmp_path: Path, *overrides: str, timeout_s: float = RANK_TEST_TIMEOUT_S,
               check: bool = True) -> subprocess.CompletedProcess:
     """`python train.py` in a subprocess with its run directory in tmp_path/run."""

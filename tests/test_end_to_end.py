@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from dpsgd.sharing.wire import HEADER_BYTES
-from tests.conftest import read_jsonl, run_train
+from tests.conftest import no_learning_baseline, read_jsonl, run_train
 
 SMALL_RUN = ("nodes=6", "rounds=30", "eval.every=5", "train.local_steps=20", "log.per_node_tb=true")
 
@@ -61,11 +61,12 @@ def test_summary_aggregates_equal_a_recomputation_from_the_node_logs(small_run):
         assert entry["test_loss"]["std"] == pytest.approx(statistics.pstdev(values))
 
 
-def test_mean_test_rmse_falls(small_run):
+def test_mean_test_rmse_beats_the_global_mean_predictor(small_run, tmp_path):
+    """Learning means beating the line of predicting the mean rating, not merely a falling loss."""
     run_dir, _ = small_run
     per_round = json.loads((run_dir / "summary.json").read_text())["per_round"]
-    first, last = per_round[0]["test_loss"]["mean"], per_round[-1]["test_loss"]["mean"]
-    assert last < 0.8 * first
+    baseline = no_learning_baseline(tmp_path, *SMALL_RUN)["loss"]
+    assert per_round[-1]["test_loss"]["mean"] < baseline - 0.1
 
 
 def _numbers(run_dir, node):
@@ -92,8 +93,9 @@ def test_real_movielens_run_learns(tmp_path, movielens_csv):
               "train.local_steps=20")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_parameters"] == (610 + 9724) * 21 + 1  # factors and biases, plus the offset mu
-    rmse = [entry["test_loss"]["mean"] for entry in summary["per_round"]]
-    assert rmse[-1] < rmse[0]
+    baseline = no_learning_baseline(tmp_path, "dataset=movielens", f"data_dir={data_dir}")["loss"]
+    assert 1.0 < baseline < 1.1  # about 1.04 on this split (SPEC §6)
+    assert summary["final"]["test_loss"]["mean"] < baseline - 0.05
 
 
 @pytest.mark.parametrize("overrides,named", [
