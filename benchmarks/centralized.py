@@ -46,7 +46,7 @@ def main() -> None:
     trainer, _ = build_trainer(cfg, dataset, data, rank=0)
     baseline = trainer.task.no_learning(data.train, data.test)
     print(f"{cfg.dataset.name}: {dataset.describe()}; no-learning baseline {baseline}", flush=True)
-    trainer.steps_per_round = args.every
+    trainer.steps_per_round = args.every  # one "round" = the steps between two evaluations
     out = open(args.out, "a") if args.out else None
     start = time.perf_counter()
     for done in range(args.every, args.steps + 1, args.every):

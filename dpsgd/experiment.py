@@ -176,12 +176,13 @@ def write_partition(dataset, cfg: DictConfig, run_dir: Path) -> None:
 
 
 def build_task(cfg: DictConfig, task: str) -> Task:
+    """What a node minimises and how it is judged: rating prediction or classification."""
     return RatingsTask(cfg.model.regularization) if task == "ratings" else ClassificationTask()
 
 
 def _model_options(cfg: DictConfig, data: NodeData) -> dict:
     if cfg.model.name != "mf":
-        return {"input_scale": float(cfg.model.input_scale)}
+        return {"input_scale": float(OmegaConf.select(cfg, "model.input_scale", default=1.0))}
     # SPEC §6: the global offset starts from the node's own train mean (no communication).
     return {"embedding_dim": cfg.model.embedding_dim, "initial_offset": float(data.train[2].double().mean())}
 
