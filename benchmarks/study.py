@@ -47,7 +47,6 @@ class Row:
     study: float | None    # what the study reported (RMSE, or accuracy in %)
     study_rounds: int      # the study's round budget (RWM's reported round can be lower: rounds_min)
     nodes: int             # default scale on one 2-core machine (the study: 96)
-    overrides: tuple[str, ...] = ()
 
     @property
     def dataset(self) -> str:
@@ -74,7 +73,7 @@ def overrides_for(row: Row, args: argparse.Namespace) -> list[str]:
     """The train.py command line of a row at the requested scale."""
     return [f"experiment={row.preset}", f"algorithm={row.algorithm}", f"sharing={row.sharing}",
             f"alpha={row.alpha}", f"nodes={args.nodes or row.nodes}", f"rounds={args.rounds or row.study_rounds}",
-            f"data_dir={args.data_dir}", "log.progress=false", *row.overrides, *args.extra]
+            f"data_dir={args.data_dir}", "log.progress=false", *args.extra]
 
 
 def run_row(row: Row, args: argparse.Namespace) -> Path:
@@ -91,15 +90,13 @@ def no_learning_baseline(row: Row, data_dir: str) -> float:
     """The row's task scored without learning (global train mean; majority class), on the same split."""
     from hydra import compose, initialize_config_dir
 
-    from dpsgd.experiment import build_task, prepare_data
+    from dpsgd.experiment import no_learning_baseline as baseline
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=[f"experiment={row.preset}", f"data_dir={data_dir}",
                                                        "nodes=1", "eval.test_samples=null"])
-    dataset = prepare_data(cfg)
-    whole = dataset.node_data(0, 1, cfg.seed, None)
-    score = build_task(cfg, dataset.task).no_learning(whole.train, whole.test)
-    return score["loss"] if dataset.task == "ratings" else 100 * score["acc"]
+    score = baseline(cfg)
+    return score["loss"] if row.dataset == "movielens" else 100 * score["acc"]
 
 
 def result_line(row: Row, run_dir: Path, baseline: float, commit: str) -> dict:

@@ -175,6 +175,14 @@ def write_partition(dataset, cfg: DictConfig, run_dir: Path) -> None:
     (Path(run_dir) / "partition.json").write_text(json.dumps(partition, indent=1) + "\n")
 
 
+def no_learning_baseline(cfg: DictConfig) -> dict[str, float]:
+    """What the config's task scores without learning (global train mean; majority class) on the
+    whole train split and the test set a run evaluates: the line a learning result must beat."""
+    dataset = prepare_data(cfg)
+    whole = dataset.node_data(0, 1, cfg.seed, cfg.eval.test_samples)
+    return build_task(cfg, dataset.task).no_learning(whole.train, whole.test)
+
+
 def build_task(cfg: DictConfig, task: str) -> Task:
     """What a node minimises and how it is judged: rating prediction or classification."""
     return RatingsTask(cfg.model.regularization) if task == "ratings" else ClassificationTask()

@@ -26,12 +26,9 @@ def compose_config(*overrides: str):
 def no_learning_baseline(tmp_path: Path, *overrides: str) -> dict[str, float]:
     """What the task of this config scores without learning (global train mean; majority class),
     on the same split and test set as a run with these overrides: the line a learning test must beat."""
-    from dpsgd.experiment import build_task, prepare_data
+    from dpsgd.experiment import no_learning_baseline as baseline
 
-    cfg = compose_config(*overrides, f"cache_dir={tmp_path / 'cache'}")
-    dataset = prepare_data(cfg)
-    whole = dataset.node_data(0, 1, cfg.seed, cfg.eval.test_samples)
-    return build_task(cfg, dataset.task).no_learning(whole.train, whole.test)
+    return baseline(compose_config(*overrides, f"cache_dir={tmp_path / 'cache'}"))
 
 
 def run_train(tmp_path: Path, *overrides: str, timeout_s: float = RANK_TEST_TIMEOUT_S,
