@@ -229,3 +229,28 @@ def test_an_optimizer_built_from_the_config_matches_its_keys():
     model = torch.nn.Linear(2, 1)
     optimizer = build_optimizer("sgd", model.parameters(), lr=0.3, momentum=0.5, weight_decay=0.0)
     assert optimizer.param_groups[0]["lr"] == 0.3 and optimizer.param_groups[0]["momentum"] == 0.5
+
+
+def _adam_reference(start: np.ndarray, gradients: list[np.ndarray], lr: float, betas=(0.9, 0.999),
+                    eps: float = 1e-8) -> np.ndarray:
+    """Adam (Kingma & Ba, with bias correction) in float64 numpy."""
+    p, m, v = start.astype(np.float64), np.zeros_like(start, np.float64), np.zeros_like(start, np.float64)
+    for t, g in enumerate(gradients, start=1):
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p = p - lr * (m / (1 - betas[0] ** t)) / (np.sqrt(v / (1 - betas[1] ** t)) + eps)
+    return p
+
+
+def test_adam_as_built_is_fused_and_matches_a_float64_reference_with_sparse_gradients():
+    # MF gradients are zero outside the batch's rows; Adam must still move those coordinates.
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=50).astype(np.float32)
+    gradients = [np.where(rng.random(50) < 0.2, rng.normal(size=50), 0.0).astype(np.float32) for _ in range(30)]
+    weights = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    optimizer = build_optimizer("adam", [weights], lr=0.01)
+    assert optimizer.param_groups[0]["fused"] is True
+    for g in gradients:
+        weights.grad = torch.from_numpy(g)
+        optimizer.step()
+    np.testing.assert_allclose(weights.detach().numpy(), _adam_reference(start, gradients, 0.01), atol=1e-5)
