@@ -362,7 +362,7 @@ def test_movielens_malformed_row_names_file_and_line(tmp_path):
 def test_movielens_unwritable_cache_is_a_config_error(tmp_path, monkeypatch):
     csv = _write_csv(tmp_path / "ratings.csv", ["1,1,4.0,1"])
 
-    def denied(target, build):  # what mkdir or mkdtemp raise on a read-only folder
+    def denied(target, build, **_):  # what mkdir or mkdtemp raise on a read-only folder
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(ratings, "build_once", denied)

@@ -12,9 +12,10 @@ are often incomplete.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
@@ -120,6 +121,9 @@ def _load_json(path: Path) -> dict:
                                f"column {error.colno})") from None
     except UnicodeDecodeError:
         raise _bad_shard(path, "not UTF-8 text") from None
+    except OSError as error:  # else a PermissionError here would read as an unwritable cache
+        raise ConfigError(f"Cannot read the LEAF file {path} ({error.strerror}). Make it "
+                          "readable by the user that runs dpsgd.") from None
     if not isinstance(data, dict):
         raise _bad_shard(path, "the top level is not a JSON object")
     missing = [key for key in ("users", "num_samples", "user_data") if key not in data]
@@ -198,9 +202,9 @@ def _offsets(counts: list[int]) -> np.ndarray:
 
 
 def _build_cached(target: Path, build: Callable[[Path], None], cache_dir: Path,
-                  dataset: str) -> None:
+                  dataset: str, num_classes: int) -> None:
     try:
-        build_once(target, build)
+        build_once(target, build, check=lambda d: _check_cache(d, num_classes))
     except PermissionError as error:
         # The data folder is often read-only and shared; the cache must live elsewhere.
         raise ConfigError(
@@ -214,6 +218,41 @@ def _save_index(directory: Path, users: dict[str, list[str]], report: dict) -> N
     """Users per split and the report (with any extras), next to the .npy arrays."""
     (directory / "users.json").write_text(json.dumps(users))
     (directory / "report.json").write_text(json.dumps(report))
+
+
+def _check_cache(directory: Path, num_classes: int) -> str | None:
+    """What makes a cached LEAF data set unusable, or None. Reads the index arrays and
+    labels, never the images: offsets that do not cover the rows exactly would otherwise
+    show up only mid-run, as a wrong slice or an IndexError in some rank."""
+    arrays = load_arrays(directory, _ARRAYS)
+    users = json.loads((directory / "users.json").read_text())
+    report = json.loads((directory / "report.json").read_text())
+    for split in _SPLITS:
+        problem = _split_problem(split, arrays, users[split], report, num_classes)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _split_problem(split: str, arrays: dict, users: list, report: dict, num_classes: int
+                   ) -> str | None:
+    """The first broken rule of one split, or None; cheapest rules first."""
+    images, labels, offsets = (arrays[f"{split}_{kind}"] for kind in ("images", "labels",
+                                                                       "offsets"))
+    if not isinstance(users, list) or offsets.shape != (len(users) + 1,):
+        return (f"{split}_offsets.npy has shape {offsets.shape}, but users.json lists "
+                f"{len(users)} {split} users (it needs one more entry than users)")
+    if offsets[0] != 0 or np.any(offsets[1:] < offsets[:-1]):
+        return f"{split}_offsets.npy does not rise from 0"
+    if labels.ndim != 1 or not int(offsets[-1]) == len(labels) == len(images):
+        return (f"{split}_offsets.npy ends at {offsets[-1]}, but {split}_labels.npy and "
+                f"{split}_images.npy hold {len(labels)} and {len(images)} rows")
+    if report.get(f"{split}_samples") != len(labels):
+        return (f"report.json says {report.get(f'{split}_samples')} {split} samples, but "
+                f"{split}_labels.npy holds {len(labels)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        return f"{split}_labels.npy has labels outside 0..{num_classes - 1}"
+    return None
 
 
 def _load_cached(target: Path) -> tuple[LeafSplit, LeafSplit, LoadReport, dict]:
@@ -287,12 +326,28 @@ def load_femnist(train_dir: Path, test_dir: Path, cache_dir: Path
     test_files = _leaf_files(Path(test_dir), "FEMNIST", "test")
     target = cache_path(cache_dir, "femnist", train_files + test_files)
     _build_cached(target, lambda d: _build_femnist_cache(train_files, test_files, d),
-                  Path(cache_dir), "FEMNIST")
+                  Path(cache_dir), "FEMNIST", FEMNIST_CLASSES)
     train, test, report, _ = _load_cached(target)
     return train, test, report
 
 
 # ---------------------------------------------------------------- CelebA
+
+
+def _check_image_name(path: Path, user: str, name: str, images_dir: Path) -> None:
+    """Refuse a name that would read a file outside `images_dir`.
+
+    Names come from the JSON and are joined onto the folder, so "/etc/passwd" or
+    "../../x.jpg" would reach anywhere the user can read. The check is on the name
+    itself, not on symlinks inside the folder: those were put there by whoever set
+    the folder up, and a folder of links to a shared image store is a fair layout.
+    """
+    root = os.path.abspath(images_dir)
+    inside = os.path.normpath(os.path.join(root, name)).startswith(root + os.sep)
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts or "\0" in name or not inside:
+        raise _bad_shard(path, f"the image name {name!r} is not a file name inside the images "
+                               f"folder {images_dir} (absolute names and '..' are refused)", user)
 
 
 def _resolve_image(images_dir: Path, name: str) -> Path | None:
@@ -329,6 +384,8 @@ def _parse_celeba_split(files: list[Path], images_dir: Path) -> list[_CelebaUser
     for path, user, x, y in _read_split(files):
         if not all(isinstance(name, str) and name for name in x):
             raise _bad_shard(path, "x must be image file names like \"000001.jpg\"", user)
+        for name in x:
+            _check_image_name(path, user, name, images_dir)
         labels = _labels(path, user, y, CELEBA_CLASSES)
         users.append(_CelebaUser(user, x, [_resolve_image(images_dir, n) for n in x], labels))
     return users
@@ -434,7 +491,7 @@ def load_celeba(train_dir: Path, test_dir: Path, images_dir: Path, cache_dir: Pa
     _build_cached(
         target,
         lambda d: _build_celeba_cache(train_files, test_files, images_dir, image_size, strict, d),
-        Path(cache_dir), "CelebA",
+        Path(cache_dir), "CelebA", CELEBA_CLASSES,
     )
     train, test, report, stored = _load_cached(target)
     if strict and report.dropped_users:  # a cache built earlier without strict

@@ -5,6 +5,7 @@ are one contiguous slice. Each node then calls `split_node_ratings` for its own 
 the split of a user depends only on (seed, user), never on which node owns it.
 """
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,10 +211,39 @@ def _malformed(path: Path, line_number: int, text: str, why: str) -> ConfigError
     )
 
 
+def _read_lines(path: Path) -> tuple[list[str], bool]:
+    """The file's lines, and whether it ends with a line break (a complete file does)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(
+            f"Cannot read the MovieLens ratings {path} ({error.strerror}). Make the file "
+            "readable by the user that runs dpsgd, or point `dataset.path` at a readable copy."
+        ) from None
+    try:
+        # utf-8-sig drops a byte-order mark; splitlines handles both LF and CRLF files.
+        lines = raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        line_number = raw[:error.start].count(b"\n") + 1
+        raise _malformed(path, line_number, "", "the file is not UTF-8 text") from None
+    return lines, raw.endswith((b"\n", b"\r"))
+
+
+def _warn_maybe_truncated(path: Path, line_number: int, text: str) -> None:
+    """Say so when the last row has no line break: a cut-off copy ends that way, and a row
+    cut inside its last field (a shorter timestamp) still parses, so nothing else notices."""
+    print(
+        f"[dpsgd] warning: {path}, line {line_number}: the file does not end with a newline, "
+        f"so it may be truncated (the last line reads {text[:80]!r} and was kept). If the "
+        f"download or copy was interrupted, restore ratings.csv from {MOVIELENS_URL} "
+        "(ml-latest-small.zip).",
+        file=sys.stderr, flush=True,
+    )
+
+
 def _parse_ratings_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read (userId, movieId, rating) columns of a GroupLens ratings.csv, checking rows."""
-    # splitlines handles both LF and CRLF files; utf-8-sig drops a byte-order mark.
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines, ends_with_newline = _read_lines(path)
     if not lines or lines[0].strip() != MOVIELENS_HEADER:
         raise _malformed(path, 1, lines[0] if lines else "", "unexpected header")
     user_ids, movie_ids, ratings = [], [], []
@@ -224,7 +254,9 @@ def _parse_ratings_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if len(fields) != 4:
             raise _malformed(path, line_number, text, f"expected 4 fields, got {len(fields)}")
         try:
-            user_id, movie_id, rating = int(fields[0]), int(fields[1]), float(fields[2])
+            # The timestamp is not used, but a row cut short can leave it empty.
+            user_id, movie_id, rating, _ = (int(fields[0]), int(fields[1]), float(fields[2]),
+                                            int(fields[3]))
         except ValueError:
             raise _malformed(path, line_number, text, "a field is not a number") from None
         if not MIN_RATING <= rating <= MAX_RATING:
@@ -236,6 +268,8 @@ def _parse_ratings_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ratings.append(rating)
     if not ratings:
         raise _malformed(path, 1, lines[0], "the file has a header but no ratings")
+    if not ends_with_newline:
+        _warn_maybe_truncated(path, len(lines), lines[-1])
     return (
         np.array(user_ids, dtype=np.int64),
         np.array(movie_ids, dtype=np.int64),
@@ -262,11 +296,36 @@ def _build_movielens_cache(ratings_csv: Path, directory: Path) -> None:
         np.save(directory / f"{name}.npy", array)
 
 
+def _check_movielens_cache(directory: Path) -> str | None:
+    """What makes a cached MovieLens table unusable, or None: ids beyond `sizes.npy` would
+    only show as an IndexError in every rank mid-run, so they are caught at open instead."""
+    arrays = load_arrays(directory, _MOVIELENS_ARRAYS)
+    user, item, rating, sizes = (arrays[name] for name in ("user", "item", "rating", "sizes"))
+    if sizes.shape != (2,):
+        return f"sizes.npy has shape {sizes.shape}, not (2,) for [users, items]"
+    num_users, num_items = int(sizes[0]), int(sizes[1])
+    if not len(user) == len(item) == len(rating) > 0:
+        return (f"user.npy, item.npy and rating.npy hold {len(user)}, {len(item)} and "
+                f"{len(rating)} rows; they must be equal and not zero")
+    if np.any(user[1:] < user[:-1]):
+        return "user.npy is not sorted"
+    if user[0] < 0 or user[-1] >= num_users:
+        return f"sizes.npy says {num_users} users, but user.npy has ids {user[0]}..{user[-1]}"
+    if item.min() < 0 or item.max() >= num_items:
+        return (f"sizes.npy says {num_items} items, but item.npy has ids "
+                f"{item.min()}..{item.max()}")
+    if (len(arrays["user_ids"]), len(arrays["movie_ids"])) != (num_users, num_items):
+        return (f"sizes.npy says {num_users} users and {num_items} items, but user_ids.npy "
+                f"and movie_ids.npy hold {len(arrays['user_ids'])} and {len(arrays['movie_ids'])}")
+    return None
+
+
 def load_movielens(ratings_csv: str | Path, cache_dir: str | Path) -> RatingsTable:
     """The GroupLens ml-latest-small ratings, parsed once into a cache and memory-mapped.
 
     The first caller on a machine parses the CSV into `cache_dir`; every later caller
-    (other ranks, later runs) memory-maps the cached arrays without reading the CSV.
+    (other ranks, later runs) memory-maps the cached arrays without reading the CSV, once
+    the cache passes its checks (a damaged cache is parsed again).
     """
     ratings_csv = Path(ratings_csv)
     if not ratings_csv.is_file():
@@ -278,7 +337,8 @@ def load_movielens(ratings_csv: str | Path, cache_dir: str | Path) -> RatingsTab
         )
     target = cache_path(cache_dir, "movielens", [ratings_csv])
     try:
-        build_once(target, lambda directory: _build_movielens_cache(ratings_csv, directory))
+        build_once(target, lambda directory: _build_movielens_cache(ratings_csv, directory),
+                   check=_check_movielens_cache)
     except PermissionError as error:
         # The data folder is often read-only and shared; the cache must live elsewhere.
         raise ConfigError(
