@@ -9,6 +9,7 @@ so a run has exactly one directory, and only rank 0 keeps Hydra's own logs.
 import torch  # noqa: F401  (first: forked ranks share the imported pages)
 
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dpsgd import launch
 from dpsgd.checkpoint import check_resumable
-from dpsgd.errors import ConfigError, NodeFailure
+from dpsgd import run_folder
+from dpsgd.errors import ConfigError, Interrupted, NodeFailure, raise_interrupted
 from dpsgd.experiment import check_config, prepare_data, run_node
 
 START_TIME_KEY = "dpsgd/start_time"
@@ -37,22 +40,30 @@ def task(cfg: DictConfig) -> None:
 
 
 def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path) -> None:
+    signal.signal(signal.SIGTERM, raise_interrupted)  # torchrun forwards the user's signal to every rank
     try:
         run_node(cfg, ctx, run_dir)
     except ConfigError as error:
-        _exit(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0)
+        _exit(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0 or error.rank_specific)
     except NodeFailure as error:
         _exit(str(error), launch.EXIT_NODE_FAILURE, hard=True)
+    except (KeyboardInterrupt, Interrupted) as stop:
+        stop = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
+        _exit(_stopped_line(stop, cfg, run_dir), stop.exit_code, show=ctx.rank == 0, hard=True)
 
 
 def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
     try:
+        if HydraConfig.get().mode == RunMode.MULTIRUN and not cfg.resume:
+            run_folder.claim(run_dir)  # a single run's folder was claimed by the Hydra callback
         check_config(cfg, cfg.nodes)
         if cfg.resume:
             check_resumable(cfg, run_dir, all_nodes_local=True)
         dataset = prepare_data(cfg)  # before forking: ranks inherit or memory-map it
         dataset.partition(cfg.nodes, cfg.seed)  # too few users for the nodes is a user error, found here
     except ConfigError as error:
+        if not cfg.resume:
+            run_folder.release(run_dir)  # nothing was written: the same folder may be used again
         _exit(str(error), launch.EXIT_CONFIG_ERROR)
     print(f"[dpsgd] {cfg.dataset.name}: {dataset.describe()}", flush=True)
     print(f"[dpsgd] {cfg.nodes} nodes on this machine, results in {run_dir}", flush=True)
@@ -62,6 +73,14 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
     except launch.RankFailure as failure:
         details = failure.errors.get(failure.first_failed, "")
         _exit(f"{failure}\n{details}" if "crashed" in details else str(failure), launch.EXIT_NODE_FAILURE)
+    except Interrupted as stop:  # spawn has stopped every rank
+        _exit(_stopped_line(stop, cfg, run_dir), stop.exit_code)
+
+
+def _stopped_line(stop: Interrupted, cfg: DictConfig, run_dir: Path) -> str:
+    """One line: what stopped the run, how far it got, and the command that continues it."""
+    how = "Ctrl-C" if stop.signal_number == signal.SIGINT else str(stop)
+    return f"stopped by {how}: {run_folder.resume_hint(run_dir, cfg.nodes, sys.argv[1:])}"
 
 
 def _exit(message: str, code: int, show: bool = True, hard: bool = False) -> None:

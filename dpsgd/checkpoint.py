@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -26,10 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpsgd.communication import ByteCounters
 from dpsgd.errors import ConfigError
-from dpsgd.node import Node
+
+if TYPE_CHECKING:
+    from dpsgd.node import Node
 
 KEEP = 2
 SAVED_KEY = "checkpoint/latest"
+# What every checkpoint this library writes holds; anything else is not one of ours.
+STATE_KEYS = frozenset({"round", "elapsed_s", "flat", "optimizer", "batches", "sharing", "bytes", "rng", "algorithm"})
 # Top-level keys that may differ between a run and its resumption: none changes the numbers.
 RESUMABLE_CHANGES = {"resume", "rounds", "checkpoint", "log", "comm", "cache_dir", "threads_per_rank"}
 
@@ -39,64 +43,111 @@ def checkpoint_dir(run_dir: Path, node: int) -> Path:
 
 
 def saved_rounds(run_dir: Path, node: int) -> list[int]:
+    """Rounds with a checkpoint file `<round>.pt`; other files in the folder are not ours and are ignored."""
     directory = checkpoint_dir(run_dir, node)
-    return sorted(int(p.stem) for p in directory.glob("*.pt")) if directory.exists() else []
+    if not directory.exists():
+        return []
+    return sorted(int(p.stem) for p in directory.glob("*.pt") if p.stem.isdigit())
 
 
-def discard(run_dir: Path, node: int) -> None:
-    """A new run in an old directory must not leave the old run's checkpoints to be resumed."""
-    shutil.rmtree(checkpoint_dir(run_dir, node), ignore_errors=True)
+class Checkpoints:
+    """One node's checkpoints: save every `every` rounds, agree on where to resume, restore, prune.
 
-
-def save(node: Node, run_dir: Path, round_number: int, elapsed_s: float, algorithm_state: dict,
-         store: dist.Store, world_size: int) -> None:
-    """Write this node's state after `round_number`, then prune what no resume can need.
-
-    Nodes drift apart in rounds (RWM without bound), so a node keeps every checkpoint
-    from the slowest node's latest saved round on: that round is the one a resume
-    would pick. Checkpoints fall on multiples of checkpoint.every, the same for all.
+    The only component that reads or writes `<run>/checkpoints/<node>/`.
     """
-    directory = checkpoint_dir(run_dir, node.rank)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "round": round_number, "elapsed_s": elapsed_s, "flat": node.flat.clone(),
-        "optimizer": node.trainer.optimizer.state_dict(), "batches": node.trainer.batches.state_dict(),
-        "sharing": node.sharing.state_dict(), "bytes": asdict(node.link.bytes),
-        "rng": node.rng.bit_generator.state, "algorithm": algorithm_state,
-    }
-    temporary = directory / f".{round_number}.pt.tmp"
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())  # the rename must never expose a torn file, even after an OS crash
-    os.replace(temporary, directory / f"{round_number}.pt")
-    store.set(f"{SAVED_KEY}/{node.rank}", str(round_number))
-    keys = [f"{SAVED_KEY}/{rank}" for rank in range(world_size)]
-    slowest = min(int(raw) for raw in store.multi_get(keys)) if store.check(keys) else 0
-    for old in saved_rounds(run_dir, node.rank)[:-KEEP]:
-        if old < slowest:
-            (directory / f"{old}.pt").unlink(missing_ok=True)
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, every: int, store: dist.Store):
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.world_size = world_size
+        self.every = every
+        self.store = store
+        self.directory = checkpoint_dir(run_dir, rank)
+
+    def start_round(self, resume: bool, timeout_s: float) -> int:
+        """0 for a fresh run; on resume, the latest round every node saved (all nodes agree)."""
+        if not resume:
+            return 0
+        self.store.set(f"resume/{self.rank}", json.dumps(saved_rounds(self.run_dir, self.rank)))
+        keys = [f"resume/{node}" for node in range(self.world_size)]
+        self.store.wait(keys, timedelta(seconds=timeout_s))
+        return latest_common_round([json.loads(raw) for raw in self.store.multi_get(keys)], self.run_dir)
+
+    def after_round(self, node: "Node", round_number: int, algorithm_state: dict) -> None:
+        if self.every and round_number % self.every == 0:
+            self.save(node, round_number, node.recorder.elapsed_s(), algorithm_state)
+
+    def save(self, node: "Node", round_number: int, elapsed_s: float, algorithm_state: dict) -> None:
+        """Write this node's state after `round_number`, then prune what no resume can need.
+
+        Nodes drift apart in rounds (RWM without bound), so a node keeps every checkpoint
+        from the slowest node's latest saved round on: that round is the one a resume
+        would pick. Checkpoints fall on multiples of checkpoint.every, the same for all.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            "round": round_number, "elapsed_s": elapsed_s, "flat": node.flat.clone(),
+            "optimizer": node.trainer.optimizer.state_dict(), "batches": node.trainer.batches.state_dict(),
+            "sharing": node.sharing.state_dict(), "bytes": asdict(node.link.bytes),
+            "rng": node.rng.bit_generator.state, "algorithm": algorithm_state,
+        }
+        temporary = self.directory / f".{round_number}.pt.tmp"
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())  # the rename must never expose a torn file, even after an OS crash
+        os.replace(temporary, self.directory / f"{round_number}.pt")
+        self._prune(round_number)
+
+    def restore(self, node: "Node", round_number: int) -> tuple[float, dict | None]:
+        """Load the state saved after `round_number` into `node`; return (elapsed_s, algorithm state)."""
+        if not round_number:
+            return 0.0, None
+        state = load_checkpoint(self.directory / f"{round_number}.pt", node.flat.numel())
+        node.flat.copy_(state["flat"])
+        node.trainer.optimizer.load_state_dict(state["optimizer"])
+        node.trainer.batches.load_state_dict(state["batches"])
+        node.sharing.load_state_dict(state["sharing"])
+        for name, value in asdict(ByteCounters(**state["bytes"])).items():
+            setattr(node.link.bytes, name, value)
+        node.rng.bit_generator.state = state["rng"]
+        return state["elapsed_s"], state["algorithm"]
+
+    def _prune(self, round_number: int) -> None:
+        self.store.set(f"{SAVED_KEY}/{self.rank}", str(round_number))
+        keys = [f"{SAVED_KEY}/{rank}" for rank in range(self.world_size)]
+        slowest = min(int(raw) for raw in self.store.multi_get(keys)) if self.store.check(keys) else 0
+        for old in saved_rounds(self.run_dir, self.rank)[:-KEEP]:
+            if old < slowest:
+                (self.directory / f"{old}.pt").unlink(missing_ok=True)
 
 
-def restore(node: Node, run_dir: Path, round_number: int) -> tuple[float, dict]:
-    """Load the node's state saved after `round_number`; return (elapsed_s, algorithm state)."""
-    state = torch.load(checkpoint_dir(run_dir, node.rank) / f"{round_number}.pt", weights_only=False)
-    node.flat.copy_(state["flat"])
-    node.trainer.optimizer.load_state_dict(state["optimizer"])
-    node.trainer.batches.load_state_dict(state["batches"])
-    node.sharing.load_state_dict(state["sharing"])
-    for name, value in asdict(ByteCounters(**state["bytes"])).items():
-        setattr(node.link.bytes, name, value)
-    node.rng.bit_generator.state = state["rng"]
-    return state["elapsed_s"], state["algorithm"]
+def load_checkpoint(path: Path, numel: int | None = None) -> dict:
+    """A checkpoint written by this library, or a ConfigError naming the file.
+
+    `weights_only=True`: unpickling runs no code, so a tampered file cannot act on resume.
+    """
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncation, foreign pickles and I/O fail in many ways
+        raise _unusable(path, f"it cannot be read safely: {type(error).__name__}: "
+                              f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'}") from None
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+        raise _unusable(path, "it is not a dpsgd checkpoint (its keys differ)")
+    flat = state["flat"]
+    if not isinstance(flat, torch.Tensor) or (numel is not None and flat.numel() != numel):
+        raise _unusable(path, f"its model vector does not have this model's {numel} parameters")
+    if not isinstance(state["bytes"], dict) or set(state["bytes"]) != {f.name for f in fields(ByteCounters)}:
+        raise _unusable(path, "its byte counters are not this version's (it was written by an older dpsgd)")
+    if str(state["round"]) != Path(path).stem:
+        raise _unusable(path, f"it holds round {state['round']}, not the round its name says")
+    return state
 
 
-def agree_on_resume_round(store: dist.Store, rank: int, world_size: int, run_dir: Path, timeout_s: float) -> int:
-    """The latest round every node has a checkpoint for (all nodes compute the same answer)."""
-    store.set(f"resume/{rank}", json.dumps(saved_rounds(run_dir, rank)))
-    keys = [f"resume/{node}" for node in range(world_size)]
-    store.wait(keys, timedelta(seconds=timeout_s))
-    return latest_common_round([json.loads(raw) for raw in store.multi_get(keys)], run_dir)
+def _unusable(path: Path, why: str) -> ConfigError:
+    return ConfigError(f"The checkpoint {path} cannot be resumed from: {why}. It may be truncated or not "
+                       f"written by dpsgd. Delete it (the run then resumes from an earlier round every node "
+                       f"saved, if any) or start a new run without resume=true.", rank_specific=True)
 
 
 def check_rounds(rounds: int, start_round: int) -> None:
@@ -135,7 +186,9 @@ def check_resumable(cfg: DictConfig, run_dir: Path, all_nodes_local: bool = Fals
                           f"{', '.join(changed)}. Resume with the run's own settings (only rounds, checkpoint.*, "
                           "log.* and comm.* may change).")
     if all_nodes_local:
-        latest_common_round([saved_rounds(run_dir, node) for node in range(cfg.nodes)], run_dir)
+        round_number = latest_common_round([saved_rounds(run_dir, node) for node in range(cfg.nodes)], run_dir)
+        for node in range(cfg.nodes):  # found here, before any rank starts, a bad file is one clear paragraph
+            load_checkpoint(checkpoint_dir(run_dir, node) / f"{round_number}.pt")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -5,6 +5,11 @@ wait on sends; every posted operation is waited on; each pair has at most one he
 one values and one index transfer in flight per direction, told apart by tag; every
 wait has a bound, and a bound that expires is a verdict that the peer is gone (gloo
 closes the pair), so it ends the run with the peer's name rather than a retry.
+
+A peer's header is checked (`wire.check_header`, then the sharing method's own check)
+before anything is allocated or received on its word: sizes beyond what the model
+allows, a degree other than the sender's in the topology, or a round out of order end
+the run with a NodeFailure naming the sender, like a peer that died.
 """
 
 from __future__ import annotations
@@ -14,18 +19,22 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from dpsgd.errors import NodeFailure
-from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE,
-                                Encoding, Message, parse_header)
+from dpsgd.liveness import Liveness
+from dpsgd.sharing.wire import (HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE, Encoding, Message,
+                                check_header, check_index, declared_bytes, parse_header)
 
 HEADER_TAG, VALUES_TAG, INDEX_TAG = 1, 2, 3
 FAILURE_KEY = "failure/first"
 # Waits that must not expire (a gloo timeout closes the pair): peers' deaths still end them.
 NO_BOUND = timedelta(days=365)
+# A sharing method's own check of a header that passed wire.check_header: the reason it is wrong, or None.
+HeaderCheck = Callable[[dict[str, int]], "str | None"]
 
 
 @dataclass
@@ -34,15 +43,26 @@ class ByteCounters:
 
     sent_data: int = 0
     sent_meta: int = 0
-    recv: int = 0
+    recv_data: int = 0
+    recv_meta: int = 0
 
     @property
     def sent(self) -> int:
         return self.sent_data + self.sent_meta
 
+    @property
+    def recv(self) -> int:
+        return self.recv_data + self.recv_meta
+
     def count_sent(self, message: Message) -> None:
         self.sent_data += message.data_bytes
         self.sent_meta += message.meta_bytes
+
+    def count_received(self, fields: dict[str, int]) -> None:
+        """A message received in full, counted by the sizes its checked header declared."""
+        data_bytes, meta_bytes = declared_bytes(fields)
+        self.recv_data += data_bytes
+        self.recv_meta += meta_bytes
 
 
 @dataclass
@@ -81,10 +101,14 @@ class FailureBoard:
                            failed_node=int(failed_node))
 
 
+def is_timeout(error: Exception) -> bool:
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
+
+
 def describe_peer_error(peer: int, error: Exception, timeout_s: float) -> str:
     """What a failed gloo operation says about the peer: silent too long, or gone."""
-    text = str(error).lower()
-    if "timed out" in text or "timeout" in text:
+    if is_timeout(error):
         return f"neighbour {peer} did not answer within comm.timeout_s={timeout_s:g} s"
     return f"the connection to neighbour {peer} closed (its process stopped)"
 
@@ -100,30 +124,81 @@ def wire_parts(message: Message, header: torch.Tensor) -> list[tuple[torch.Tenso
 
 
 class _Link:
-    """What both transports share: who this node talks to, its byte counts, and failure naming."""
+    """What both transports share: who this node talks to, what it accepts from them, byte counts,
+    and failure naming.
 
-    def __init__(self, rank: int, neighbours: list[int], timeout_s: float, failures: FailureBoard):
+    `numel` is the model's size, which bounds every message; `peer_degrees` maps each
+    neighbour to its degree in the topology (None: degrees are not checked);
+    `header_check` is the sharing method's own check of a header (e.g. sub-sampling's
+    value count against the mask its seed draws).
+    """
+
+    def __init__(self, rank: int, neighbours: list[int], numel: int, timeout_s: float, failures: FailureBoard,
+                 peer_degrees: dict[int, int] | None = None, header_check: HeaderCheck | None = None,
+                 liveness: Liveness | None = None):
         self.rank = rank
+        self.liveness = liveness  # names the node that stalled when a wait expires (None: the peer)
         self.neighbours = list(neighbours)
+        self.numel = numel
         self.timeout_s = timeout_s
         self.failures = failures
         self.bytes = ByteCounters()
+        if peer_degrees is not None and not set(self.neighbours) <= set(peer_degrees):
+            raise ValueError(f"peer_degrees={peer_degrees} lacks neighbours "
+                             f"{sorted(set(self.neighbours) - set(peer_degrees))} of node {rank}")
+        self.peer_degrees = peer_degrees
+        self.header_check = header_check
 
     def _failure(self, peer: int, error: Exception, where: str) -> NodeFailure:
-        """The NodeFailure for a failed gloo operation on the pair with `peer`."""
-        seen = describe_peer_error(peer, error, self.timeout_s)
-        return self.failures.failure(self.rank, peer, f"{seen} ({where})")
+        """The NodeFailure for a failed gloo operation on the pair with `peer`.
+
+        Neither an expired wait nor a closed connection says who stalled first: a peer
+        closes its pairs when its own wait expires, because someone upstream of it stalled.
+        The heartbeats name the node that stopped or is far too slow (`dpsgd.liveness`).
+        """
+        seen = f"{describe_peer_error(peer, error, self.timeout_s)} ({where})"
+        if self.liveness is not None:
+            verdict = self.liveness.suspect(waited_for=peer)
+            if verdict.found:
+                peer, seen = verdict.node, f"{verdict.why}; node {self.rank} saw: {seen}"
+        return self._stop(peer, seen)
+
+    def _stop(self, culprit: int, seen: str) -> NodeFailure:
+        """Record the failure (first writer wins), and say this node leaves on purpose."""
+        failure = self.failures.failure(self.rank, culprit, seen)
+        if self.liveness is not None:
+            self.liveness.end("failed")
+        return failure
+
+    def _check_header(self, peer: int, fields: dict[str, int], **round_rule) -> None:
+        """Raise the NodeFailure naming `peer` unless its header can come from a correct node."""
+        expected_degree = None if self.peer_degrees is None else self.peer_degrees[peer]
+        problem = check_header(fields, self.numel, expected_degree, **round_rule)
+        if problem is None and self.header_check is not None and fields["encoding"] != Encoding.END:
+            problem = self.header_check(fields)
+        if problem is not None:
+            raise self._rejected(peer, problem)
+
+    def _check_index(self, peer: int, fields: dict[str, int], index: torch.Tensor | None) -> None:
+        problem = None if index is None else check_index(Encoding(fields["encoding"]), index,
+                                                         fields["num_values"], self.numel)
+        if problem is not None:
+            raise self._rejected(peer, problem)
+
+    def _rejected(self, peer: int, problem: str) -> NodeFailure:
+        return self._stop(peer, f"neighbour {peer} sent a message that no correct node sends: {problem}")
 
 
 class NeighbourLink(_Link):
     """Point-to-point exchange of Messages with this node's graph neighbours."""
 
-    def __init__(self, rank: int, neighbours: list[int], max_values: int, timeout_s: float,
-                 failures: FailureBoard):
-        super().__init__(rank, neighbours, timeout_s, failures)
+    def __init__(self, rank: int, neighbours: list[int], numel: int, timeout_s: float, failures: FailureBoard,
+                 *, peer_degrees: dict[int, int] | None = None, header_check: HeaderCheck | None = None,
+                 liveness: Liveness | None = None):
+        super().__init__(rank, neighbours, numel, timeout_s, failures, peer_degrees, header_check, liveness)
         self._buffers = {
             peer: _ReceiveBuffers(header=torch.empty(len(HEADER_FIELDS), dtype=HEADER_DTYPE),
-                                  values=torch.empty(max_values, dtype=VALUES_DTYPE))
+                                  values=torch.empty(numel, dtype=VALUES_DTYPE))
             for peer in self.neighbours
         }
 
@@ -137,9 +212,7 @@ class NeighbourLink(_Link):
         for peer, work in header_receives.items():
             self._wait(work, peer, round_number, "header")
             fields = parse_header(self._buffers[peer].header)
-            if fields["round"] != round_number:
-                raise RuntimeError(f"node {self.rank}: neighbour {peer} sent round {fields['round']} "
-                                   f"while round {round_number} was expected (message order broken)")
+            self._check_header(peer, fields, expected_round=round_number)
             received[peer] = self._receive_body(peer, fields, round_number)
         for peer, work in sends:
             self._wait(work, peer, round_number, "send")
@@ -163,11 +236,12 @@ class NeighbourLink(_Link):
         self._wait(value_work, peer, expected_round, "values")
         if index is not None:
             self._wait(index_work, peer, expected_round, "index")
-        message = Message.received(header, values, index)
-        self.bytes.recv += message.total_bytes
-        return message
+        self._check_index(peer, header, index)
+        self.bytes.count_received(header)
+        return Message.received(header, values, index)
 
     def _index_buffer(self, buffers: _ReceiveBuffers, encoding: Encoding, length: int) -> torch.Tensor:
+        """Grown to the longest index received so far, which check_header bounds by the model's size."""
         buffer = buffers.index.get(encoding)
         if buffer is None or buffer.numel() < length:
             buffer = torch.empty(max(length, 1), dtype=INDEX_DTYPES[encoding])
@@ -205,10 +279,10 @@ class RandomWalkLink(_Link):
     pending on any of its pairs.
     """
 
-    def __init__(self, rank: int, neighbours: list[int], max_values: int, timeout_s: float,
-                 failures: FailureBoard):
-        # max_values is unused here (each arriving message gets its own buffer): same signature as NeighbourLink.
-        super().__init__(rank, neighbours, timeout_s, failures)
+    def __init__(self, rank: int, neighbours: list[int], numel: int, timeout_s: float, failures: FailureBoard,
+                 *, peer_degrees: dict[int, int] | None = None, header_check: HeaderCheck | None = None,
+                 liveness: Liveness | None = None):
+        super().__init__(rank, neighbours, numel, timeout_s, failures, peer_degrees, header_check, liveness)
         self._arrivals: "queue.Queue[tuple[str, int, object]]" = queue.Queue()
         self._stop_seen = threading.Event()
         self._lock = threading.Lock()
@@ -265,21 +339,24 @@ class RandomWalkLink(_Link):
         for peer, thread in zip(self.neighbours, self._threads):
             thread.join(timeout=self.timeout_s)
             if thread.is_alive():
-                raise self.failures.failure(self.rank, peer, f"neighbour {peer} did not say END within "
-                                            f"comm.timeout_s={self.timeout_s:g} s of this node stopping")
+                raise self._stop(peer, f"neighbour {peer} did not say END within "
+                                       f"comm.timeout_s={self.timeout_s:g} s of this node stopping")
         self._drain_failures()
         self._complete_sends()
 
     def _receive_from(self, peer: int) -> None:
         """Receiver thread body: header, then the payload it announces, until END or failure."""
         header = torch.empty(len(HEADER_FIELDS), dtype=HEADER_DTYPE)
+        last_round = 1  # a sender's rounds never go back; END carries the last round it completed
         try:
             while True:
                 dist.irecv(header, peer, tag=HEADER_TAG).wait(timeout=NO_BOUND)
                 fields = parse_header(header)
+                self._check_header(peer, fields, min_round=last_round, allow_end=True)
+                last_round = fields["round"]
                 encoding = Encoding(fields["encoding"])
                 if encoding == Encoding.END:
-                    self._count_received(HEADER_BYTES)
+                    self._count_received(fields)
                     self._stop_seen.set()
                     return
                 values = torch.empty(fields["num_values"], dtype=VALUES_DTYPE)
@@ -288,16 +365,19 @@ class RandomWalkLink(_Link):
                 if encoding in INDEX_DTYPES:
                     index = torch.empty(fields["num_index"], dtype=INDEX_DTYPES[encoding])
                     dist.irecv(index, peer, tag=INDEX_TAG).wait(timeout=NO_BOUND)
-                message = Message.received(fields, values, index)
-                self._count_received(message.total_bytes)
-                self._arrivals.put(("message", peer, message))
+                self._check_index(peer, fields, index)
+                self._count_received(fields)
+                self._arrivals.put(("message", peer, Message.received(fields, values, index)))
+        except NodeFailure as failure:  # the peer's message was malformed: it is named already
+            self._arrivals.put(("failure", peer, failure))
+            self._stop_seen.set()
         except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
             self._arrivals.put(("failure", peer, self._failure(peer, error, "receive")))
             self._stop_seen.set()
 
-    def _count_received(self, nbytes: int) -> None:
+    def _count_received(self, fields: dict[str, int]) -> None:
         with self._lock:
-            self.bytes.recv += nbytes
+            self.bytes.count_received(fields)
 
     def _complete_sends(self) -> None:
         for peer, work, _ in self._pending_sends:
@@ -308,9 +388,15 @@ class RandomWalkLink(_Link):
         self._pending_sends.clear()
 
     def _check_silence(self) -> None:
-        if time.monotonic() - self._last_heard > self.timeout_s:
-            raise self.failures.failure(self.rank, self.rank, f"node {self.rank} heard from no neighbour "
-                                        f"({self.neighbours}) within comm.timeout_s={self.timeout_s:g} s")
+        """Silence past comm.timeout_s: a walk is stuck somewhere; the heartbeats say where."""
+        if time.monotonic() - self._last_heard <= self.timeout_s:
+            return
+        silence = (f"node {self.rank} heard from no neighbour ({self.neighbours}) within "
+                   f"comm.timeout_s={self.timeout_s:g} s")
+        verdict = None if self.liveness is None else self.liveness.suspect(waited_for=self.rank)
+        if verdict is None or verdict.node == self.rank:
+            raise self._stop(self.rank, silence)
+        raise self._stop(verdict.node, f"{verdict.why}; {silence}")
 
     def _drain_failures(self) -> None:
         while not self._arrivals.empty():

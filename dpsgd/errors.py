@@ -7,7 +7,15 @@ paragraph naming the key or file and the fix, printed without a traceback.
 
 
 class ConfigError(Exception):
-    """A bad configuration value or missing data file; the message says how to fix it."""
+    """A bad configuration value or missing data file; the message says how to fix it.
+
+    `rank_specific`: found by one rank about its own files (under torchrun every rank that
+    has it says so), rather than about the shared configuration (said once, by rank 0).
+    """
+
+    def __init__(self, message: str, rank_specific: bool = False):
+        super().__init__(message)
+        self.rank_specific = rank_specific
 
 
 class NodeFailure(RuntimeError):
@@ -16,3 +24,23 @@ class NodeFailure(RuntimeError):
     def __init__(self, message: str, failed_node: int | None = None):
         super().__init__(message)
         self.failed_node = failed_node
+
+
+class Interrupted(BaseException):
+    """The user stopped the run (Ctrl-C or SIGTERM); a BaseException, like KeyboardInterrupt,
+    so that no `except Exception` on the way mistakes it for a failure to report."""
+
+    def __init__(self, signal_number: int):
+        import signal
+
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal_number  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def raise_interrupted(signal_number: int, frame=None) -> None:
+    """A signal handler: unwind the stack (closing files, killing ranks) as an Interrupted."""
+    raise Interrupted(signal_number)

@@ -19,18 +19,22 @@ from omegaconf import DictConfig, OmegaConf
 from dpsgd.algorithms.dpsgd import run_dpsgd
 from dpsgd.algorithms.rwm import run_rwm
 from dpsgd.averaging import MERGE_RULES
-from dpsgd.checkpoint import agree_on_resume_round, check_resumable, check_rounds, restore, save
-from dpsgd.checkpoint import discard as discard_checkpoints
+from dpsgd.checkpoint import Checkpoints, check_resumable, check_rounds
 from dpsgd.communication import FailureBoard, NeighbourLink, RandomWalkLink
 from dpsgd.data.datasets import DATASETS, NodeData, prepare_dataset
+from dpsgd.divergence import DivergenceWatch, describe, divergence_report
 from dpsgd.errors import ConfigError, NodeFailure
 from dpsgd.launch import RankContext
-from dpsgd.metrics import (Aggregator, EvalSchedule, NodeLog, RoundRecorder, RunInfo, earlier_rounds,
-                           publish_rounds_completed, republish_kept_rounds)
+from dpsgd.liveness import Liveness
+from dpsgd.metrics import EvalSchedule, RoundRecorder
 from dpsgd.models import build_model
 from dpsgd.models.flat import flatten_model
 from dpsgd.node import Node
+from dpsgd.run_folder import check_fresh_node, write_atomic
+from dpsgd.run_outputs import (Aggregator, NodeLog, RunInfo, earlier_rounds, publish_rounds_completed,
+                               republish_kept_rounds)
 from dpsgd.seeding import numpy_rng, torch_generator
+from dpsgd.settings import check_values
 from dpsgd.sharing import build_sharing, check_sharing
 from dpsgd.topology import Topology, build_topology
 from dpsgd.training import (BatchStream, ClassificationTask, RatingsTask, Task, Trainer, build_optimizer,
@@ -44,17 +48,11 @@ TEST_LOSS_METRIC = {"ratings": "rmse", "classification": "cross_entropy"}
 
 def check_config(cfg: DictConfig, world_size: int) -> Topology:
     """Find configuration mistakes before any rank trains; return the validated topology."""
+    check_values(cfg)  # every key's type and range first: the checks below rely on them
     if cfg.nodes != world_size:
         raise ConfigError(f"nodes={cfg.nodes} but {world_size} ranks were started. Under torchrun the "
                           f"node count is the world size (nnodes x nproc_per_node): set nodes={world_size} "
                           f"or start {cfg.nodes} ranks.")
-    for key in ("rounds", "train.local_steps", "train.batch_size", "eval.every"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}={value!r} must be a whole number of at least 1, e.g. `{key}=10`.")
-    if not cfg.comm.timeout_s > 0:
-        raise ConfigError(f"comm.timeout_s={cfg.comm.timeout_s} must be positive (seconds to wait for a "
-                          "neighbour before declaring it dead), e.g. `comm.timeout_s=120`.")
     if cfg.algorithm.name not in ALGORITHMS:
         raise ConfigError(f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of "
                           f"{sorted(ALGORITHMS)}, e.g. `algorithm=dpsgd`.")
@@ -62,6 +60,11 @@ def check_config(cfg: DictConfig, world_size: int) -> Topology:
         raise ConfigError(f"dataset.name={cfg.dataset.name!r} is not known; choose one of "
                           f"{list(DATASETS)}, e.g. `dataset=movielens`.")
     check_sharing(cfg.sharing.name, cfg.alpha, _options(cfg.sharing))
+    if cfg.algorithm.name == "rwm" and cfg.sharing.merge != "fill_own":
+        raise ConfigError(f"sharing.merge={cfg.sharing.merge} applies to D-PSGD, whose nodes average several "
+                          "neighbours' messages; RWM merges each arriving model by age on the coordinates it "
+                          "carries (SPEC §5), so it has no merge rule to choose. Drop sharing.merge, or use "
+                          "`algorithm=dpsgd`.")
     # No torch computation here: the standalone parent runs this before forking the ranks.
     check_optimizer(cfg.optimizer.name, cfg.optimizer.lr)
     return _topology(cfg)
@@ -76,33 +79,17 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     """Everything one rank does in a run, from joining the process group to leaving it."""
     torch.set_num_threads(cfg.threads_per_rank)
     topology = check_config(cfg, ctx.world_size)
-    if cfg.resume:
-        check_resumable(cfg, run_dir, rank=ctx.rank)
-    else:
-        discard_checkpoints(run_dir, ctx.rank)
-    if dataset is None:  # under torchrun: every rank prepares; the cache makes one of them parse
-        dataset = prepare_data(cfg)
-        if ctx.rank == 0:
-            print(f"[dpsgd] {cfg.dataset.name}: {dataset.describe()}", flush=True)
-    store = dist.PrefixStore(f"dpsgd/{run_key(run_dir)}", ctx.store)
-    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=ctx.rank,
-                            world_size=ctx.world_size, timeout=timedelta(seconds=cfg.comm.timeout_s))
-    # On a NodeFailure the process group is left as it is: tearing down gloo pairs to a
-    # dead peer can block, and the launcher ends the process right after.
-    Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra made it on rank 0's machine, not elsewhere
-    start_round = (agree_on_resume_round(store, ctx.rank, ctx.world_size, run_dir, cfg.comm.timeout_s)
-                   if cfg.resume else 0)
+    _check_run_folder(cfg, run_dir, ctx.rank)
+    dataset = dataset or _prepare_on_every_rank(cfg, ctx.rank)
+    store = _join_process_group(cfg, ctx, run_dir)
+    checkpoints = Checkpoints(run_dir, ctx.rank, ctx.world_size, cfg.checkpoint.every, store)
+    start_round = checkpoints.start_round(cfg.resume, cfg.comm.timeout_s)
     check_rounds(cfg.rounds, start_round)
     if ctx.rank == 0:
-        OmegaConf.save(cfg, Path(run_dir) / "config.yaml", resolve=True)
-        write_partition(dataset, cfg, run_dir)
-    node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round)
-    elapsed_s, algorithm_state = restore(node, run_dir, start_round) if start_round else (0.0, None)
-    aggregator = None
-    if ctx.rank == 0:
-        carried = earlier_rounds(run_dir, start_round)
-        store.set("resume/aggregated", str(carried[-1]["round"] if carried else 0))
-        aggregator = _start_aggregator(cfg, node, store, run_dir, dataset.task, carried)
+        write_run_files(cfg, dataset, run_dir)
+    node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round, checkpoints)
+    elapsed_s, algorithm_state = checkpoints.restore(node, start_round)
+    aggregator = _start_aggregator(cfg, node, store, run_dir, dataset.task, start_round) if ctx.rank == 0 else None
     if start_round:  # rank 0 may not have aggregated every round the nodes had logged
         republish_kept_rounds(store, ctx.rank, node.recorder.log, int(store.get("resume/aggregated")),
                               node.schedule)
@@ -115,11 +102,44 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
     rounds_completed = run_algorithm(node, cfg.rounds, start_round, algorithm_state)
     node.recorder.log.close()
+    node.liveness.end("done")
     publish_rounds_completed(store, ctx.rank, rounds_completed)
     _barrier(ctx.rank)
     if aggregator is not None:
-        _print_final(aggregator.finish(), run_dir)
+        diverged = divergence_report(store, cfg.nodes)
+        if diverged is not None:
+            print(f"[dpsgd] {describe(diverged)}", flush=True)
+        _print_final(aggregator.finish(diverged=diverged), run_dir)
     dist.destroy_process_group()
+
+
+def _check_run_folder(cfg: DictConfig, run_dir: Path, rank: int) -> None:
+    """Resume only a run whose settings match; a fresh node never writes over another run's files."""
+    if cfg.resume:
+        check_resumable(cfg, run_dir, rank=rank)
+    else:
+        check_fresh_node(run_dir, rank)
+
+
+def _prepare_on_every_rank(cfg: DictConfig, rank: int):
+    """Under torchrun every rank prepares the data; the cache makes only one of them parse it."""
+    dataset = prepare_data(cfg)
+    if rank == 0:
+        print(f"[dpsgd] {cfg.dataset.name}: {dataset.describe()}", flush=True)
+    return dataset
+
+
+def _join_process_group(cfg: DictConfig, ctx: RankContext, run_dir: Path) -> dist.Store:
+    """Start gloo; return this run's namespace in the rendezvous store.
+
+    On a NodeFailure the process group is left as it is: tearing down gloo pairs to a
+    dead peer can block, and the launcher ends the process right after.
+    """
+    store = dist.PrefixStore(f"dpsgd/{run_key(run_dir)}", ctx.store)
+    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=ctx.rank,
+                            world_size=ctx.world_size, timeout=timedelta(seconds=cfg.comm.timeout_s))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra made it on rank 0's machine, not elsewhere
+    return store
 
 
 def run_key(run_dir: Path) -> str:
@@ -132,25 +152,28 @@ def run_key(run_dir: Path) -> str:
 
 
 def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: dist.Store, run_dir: Path,
-               start_round: int = 0) -> Node:
+               start_round: int = 0, checkpoints: Checkpoints | None = None) -> Node:
     data = dataset.node_data(rank, cfg.nodes, cfg.seed, cfg.eval.test_samples)
     trainer, flat = build_trainer(cfg, dataset, data, rank)
+    sharing = build_sharing(cfg.sharing.name, flat, cfg.alpha, _options(cfg.sharing), cfg.seed, rank)
+    liveness = Liveness(store, rank, cfg.nodes, slow_after_s=cfg.comm.timeout_s / 2).start()
     _, link_class = ALGORITHMS[cfg.algorithm.name]
-    link = link_class(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store))
+    link = link_class(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store),
+                      peer_degrees={peer: topology.degree(peer) for peer in topology.neighbours(rank)},
+                      header_check=sharing.check_header, liveness=liveness)
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
     recorder = RoundRecorder(rank, NodeLog(run_dir, rank, keep_through_round=start_round), store, schedule)
-    sharing = build_sharing(cfg.sharing.name, flat, cfg.alpha, _options(cfg.sharing), cfg.seed, rank)
     node = Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=sharing,
                 merge=MERGE_RULES[cfg.sharing.merge], link=link, recorder=recorder, schedule=schedule,
                 evaluate=lambda: _evaluate(cfg, trainer, data), rng=numpy_rng(cfg.seed, "neighbour_choice", rank),
-                checkpoint=lambda round_number, state: None)
-    every = cfg.checkpoint.every
-    if every:
-        def checkpoint(round_number: int, algorithm_state: dict) -> None:
-            if round_number % every == 0:
-                save(node, run_dir, round_number, recorder.elapsed_s(), algorithm_state, store, cfg.nodes)
-        node.checkpoint = checkpoint
+                checkpoints=checkpoints, divergence=_divergence_watch(cfg, topology, store, rank), liveness=liveness)
     return node
+
+
+def _divergence_watch(cfg: DictConfig, topology: Topology, store: dist.Store, rank: int) -> DivergenceWatch:
+    """D-PSGD nodes stop together, diameter + 1 rounds after the first divergence; RWM nodes at once."""
+    margin = topology.diameter() + 1 if cfg.algorithm.name == "dpsgd" else None
+    return DivergenceWatch(store, rank, cfg.train.stop_on_divergence, margin)
 
 
 def build_trainer(cfg: DictConfig, dataset, data: NodeData, rank: int) -> tuple[Trainer, torch.Tensor]:
@@ -169,10 +192,11 @@ def build_trainer(cfg: DictConfig, dataset, data: NodeData, rank: int) -> tuple[
     return trainer, flat
 
 
-def write_partition(dataset, cfg: DictConfig, run_dir: Path) -> None:
-    """Which users (and how many samples) each node got, so runs can be compared."""
+def write_run_files(cfg: DictConfig, dataset, run_dir: Path) -> None:
+    """The resolved config, and which users (and how many samples) each node got, so runs can be compared."""
+    write_atomic(Path(run_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     partition = {"dataset": cfg.dataset.name, "description": dataset.describe(), **dataset.partition(cfg.nodes, cfg.seed)}
-    (Path(run_dir) / "partition.json").write_text(json.dumps(partition, indent=1) + "\n")
+    write_atomic(Path(run_dir) / "partition.json", json.dumps(partition, indent=1) + "\n")
 
 
 def no_learning_baseline(cfg: DictConfig) -> dict[str, float]:
@@ -216,7 +240,10 @@ def _topology(cfg: DictConfig) -> Topology:
 
 
 def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, task: str,
-                      carried: list[dict]) -> Aggregator:
+                      start_round: int) -> Aggregator:
+    """Rank 0's aggregator, carrying over on resume the aggregates written before the interruption."""
+    carried = earlier_rounds(run_dir, start_round)
+    store.set("resume/aggregated", str(carried[-1]["round"] if carried else 0))
     info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
                    dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
                    metric_name=TEST_LOSS_METRIC[task])
@@ -237,8 +264,10 @@ def _print_final(summary: dict, run_dir: Path) -> None:
     if final is None:
         outcome = "no evaluated round was reached by every node (lower eval.every to measure one)"
     else:
-        outcome = (f"mean test {summary['test_loss_metric']} {final['test_loss']['mean']:.4f} at round "
-                   f"{final['round']}; mean bytes sent per node {final['bytes_sent']['mean']:,.0f}")
+        loss = final.get("test_loss", {}).get("mean")  # absent when every node's loss was non-finite
+        loss_text = "not finite on any node" if loss is None else f"{loss:.4f}"
+        outcome = (f"mean test {summary['test_loss_metric']} {loss_text} at round {final['round']}; "
+                   f"mean bytes sent per node {final['bytes_sent']['mean']:,.0f}")
     rounds = summary["rounds_min"] if summary["rounds_min"] == summary["rounds_max"] else \
         f"{summary['rounds_min']}-{summary['rounds_max']}"
     print(f"[dpsgd] done: {rounds} rounds in {summary['wall_s']:.1f} s; {outcome}; results in {run_dir}", flush=True)

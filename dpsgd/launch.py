@@ -10,6 +10,7 @@ ranks so that one death ends the run with a verdict instead of a hang.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import multiprocessing.connection
@@ -27,10 +28,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from dpsgd.errors import ConfigError, NodeFailure
+from dpsgd.errors import ConfigError, NodeFailure, raise_interrupted
 
 LOOPBACK = "127.0.0.1"
 STORE_CONNECT_TIMEOUT_S = 120.0
+STORE_BACKLOG = 1024  # ranks may connect before the store serves: the kernel queues them
 # Exit code of a rank that stopped because of a peer, or the user's configuration.
 EXIT_NODE_FAILURE = 3
 EXIT_CONFIG_ERROR = 2
@@ -76,10 +78,43 @@ def context_from_env(timeout_s: float = STORE_CONNECT_TIMEOUT_S) -> RankContext:
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago on loopback."""
+    """A TCP port that was free a moment ago on loopback (for a server started elsewhere, e.g. torchrun's).
+
+    Another process may take it before that server binds it; `spawn` avoids the race by
+    keeping its store's socket bound from the start (`loopback_listener`).
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
+
+
+def loopback_listener() -> socket.socket:
+    """A TCP socket listening on a free port of loopback only: the rendezvous store's, before the store exists."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((LOOPBACK, 0))
+        sock.listen(STORE_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def loopback_store(listener: socket.socket) -> dist.TCPStore:
+    """The rendezvous store's server, reachable from this machine only; it takes `listener` over.
+
+    `TCPStore("127.0.0.1", port, is_master=True)` listens on every interface (torch 2.14,
+    libuv backend): given a socket already bound to loopback, it serves that one instead.
+    """
+    port = listener.getsockname()[1]
+    fd = listener.detach()  # the store closes it when it is destroyed
+    try:
+        return dist.TCPStore(LOOPBACK, port, world_size=None, is_master=True, wait_for_workers=False,
+                             timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S), master_listen_fd=fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
 
 
 def spawn(
@@ -96,38 +131,42 @@ def spawn(
     others may take to stop on their own after the first rank failed before they are
     killed. No rank outlives this call.
     """
-    port = free_port()
+    listener = loopback_listener()  # bound before forking, so the ranks know the port and nobody can take it
+    port = listener.getsockname()[1]
     context = mp.get_context("fork")
     parent = os.getpid()
     processes, error_pipes = [], []
-    for rank in range(world_size):
-        reader, writer = context.Pipe(duplex=False)
-        process = context.Process(
-            target=_rank_main,
-            args=(fn, rank, world_size, port, writer, quiet_failures, parent),
-            name=f"dpsgd-node-{rank}",
-            daemon=True,
-        )
-        process.start()
-        writer.close()
-        processes.append(process)
-        error_pipes.append(reader)
-    # The store is created after forking: no server thread exists in any child.
-    store = dist.TCPStore(LOOPBACK, port, world_size=None, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S))
-    previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        for rank in range(world_size):
+            reader, writer = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_rank_main,
+                args=(fn, rank, world_size, port, listener.fileno(), writer, quiet_failures, parent),
+                name=f"dpsgd-node-{rank}",
+                daemon=True,
+            )
+            process.start()
+            writer.close()
+            processes.append(process)
+            error_pipes.append(reader)
+        # The store is created after forking: no server thread exists in any child.
+        store = loopback_store(listener)
+    except BaseException:
+        _kill_all(processes)
+        raise
+    finally:
+        listener.close()  # a no-op once the store took it over
+    # Ctrl-C or SIGTERM raise Interrupted, which unwinds through the finally below: every rank is killed.
+    previous = {number: signal.signal(number, raise_interrupted) for number in (signal.SIGINT, signal.SIGTERM)}
     killed: set[int] = set()
     try:
         _watch(processes, timeout_s, grace_s)
     finally:
         killed = _kill_all(processes)
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         del store
     _raise_on_failure(processes, error_pipes, killed)
-
-
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds through spawn's finally, which kills the ranks
 
 
 def _die_with_parent(parent: int) -> None:
@@ -138,9 +177,10 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _rank_main(fn, rank, world_size, port, error_pipe, quiet_failures, parent) -> None:
+def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failures, parent) -> None:
     """Body of one forked rank: connect to the parent's store, run, report how it ended."""
     _die_with_parent(parent)
+    os.close(listener_fd)  # the parent's store socket: only the parent may hold it
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how Ctrl-C ends the run
     torch.set_num_threads(1)
@@ -212,13 +252,13 @@ def _kill_all(processes) -> set[int]:
 
 def _raise_on_failure(processes, error_pipes, killed: set[int]) -> None:
     errors: dict[int, str] = {}
-    named: list[int] = []  # the nodes that the failing ranks blame
+    blamed_by: dict[int, int] = {}  # failing rank -> the node it blames
     for rank, (process, pipe) in enumerate(zip(processes, error_pipes)):
         report = _read_report(pipe)
         if report is not None:
             errors[rank] = report[0]
             if report[1] is not None:
-                named.append(report[1])
+                blamed_by[rank] = report[1]
         elif rank in killed:
             errors[rank] = f"node {rank} was stopped: it had not ended on its own within the grace period"
         elif process.exitcode != 0:
@@ -226,8 +266,8 @@ def _raise_on_failure(processes, error_pipes, killed: set[int]) -> None:
         pipe.close()
     if not errors:
         return
-    first_failed = _first_failed(processes, errors, named, killed)
-    raise RankFailure(_failure_summary(errors, first_failed), errors, first_failed)
+    first_failed = _first_failed(processes, errors, list(blamed_by.values()), killed)
+    raise RankFailure(_failure_summary(errors, blamed_by, first_failed, killed), errors, first_failed)
 
 
 def _read_report(pipe) -> tuple[str, int | None] | None:
@@ -257,7 +297,14 @@ def _describe_exit(exitcode: int) -> str:
     return f"exit code {exitcode}"
 
 
-def _failure_summary(errors: dict[int, str], first_failed: int | None) -> str:
-    cause = errors.get(first_failed, "") if first_failed is not None else ""
-    return (f"{len(errors)} node(s) failed; the first was node {first_failed}: "
+def _failure_summary(errors: dict[int, str], blamed_by: dict[int, int], first_failed: int | None,
+                     killed: set[int]) -> str:
+    """One line: the first failure, in the words of a node that blamed it (it saw what happened),
+    and whether the launcher had to kill it (a frozen node never stops on its own)."""
+    witnesses = [rank for rank, node in blamed_by.items() if node == first_failed]
+    cause = errors.get(witnesses[0] if witnesses else first_failed, "") if first_failed is not None else ""
+    line = (f"{len(errors)} node(s) failed; the first was node {first_failed}: "
             f"{cause.strip().splitlines()[0] if cause else 'unknown cause'}")
+    if first_failed in killed:
+        line += f" [node {first_failed} did not stop on its own; it was killed after the grace period]"
+    return line

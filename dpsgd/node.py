@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from dpsgd.averaging import MergeRule
 from dpsgd.communication import NeighbourLink, RandomWalkLink
-from dpsgd.metrics import EvalSchedule, RoundRecorder
+from dpsgd.divergence import DivergenceWatch
+from dpsgd.liveness import Liveness
+from dpsgd.metrics import EvalSchedule, PhaseClock, RoundRecorder
 from dpsgd.sharing import Sharing
 from dpsgd.topology import Topology
 from dpsgd.training import Trainer
+
+if TYPE_CHECKING:
+    from dpsgd.checkpoint import Checkpoints
 
 
 @dataclass
@@ -29,7 +34,22 @@ class Node:
     schedule: EvalSchedule
     evaluate: Callable[[], dict[str, float]]
     rng: np.random.Generator                # this node's algorithm-level choices (RWM's next neighbour)
-    checkpoint: Callable[[int, dict], None]  # after a round: save state if due (round, algorithm state)
+    checkpoints: "Checkpoints | None" = None  # saves this node's state every checkpoint.every rounds
+    divergence: DivergenceWatch | None = None  # notes non-finite training; says when to stop
+    liveness: Liveness | None = None          # heartbeat: what this node is doing, for failure verdicts
+
+    def clock(self) -> PhaseClock:
+        """This round's phase timer; entering a phase also tells the heartbeat (dpsgd.liveness)."""
+        return PhaseClock(on_enter=None if self.liveness is None else self.liveness.enter)
+
+    def stops_after(self, round_number: int, batch_loss: float) -> bool:
+        """After a round: True when the run stops here because training diverged."""
+        return self.divergence is not None and self.divergence.must_stop(round_number, batch_loss, self.flat)
+
+    def checkpoint(self, round_number: int, algorithm_state: dict) -> None:
+        """After a round: save the node's state if a checkpoint is due (algorithms call this)."""
+        if self.checkpoints is not None:
+            self.checkpoints.after_round(self, round_number, algorithm_state)
 
     @property
     def degree(self) -> int:

@@ -38,6 +38,10 @@ class Topology:
     def degree(self, node: int) -> int:
         return self.graph.degree(node)
 
+    def diameter(self) -> int:
+        """The most hops between two nodes: how far apart in rounds synchronous D-PSGD nodes can drift."""
+        return nx.diameter(self.graph)
+
 
 def build_topology(kind: str, nodes: int, *, seed: int = 0, degree: int = 4,
                    path: str | None = None, rewire_p: float = 0.1) -> Topology:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dpsgd.averaging import Contribution
-from dpsgd.metrics import PhaseClock
 from dpsgd.node import Node
 from dpsgd.sharing.wire import Message
 from dpsgd.topology import mh_weights
@@ -12,7 +11,7 @@ from dpsgd.topology import mh_weights
 def run_dpsgd(node: Node, rounds: int, start_round: int = 0, state: dict | None = None) -> int:
     """Run synchronous rounds start_round+1 .. rounds; return the number completed."""
     for round_number in range(start_round + 1, rounds + 1):
-        clock = PhaseClock()
+        clock = node.clock()
         with clock.phase("train"):
             batch_loss = node.trainer.train_round()
         with clock.phase("comm"):
@@ -24,6 +23,8 @@ def run_dpsgd(node: Node, rounds: int, start_round: int = 0, state: dict | None 
         with clock.phase("eval"):
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
         node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, **metrics)
+        if node.stops_after(round_number, batch_loss):
+            return round_number  # every node stops after this same round (dpsgd.divergence)
         node.checkpoint(round_number, {})
     return rounds
 

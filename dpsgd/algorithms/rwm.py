@@ -10,7 +10,6 @@ node completes its rounds; the stop floods the graph through END messages (see
 from __future__ import annotations
 
 from dpsgd.averaging import merge_by_age
-from dpsgd.metrics import PhaseClock
 from dpsgd.node import Node
 
 
@@ -23,7 +22,7 @@ def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = 
     age = (state or {}).get("age", 0)
     completed = start_round
     for round_number in range(start_round + 1, rounds + 1):
-        clock = PhaseClock()
+        clock = node.clock()
         if round_number > start_round + 1:
             with clock.phase("comm"):
                 message = node.link.receive()
@@ -43,7 +42,9 @@ def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = 
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
         node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=age,
                              sent_to=peer, **metrics)
-        node.checkpoint(round_number, {"age": age})
         completed = round_number
+        if node.stops_after(round_number, batch_loss):
+            break  # training diverged somewhere: END messages stop the rest of the walk
+        node.checkpoint(round_number, {"age": age})
     node.link.close(completed)
     return completed

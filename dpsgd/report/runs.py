@@ -10,10 +10,8 @@ of `summary.json` (evaluated rounds, all nodes) are the faithful source instead.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +19,13 @@ from typing import Iterable
 
 import yaml
 
+from dpsgd.across_nodes import across_nodes
+
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 NODES_DIR = "nodes"
 # Sub-directories of a run that never hold another run; skipping them keeps discovery fast.
 RUN_INTERNALS = {NODES_DIR, "tb", ".hydra"}
-# Per-node record keys that are numbers worth aggregating across nodes.
-STAT_KEYS = ("train_loss", "batch_loss", "test_loss", "test_acc", "bytes_sent", "bytes_sent_data",
-             "bytes_sent_meta", "bytes_recv", "time_s", "train_s", "comm_s", "eval_s", "age")
 # Sharing methods whose `alpha` says nothing about what was sent (full sends all, random_alpha draws its own).
 SHARING_WITHOUT_ALPHA = {"full", "random_alpha"}
 
@@ -214,18 +211,7 @@ def _shortest_own_tail(own: tuple[str, ...], others: list[tuple[str, ...]]) -> s
 
 
 def _stats(records: list[dict]) -> RoundStats:
-    stats: RoundStats = {}
-    for key in STAT_KEYS:
-        values = [float(record[key]) for record in records if _is_number(record.get(key))]
-        if values:
-            stats[key] = Stat(statistics.fmean(values), statistics.pstdev(values),
-                              min(values), max(values), len(values))
-    return stats
-
-
-def _is_number(value: object) -> bool:
-    # NaN losses (a diverged node) would poison the mean; summary.json drops them too.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    return {key: Stat(**values) for key, values in across_nodes(records).items()}
 
 
 def _config_name(config: dict, group: str) -> str | None:

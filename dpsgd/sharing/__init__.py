@@ -27,6 +27,9 @@ class Sharing(Protocol):
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
         """The message this node sends this round."""
 
+    def check_header(self, fields: dict[str, int]) -> str | None:
+        """Why a received header (already through `wire.check_header`) cannot be this method's message."""
+
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The coordinates a received message covers (None: all) and their values."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dpsgd.sharing.wire import Encoding, Message
+from dpsgd.sharing.wire import Encoding, Message, encoding_problem
 
 
 class FullSharing:
@@ -13,6 +13,9 @@ class FullSharing:
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
         return Message(round=round_number, degree=degree, age=age, encoding=Encoding.FULL, values=flat)
+
+    def check_header(self, fields: dict[str, int]) -> str | None:
+        return encoding_problem(fields, (Encoding.FULL,), self.name)
 
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
         return None, message.values

@@ -12,7 +12,7 @@ import torch
 
 from dpsgd.seeding import torch_generator
 from dpsgd.sharing.selection import decode_indices, encode_indices, smaller_encoding, top_k_indices
-from dpsgd.sharing.wire import Encoding, Message
+from dpsgd.sharing.wire import Encoding, Message, encoding_problem
 
 
 def coordinates_to_send(alpha: float, numel: int) -> int:
@@ -61,6 +61,10 @@ class PartialSharing:
 
     def round_alpha(self) -> float:
         return self.alpha
+
+    def check_header(self, fields: dict[str, int]) -> str | None:
+        """Above metadata_cap the whole model goes out; below it, coordinates by index or bitmask."""
+        return encoding_problem(fields, (Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK), self.name)
 
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
         if message.encoding == Encoding.FULL:

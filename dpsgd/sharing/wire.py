@@ -4,6 +4,11 @@ The header travels first and says how long the rest is, so the receiver can post
 exactly-sized receives into buffers it allocated once. It also carries what the
 algorithms need to match and weigh a message (round, sender degree, sender age) and
 what the receiver needs to decode it (encoding, seed). No pickling anywhere.
+
+A header comes from another process, so the receiver believes none of it until
+`check_header` agreed: its sizes decide what the receiver allocates and receives, and
+only the model's size (which the receiver knows) may bound them. `check_index` does the
+same for the coordinates an index tensor names, before they address the model.
 """
 
 from __future__ import annotations
@@ -30,6 +35,16 @@ class Encoding(IntEnum):
 
 
 INDEX_DTYPES = {Encoding.INDEX_INT32: torch.int32, Encoding.BITMASK: torch.uint8}
+ENCODING_VALUES = frozenset(encoding.value for encoding in Encoding)
+# Set bits per byte value, to count a bitmask's coordinates without unpacking it.
+POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+
+
+class MessageRejected(ValueError):
+    """A received message that no correct peer sends, found where its sender is unknown (a decode).
+
+    The transports run the same checks before receiving, where they name the sender.
+    """
 
 
 @dataclass
@@ -71,5 +86,99 @@ class Message:
         return self.data_bytes + self.meta_bytes
 
 
+def encoding_problem(fields: dict[str, int], accepted: tuple[Encoding, ...], sharing: str) -> str | None:
+    """Why a header's encoding is not one that `sharing` sends (None when it is)."""
+    if fields["encoding"] in accepted:
+        return None
+    return (f"encoding={Encoding(fields['encoding']).name}, but sharing={sharing} sends only "
+            f"{'/'.join(e.name for e in accepted)}")
+
+
 def parse_header(header: torch.Tensor) -> dict[str, int]:
     return dict(zip(HEADER_FIELDS, header.tolist()))
+
+
+def declared_bytes(fields: dict[str, int]) -> tuple[int, int]:
+    """(data, meta) bytes of the message a checked header announces: the values; the header and index."""
+    encoding = Encoding(fields["encoding"])
+    index_item_bytes = INDEX_DTYPES[encoding].itemsize if encoding in INDEX_DTYPES else 0
+    return fields["num_values"] * VALUES_DTYPE.itemsize, HEADER_BYTES + fields["num_index"] * index_item_bytes
+
+
+def bitmask_bytes(numel: int) -> int:
+    """Length of the packed bitmask over a model of `numel` coordinates."""
+    return (numel + 7) // 8
+
+
+def check_header(fields: dict[str, int], numel: int, expected_degree: int | None, *,
+                 expected_round: int | None = None, min_round: int = 1, allow_end: bool = False) -> str | None:
+    """Why a received header cannot come from a correct peer, or None if it can.
+
+    `numel` is the receiver's model size; `expected_degree` the sender's degree in the
+    topology the receiver knows (None: not checked). D-PSGD passes `expected_round` (the
+    round both are in); RWM passes `min_round` (the last round heard from this sender)
+    and `allow_end`, since END is meaningful only in its shutdown handshake.
+    """
+    missing = [name for name in HEADER_FIELDS if name not in fields]
+    if missing:
+        return f"the header lacks the fields {missing}"
+    encoding_value, num_values, num_index = fields["encoding"], fields["num_values"], fields["num_index"]
+    if encoding_value not in ENCODING_VALUES:
+        known = ", ".join(f"{encoding.name}={encoding.value}" for encoding in Encoding)
+        return f"encoding={encoding_value} is not a known encoding ({known})"
+    encoding = Encoding(encoding_value)
+    if encoding == Encoding.END and not allow_end:
+        return "encoding=END, which only the RWM shutdown handshake sends"
+    if num_values < 0 or num_index < 0:
+        return f"negative sizes: num_values={num_values}, num_index={num_index}"
+    size_problem = _size_problem(encoding, num_values, num_index, numel)
+    if size_problem:
+        return size_problem
+    if expected_degree is not None and fields["degree"] != expected_degree:
+        return (f"degree={fields['degree']} but the sender has degree {expected_degree} in the topology "
+                "(both ends must run the same topology)")
+    if fields["age"] < 0:
+        return f"age={fields['age']} is negative"
+    if expected_round is not None and fields["round"] != expected_round:
+        return f"round={fields['round']} while round {expected_round} was expected (message order broken)"
+    if fields["round"] < min_round:
+        return f"round={fields['round']} is before round {min_round}, the earliest this sender may send now"
+    return None
+
+
+def _size_problem(encoding: Encoding, num_values: int, num_index: int, numel: int) -> str | None:
+    """The sizes each encoding allows on a model of `numel` coordinates."""
+    sizes = f"num_values={num_values}, num_index={num_index}"
+    if encoding == Encoding.FULL and (num_values != numel or num_index != 0):
+        return f"{sizes}, but a FULL message carries exactly numel={numel} values and no index"
+    if encoding == Encoding.INDEX_INT32 and not num_values == num_index <= numel:
+        return f"{sizes}, but an INDEX_INT32 message carries one index per value and at most numel={numel}"
+    if encoding == Encoding.BITMASK and (num_index != bitmask_bytes(numel) or num_values > numel):
+        return (f"{sizes}, but a BITMASK message carries a {bitmask_bytes(numel)}-byte mask and at most "
+                f"numel={numel} values")
+    if encoding == Encoding.SEEDED_MASK and (num_index != 0 or num_values > numel):
+        return f"{sizes}, but a SEEDED_MASK message carries no index and at most numel={numel} values"
+    if encoding == Encoding.END and (num_values != 0 or num_index != 0):
+        return f"{sizes}, but an END message is a header only"
+    return None
+
+
+def check_index(encoding: Encoding, index: torch.Tensor, num_values: int, numel: int) -> str | None:
+    """Why a received index tensor cannot come from a correct peer, or None if it can.
+
+    Senders write sorted, distinct coordinates of the model; anything else would address
+    coordinates that do not exist (a negative one silently wraps around) or merge twice.
+    """
+    if encoding == Encoding.INDEX_INT32 and index.numel():
+        low, high = int(index[0]), int(index[-1])
+        if not (index[1:] > index[:-1]).all():
+            return "the INDEX_INT32 coordinates are not sorted and distinct"
+        if low < 0 or high >= numel:
+            return f"the INDEX_INT32 coordinates span [{low}, {high}], outside the model's [0, {numel - 1}]"
+    if encoding == Encoding.BITMASK:
+        chosen = int(POPCOUNT[index.long()].sum())
+        padding_bits = int(index[-1]) >> (numel % 8) if numel % 8 and index.numel() else 0
+        if chosen != num_values or padding_bits:
+            return (f"the BITMASK sets {chosen} bits ({'some beyond the model, ' if padding_bits else ''}"
+                    f"numel={numel}) for num_values={num_values}")
+    return None

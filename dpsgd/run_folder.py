@@ -1,0 +1,113 @@
+"""A run owns its folder: a fresh run never writes into a folder that holds another run's results.
+
+Two runs sharing a folder tear each other's JSONL lines, delete each other's checkpoints
+and overwrite each other's config, and both still exit 0. So a fresh run claims its
+folder with an exclusive marker file (created with O_EXCL, so of two runs started at the
+same moment exactly one gets it) and refuses a folder that already holds results;
+`resume=true` is the only way to write into an existing run. The claim is made by a
+Hydra callback before Hydra writes anything into the folder, and result files that are
+rewritten during a run are replaced atomically (`write_atomic`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict, read_write
+
+from dpsgd.errors import ConfigError
+from dpsgd.launch import EXIT_CONFIG_ERROR
+
+MARKER = ".dpsgd-run"
+# What a run writes into its folder; any of them means the folder holds a run.
+RESULTS = ("config.yaml", "summary.json", "partition.json", "nodes", "checkpoints", MARKER)
+
+
+def claim(run_dir: Path) -> None:
+    """Make `run_dir` this fresh run's own, or raise ConfigError if it holds another run."""
+    run_dir = Path(run_dir)
+    held = [name for name in RESULTS if (run_dir / name).exists()]
+    if not held:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(run_dir / MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = [MARKER]  # another run claimed it a moment ago
+        else:
+            os.write(descriptor, f"{os.getpid()} {datetime.now().isoformat()}\n".encode())
+            os.close(descriptor)
+            return
+    raise ConfigError(f"The run folder {run_dir} already holds a run ({', '.join(held)}); a fresh run never "
+                      "writes into another run's folder. Leave hydra.run.dir unset for a new timestamped "
+                      f"folder, choose another one, or continue that run with `hydra.run.dir={run_dir} "
+                      "resume=true`.")
+
+
+def check_fresh_node(run_dir: Path, node: int) -> None:
+    """Under torchrun each machine has its own copy of the folder: a fresh node's files must not exist."""
+    from dpsgd.checkpoint import checkpoint_dir  # here: checkpoint imports torch-heavy modules
+    from dpsgd.run_outputs import node_log_path
+
+    held = [path for path in (node_log_path(run_dir, node), checkpoint_dir(run_dir, node)) if path.exists()]
+    if held:
+        raise ConfigError(f"The run folder {run_dir} already holds node {node}'s results ({held[0]}) on this "
+                          "machine; a fresh run never writes into another run's folder. Choose another "
+                          f"hydra.run.dir, or continue that run with `hydra.run.dir={run_dir} resume=true`.", rank_specific=True)
+
+
+def release(run_dir: Path) -> None:
+    """Give the folder back when the run stopped before writing any result (e.g. a config error)."""
+    run_dir = Path(run_dir)
+    if not any((run_dir / name).exists() for name in RESULTS if name != MARKER):
+        (run_dir / MARKER).unlink(missing_ok=True)
+
+
+def resume_hint(run_dir: Path, nodes: int, argv: list[str]) -> str:
+    """How far an interrupted run got and the exact command that continues it."""
+    from dpsgd.checkpoint import saved_rounds  # here: checkpoint imports torch-heavy modules
+    from dpsgd.run_outputs import last_logged_round
+
+    completed = min(last_logged_round(run_dir, node) for node in range(nodes))
+    common = set.intersection(*(set(saved_rounds(run_dir, node)) for node in range(nodes)))
+    if not common:
+        return (f"every node completed round {completed}; no checkpoint every node saved exists "
+                f"(checkpoint.every), so the run cannot be resumed. Results so far are in {run_dir}.")
+    kept = [arg for arg in argv if not arg.startswith(("hydra.run.dir=", "resume="))]
+    command = " ".join(["python", "train.py", *kept, f"hydra.run.dir={Path(run_dir).resolve()}", "resume=true"])
+    return (f"every node completed round {completed}; the last checkpoint is round {max(common)}. "
+            f"Continue with: {command}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader (or a crash) never sees a half-written file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class ClaimRunFolder(Callback):
+    """Hydra callback (conf/config.yaml): claim the run folder before Hydra writes into it.
+
+    On resume the folder is the run's own; Hydra's record of this invocation then goes to
+    `.hydra/resume-<time>/`, so the run's original `.hydra/overrides.yaml` is never rewritten,
+    even by a resume that is refused.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if os.environ.get("RANK", "0") != "0":
+            return  # under torchrun rank 0 speaks for the run
+        run_dir = Path(config.hydra.run.dir)
+        if config.get("resume"):
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.output_subdir = f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}"
+            return
+        try:
+            claim(run_dir)
+        except ConfigError as error:
+            print(f"dpsgd: {error}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_CONFIG_ERROR)

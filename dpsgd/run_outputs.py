@@ -1,0 +1,276 @@
+"""What a run leaves behind: per-node JSONL, across-node aggregates, TensorBoard, summary.
+
+Every node writes its own `nodes/<node>.jsonl` on its own machine's disk, one flushed
+line per round, so an interrupted run keeps every completed round. Aggregates must
+not need a shared file system: on evaluated rounds each node publishes its record in
+the rendezvous store, and a thread on rank 0 polls the store (never blocking it, so
+rank 0's own training goes on), writes the across-node curves to TensorBoard, prints
+progress, and at the end writes `summary.json`. On resume the same component carries
+over what was written before the interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch.distributed as dist
+
+from dpsgd.across_nodes import across_nodes
+from dpsgd.run_folder import write_atomic
+
+if TYPE_CHECKING:
+    from dpsgd.metrics import EvalSchedule
+
+METRICS_PREFIX = "metrics"
+
+
+DONE_PREFIX = "done"
+
+
+POLL_INTERVAL_S = 0.2
+
+
+CURVE_KEYS = ("train_loss", "test_loss", "test_acc", "bytes_sent")
+
+
+def node_log_path(run_dir: Path, node: int) -> Path:
+    return Path(run_dir) / "nodes" / f"{node}.jsonl"
+
+
+class NodeLog:
+    """One JSON object per round, flushed at once, in `<run>/nodes/<node>.jsonl`.
+
+    A new run starts the file afresh; a resumed run keeps the lines up to the round it
+    resumes from and appends after them.
+    """
+
+    def __init__(self, run_dir: Path, node: int, keep_through_round: int = 0):
+        path = node_log_path(run_dir, node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if keep_through_round and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if _round_of(line) is not None and _round_of(line) <= keep_through_round]
+        # The kept lines replace the file in one step, so an interruption here loses no round.
+        write_atomic(path, "".join(line + "\n" for line in kept))
+        self._file = open(path, "a", buffering=1)
+        self.kept_records = [json.loads(line) for line in kept]
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def last_logged_round(run_dir: Path, node: int) -> int:
+    """The last round in a node's JSONL (0 if none): how far the node got."""
+    path = node_log_path(run_dir, node)
+    rounds = [_round_of(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return max((r for r in rounds if r is not None), default=0)
+
+
+def _round_of(line: str) -> int | None:
+    """The round of a JSONL line, or None for a line torn by a crash."""
+    try:
+        return json.loads(line)["round"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def publish(store: dist.Store, node: int, record: dict) -> None:
+    """Make an evaluated round's record visible to rank 0's aggregator."""
+    store.set(f"{METRICS_PREFIX}/{record['round']}/{node}", json.dumps(record, allow_nan=False))
+
+
+def publish_rounds_completed(store: dist.Store, node: int, rounds_completed: int) -> None:
+    """How far this node got (RWM nodes stop at different rounds)."""
+    store.set(f"{DONE_PREFIX}/{node}", str(rounds_completed))
+
+
+@dataclass
+class RunInfo:
+    """The facts about a run that summary.json states besides the curves."""
+
+    nodes: int
+    rounds: int
+    num_parameters: int
+    model: str
+    dataset: str
+    algorithm: str
+    sharing: str
+    metric_name: str  # what test_loss means: "rmse" or "cross_entropy"
+
+
+def summarize(records: list[dict]) -> dict:
+    """Across-node statistics of each metric (`dpsgd.across_nodes`), and how many nodes reported."""
+    return {"nodes_reporting": len(records), **across_nodes(records)}
+
+
+class Aggregator:
+    """Rank 0's reader of published records: TensorBoard curves, progress line, summary.json."""
+
+    def __init__(self, store: dist.Store, run_dir: Path, info: RunInfo, eval_rounds: list[int],
+                 per_node_tb: bool = False, progress: bool = True, earlier_rounds: list[dict] | None = None):
+        """`earlier_rounds`: on resume, the aggregates already written before the interruption."""
+        self.store = store
+        self.run_dir = Path(run_dir)
+        self.info = info
+        self.per_round: list[dict] = list(earlier_rounds or [])
+        aggregated_through = self.per_round[-1]["round"] if self.per_round else 0
+        self.pending = [r for r in eval_rounds if r > aggregated_through]
+        self.per_node_tb = per_node_tb
+        self.progress = progress
+        self._first_round = aggregated_through
+        self._stop = threading.Event()
+        self._started = time.monotonic()       # origin of wall_s (moved back on resume)
+        self._clock_started = self._started    # origin of rounds/s (this process's own rounds)
+        # On resume, events after the last aggregated round are dropped: they are logged again.
+        self._writer = _summary_writer(self.run_dir / "tb", purge_after=aggregated_through)
+        bytes_through = int(self.per_round[-1]["bytes_sent"]["mean"]) if self.per_round else 0
+        self._bytes_writer = _summary_writer(self.run_dir / "tb" / "vs_bytes", purge_after=bytes_through)
+        self._node_writers = {}
+        self._thread = threading.Thread(target=self._loop, name="dpsgd-aggregator", daemon=True)
+
+    def start(self) -> "Aggregator":
+        self._thread.start()
+        return self
+
+    def start_clock(self, offset_s: float = 0.0) -> None:
+        """wall_s counts from the same moment as the nodes' time_s (after the start barrier)."""
+        self._started = time.monotonic() - offset_s
+        self._clock_started = time.monotonic()
+
+    def finish(self, diverged: dict | None = None) -> dict:
+        """After every node published how far it got: drain, write summary.json, return it.
+
+        `diverged`: dpsgd.divergence's report, when training diverged somewhere.
+        """
+        self._stop.set()
+        self._thread.join()
+        self._collect(final=True)
+        done_keys = [f"{DONE_PREFIX}/{node}" for node in range(self.info.nodes)]
+        summary = self._summary([int(raw) for raw in self.store.multi_get(done_keys)])
+        summary["diverged"] = diverged
+        self._write_summary(summary)
+        self._writer.close()
+        self._bytes_writer.close()
+        for writer in self._node_writers.values():
+            writer.close()
+        return summary
+
+    def _loop(self) -> None:
+        while not self._stop.wait(POLL_INTERVAL_S):
+            self._collect(final=False)
+
+    def _collect(self, final: bool) -> None:
+        """Aggregate, in order, every pending round whose records are all present."""
+        while self.pending:
+            round_number = self.pending[0]
+            keys = [f"{METRICS_PREFIX}/{round_number}/{node}" for node in range(self.info.nodes)]
+            if not self.store.check(keys):
+                if not final:
+                    return
+                keys = [key for key in keys if self.store.check([key])]
+                if not keys:
+                    self.pending.pop(0)
+                    continue
+            records = [json.loads(raw) for raw in self.store.multi_get(keys)]
+            for key in keys:
+                self.store.delete_key(key)
+            self.pending.pop(0)
+            self._log_round(round_number, records)
+
+    def _log_round(self, round_number: int, records: list[dict]) -> None:
+        stats = summarize(records)
+        self.per_round.append({"round": round_number, **stats})
+        for key in CURVE_KEYS:
+            if key in stats:
+                self._writer.add_scalar(f"{key}/mean", stats[key]["mean"], round_number)
+        if "bytes_sent" in stats:
+            step = int(stats["bytes_sent"]["mean"])
+            for key in ("test_loss", "test_acc", "train_loss"):
+                if key in stats:
+                    self._bytes_writer.add_scalar(f"vs_bytes/{key}", stats[key]["mean"], step)
+        if self.per_node_tb:
+            self._log_nodes(round_number, records)
+        self._writer.flush()
+        self._bytes_writer.flush()
+        self._write_summary(self._summary(None))  # an interrupted run keeps its aggregates so far
+        if self.progress and len(records) == self.info.nodes:
+            self._print_progress(round_number, stats)
+
+    def _log_nodes(self, round_number: int, records: list[dict]) -> None:
+        for record in records:
+            node = record["node"]
+            if node not in self._node_writers:
+                self._node_writers[node] = _summary_writer(self.run_dir / "tb" / "nodes" / str(node))
+            for key in CURVE_KEYS:
+                if record.get(key) is not None:
+                    self._node_writers[node].add_scalar(key, record[key], round_number)
+
+    def _print_progress(self, round_number: int, stats: dict) -> None:
+        elapsed = time.monotonic() - self._clock_started
+        rate = (round_number - self._first_round) / elapsed if elapsed > 0 else 0.0
+        eta = (self.info.rounds - round_number) / rate if rate > 0 else math.nan
+        parts = [f"round {round_number}/{self.info.rounds}", f"{rate:.2f} rounds/s", f"ETA {eta:.0f}s"]
+        for key, label in (("test_loss", f"test {self.info.metric_name}"), ("test_acc", "test acc")):
+            if key in stats:
+                parts.append(f"{label} {stats[key]['mean']:.4f}")
+        print("[dpsgd] " + " | ".join(parts), file=sys.stdout, flush=True)
+
+    def _write_summary(self, summary: dict) -> None:
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
+
+    def _summary(self, rounds_per_node: list[int] | None) -> dict:
+        """`final` is the last evaluated round that every node reached (RWM nodes stop apart).
+
+        While the run goes on (`rounds_per_node` None), `in_progress` is true and the
+        rounds reached are those aggregated so far.
+        """
+        info = self.info
+        if rounds_per_node is None:
+            reached = self.per_round[-1]["round"] if self.per_round else 0
+            rounds_per_node = [reached] * info.nodes
+        rounds_min = min(rounds_per_node)
+        complete = [entry for entry in self.per_round
+                    if entry["round"] <= rounds_min and entry["nodes_reporting"] == info.nodes]
+        return {
+            "nodes": info.nodes, "rounds": info.rounds, "rounds_completed": rounds_min,
+            "rounds_min": rounds_min, "rounds_max": max(rounds_per_node), "rounds_per_node": rounds_per_node,
+            "num_parameters": info.num_parameters, "model": info.model, "dataset": info.dataset,
+            "algorithm": info.algorithm, "sharing": info.sharing, "test_loss_metric": info.metric_name,
+            "wall_s": time.monotonic() - self._started, "in_progress": not self._stop.is_set(),
+            "final": complete[-1] if complete else None,
+            "per_round": self.per_round,
+        }
+
+
+def earlier_rounds(run_dir: Path, through_round: int) -> list[dict]:
+    """The aggregates a run wrote (summary.json) up to `through_round`, to carry over on resume."""
+    path = Path(run_dir) / "summary.json"
+    if not through_round or not path.exists():
+        return []
+    return [entry for entry in json.loads(path.read_text())["per_round"] if entry["round"] <= through_round]
+
+
+def republish_kept_rounds(store: dist.Store, node: int, log: NodeLog, after_round: int,
+                          schedule: "EvalSchedule") -> None:
+    """On resume: evaluated rounds that rank 0 had not aggregated yet are published again."""
+    for record in log.kept_records:
+        if record["round"] > after_round and schedule.due(record["round"]):
+            publish(store, node, record)
+
+
+def _summary_writer(log_dir: Path, purge_after: int = 0):
+    # Imported here: tensorboard's import is slow and only rank 0 needs it.
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir), flush_secs=5, purge_step=purge_after + 1 if purge_after else None)

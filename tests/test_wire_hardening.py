@@ -1,0 +1,413 @@
+"""A peer's header is believed only within what the model allows; a forged one names its sender.
+
+Pure checks first (`check_header`, `check_index`, sub-sampling's count), on valid messages of
+every sharing method and on forged fields; then small worlds of ranks where one rank forges
+and every other rank ends with a NodeFailure naming it, quickly and without allocating what
+the forger declared; then the rendezvous store, which must serve loopback only.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import subprocess
+import time
+from datetime import timedelta
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from dpsgd.communication import ByteCounters, FailureBoard, NeighbourLink, RandomWalkLink
+from dpsgd.launch import LOOPBACK, RankFailure, spawn
+from dpsgd.sharing.full import FullSharing
+from dpsgd.sharing.partial import PartialSharing
+from dpsgd.sharing.subsampling import SubsamplingSharing
+from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_FIELDS, Encoding, Message, MessageRejected,
+                                bitmask_bytes, check_header, check_index, declared_bytes, parse_header)
+from dpsgd.topology import Topology
+from tests.conftest import RANK_TEST_TIMEOUT_S
+
+NUMEL = 1000
+DEGREE = 3
+HUGE = 2 ** 31  # 8 GiB of float32 had the receiver believed it
+COMM_TIMEOUT_S = 60
+FAIL_FAST_S = 30  # well under comm.timeout_s: a forged header is a verdict, not a wait
+
+
+def _partial(flat: torch.Tensor, alpha: float) -> PartialSharing:
+    return PartialSharing(flat, alpha, accumulation=False, accumulate_averaging_changes=False, metadata_cap=1.0)
+
+
+def _valid_messages(sharing, rounds=range(1, 4), degree=DEGREE):
+    """Messages as `sharing` packs them from a model that changes every round."""
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.zeros(NUMEL)
+    for round_number in rounds:
+        flat += torch.randn(NUMEL, generator=generator)
+        yield sharing.pack(flat, round_number, degree)
+
+
+SHARINGS = {
+    "full": lambda flat: FullSharing(),
+    "partial_int32": lambda flat: _partial(flat, 0.02),    # 20 coordinates: 80 bytes of int32 < 125 of mask
+    "partial_bitmask": lambda flat: _partial(flat, 0.5),
+    "partial_capped": lambda flat: _partial(flat, 1.0),    # alpha reaches metadata_cap: a FULL message
+    "subsampling": lambda flat: SubsamplingSharing(flat, 0.3, seed=5, node=2),
+}
+
+
+# --- the checks on their own -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SHARINGS)
+def test_valid_messages_of_every_sharing_method_pass_the_checks(name):
+    sender = SHARINGS[name](torch.zeros(NUMEL))
+    receiver = SHARINGS[name](torch.zeros(NUMEL))
+    for message in _valid_messages(sender):
+        fields = parse_header(message.header())
+        assert check_header(fields, NUMEL, DEGREE, expected_round=message.round) is None
+        assert check_header(fields, NUMEL, DEGREE, min_round=message.round, allow_end=True) is None
+        if message.index is not None:
+            assert check_index(message.encoding, message.index, message.values.numel(), NUMEL) is None
+        if isinstance(receiver, SubsamplingSharing):
+            assert receiver.check_header(fields) is None
+            index, values = receiver.decode(message)
+            assert torch.equal(index, sender.last_sent_index) and torch.equal(values, message.values)
+        assert declared_bytes(fields) == (message.data_bytes, message.meta_bytes)
+
+
+def test_end_is_accepted_only_where_the_rwm_handshake_expects_it():
+    end = parse_header(Message(round=7, degree=DEGREE, age=0, encoding=Encoding.END, values=torch.empty(0)).header())
+    assert check_header(end, NUMEL, DEGREE, min_round=7, allow_end=True) is None
+    assert declared_bytes(end) == (0, HEADER_BYTES)
+    assert "END" in check_header(end, NUMEL, DEGREE, expected_round=7)
+    assert "END" in check_header({**end, "num_values": 5}, NUMEL, DEGREE, min_round=7, allow_end=True)
+
+
+def _valid_fields(encoding: Encoding) -> dict[str, int]:
+    num_values, num_index = {Encoding.FULL: (NUMEL, 0), Encoding.INDEX_INT32: (20, 20),
+                             Encoding.BITMASK: (400, bitmask_bytes(NUMEL)), Encoding.SEEDED_MASK: (300, 0)}[encoding]
+    return {"round": 4, "degree": DEGREE, "age": 0, "encoding": int(encoding), "num_values": num_values,
+            "num_index": num_index, "seed": 123}
+
+
+FORGERIES = [  # (encoding, field, forged value, words the reason must contain)
+    *[(encoding, "num_values", value, "num_values")
+      for encoding in (Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.SEEDED_MASK)
+      for value in (-1, NUMEL + 1, HUGE, 2 ** 62, -(2 ** 63))],
+    (Encoding.FULL, "num_values", NUMEL - 1, "FULL"),
+    (Encoding.FULL, "num_index", 1, "num_index"),
+    (Encoding.INDEX_INT32, "num_index", 21, "num_index"),         # one index per value
+    (Encoding.INDEX_INT32, "num_index", -20, "num_index"),
+    (Encoding.BITMASK, "num_index", bitmask_bytes(NUMEL) + 1, "num_index"),
+    (Encoding.BITMASK, "num_index", HUGE, "num_index"),
+    (Encoding.SEEDED_MASK, "num_index", 4, "num_index"),
+    *[(Encoding.FULL, "encoding", value, "encoding") for value in (-1, 5, 99, 2 ** 40)],
+    (Encoding.FULL, "encoding", int(Encoding.END), "END"),         # D-PSGD has no END
+    *[(Encoding.BITMASK, "degree", value, "degree") for value in (DEGREE + 1, 0, -DEGREE, HUGE)],
+    *[(Encoding.SEEDED_MASK, "round", value, "round") for value in (3, 5, 0, -4, HUGE)],
+    (Encoding.FULL, "age", -1, "age"),
+]
+
+
+@pytest.mark.parametrize("encoding, field, value, words", FORGERIES)
+def test_a_forged_header_field_is_rejected_with_its_reason(encoding, field, value, words):
+    fields = _valid_fields(encoding)
+    assert check_header(fields, NUMEL, DEGREE, expected_round=4) is None
+    reason = check_header({**fields, field: value}, NUMEL, DEGREE, expected_round=4)
+    assert reason is not None and words in reason, reason
+    assert str(value) in reason or field == "encoding"
+
+
+def test_random_headers_pass_only_with_sizes_the_model_allows():
+    """Forged headers of random int64 fields: the check never raises, and what it lets through is bounded."""
+    rng = np.random.default_rng(0)
+    passed = 0
+    for trial in range(20_000):
+        scale = rng.choice([4, 2 ** 10, 2 ** 20, 2 ** 62])
+        forged = {name: int(rng.integers(-scale, scale)) for name in HEADER_FIELDS}
+        forged["encoding"] = int(rng.integers(-1, 6))
+        if trial % 2:  # keep some fields plausible so the size rules are exercised
+            forged.update(degree=DEGREE, round=4, age=abs(forged["age"]))
+            forged["num_values"], forged["num_index"] = (int(v) for v in rng.integers(-2, NUMEL + 3, size=2))
+            if trial % 4 == 1:
+                forged["num_index"] = int(rng.choice([0, forged["num_values"], bitmask_bytes(NUMEL)]))
+        reason = check_header(forged, NUMEL, DEGREE, expected_round=4)
+        if reason is None:
+            passed += 1
+            data_bytes, meta_bytes = declared_bytes(forged)
+            assert 0 <= data_bytes <= 4 * NUMEL and HEADER_BYTES <= meta_bytes <= HEADER_BYTES + 4 * NUMEL
+            assert forged["encoding"] != Encoding.END and forged["degree"] == DEGREE and forged["round"] == 4
+    assert passed > 100  # the plausible half does pass sometimes: the rules are not simply "reject all"
+
+
+def test_rwm_rounds_may_repeat_but_not_go_back_per_sender():
+    fields = _valid_fields(Encoding.FULL)
+    assert check_header(fields, NUMEL, DEGREE, min_round=4) is None
+    assert check_header(fields, NUMEL, DEGREE, min_round=3) is None
+    assert "round" in check_header(fields, NUMEL, DEGREE, min_round=5)
+    assert "round" in check_header({**fields, "round": 0}, NUMEL, DEGREE)  # RWM rounds start at 1
+
+
+INDEX_NUMEL = NUMEL + 3  # a mask with padding bits in its last byte
+INDEX_FORGERIES = [  # (encoding, index, num_values, words)
+    (Encoding.INDEX_INT32, [-1, 5, 9], 3, "outside"),        # a negative coordinate would wrap around
+    (Encoding.INDEX_INT32, [5, 9, INDEX_NUMEL], 3, "outside"),
+    (Encoding.INDEX_INT32, [2 ** 31 - 1], 1, "outside"),
+    (Encoding.INDEX_INT32, [9, 5, 7], 3, "sorted"),
+    (Encoding.INDEX_INT32, [5, 5, 7], 3, "distinct"),
+    (Encoding.BITMASK, "three_bits", 4, "sets 3 bits"),
+    (Encoding.BITMASK, "padding_bit", 1, "beyond the model"),
+]
+
+
+@pytest.mark.parametrize("encoding, index, num_values, words", INDEX_FORGERIES)
+def test_forged_index_coordinates_are_rejected(encoding, index, num_values, words):
+    numel = INDEX_NUMEL
+    if encoding == Encoding.INDEX_INT32:
+        tensor = torch.tensor(index, dtype=torch.int32)
+    else:
+        tensor = torch.zeros(bitmask_bytes(numel), dtype=torch.uint8)
+        if index == "three_bits":
+            tensor[0] = 0b1011
+        else:
+            tensor[-1] = 0b1000  # bit 3 of the last byte: coordinate numel, one past the end
+    reason = check_index(encoding, tensor, num_values, numel)
+    assert reason is not None and words in reason, reason
+
+
+def test_a_subsampling_count_disagreement_is_a_rejected_message_not_a_crash():
+    sender = SubsamplingSharing(torch.zeros(NUMEL), 0.3, seed=5, node=2)
+    receiver = SubsamplingSharing(torch.zeros(NUMEL), 0.3, seed=9, node=0)
+    message = next(_valid_messages(sender))
+    short = Message(round=1, degree=DEGREE, age=0, encoding=Encoding.SEEDED_MASK, values=message.values[:-1],
+                    seed=message.seed)
+    reason = receiver.check_header(parse_header(short.header()))
+    assert reason is not None and "sub-sampling mask" in reason and f"num_values={short.values.numel()}" in reason
+    with pytest.raises(MessageRejected, match="sub-sampling mask"):
+        receiver.decode(short)
+    other_encoding = parse_header(Message(round=1, degree=DEGREE, age=0, encoding=Encoding.FULL,
+                                          values=torch.zeros(NUMEL)).header())
+    assert "SEEDED_MASK" in receiver.check_header(other_encoding)
+
+
+def test_received_bytes_are_split_into_data_and_meta():
+    counters = ByteCounters()
+    for message in _valid_messages(_partial(torch.zeros(NUMEL), 0.02)):
+        counters.count_received(parse_header(message.header()))
+    assert counters.recv_data == 3 * 20 * 4
+    assert counters.recv_meta == 3 * (HEADER_BYTES + 20 * 4)
+    assert counters.recv == counters.recv_data + counters.recv_meta
+
+
+# --- forging ranks -------------------------------------------------------------------------------
+
+PATH = Topology(nx.path_graph(3))  # 0 - 1 - 2: node 2 hears of the forger only through node 1
+FORGER, VICTIM = 0, 1
+
+
+def _join(ctx) -> tuple[list[int], dict[int, int], FailureBoard]:
+    dist.init_process_group("gloo", store=dist.PrefixStore("pg", ctx.store), rank=ctx.rank,
+                            world_size=ctx.world_size, timeout=timedelta(seconds=COMM_TIMEOUT_S))
+    neighbours = PATH.neighbours(ctx.rank)
+    return neighbours, {peer: PATH.degree(peer) for peer in neighbours}, FailureBoard(ctx.store)
+
+
+def _forge_header(message: Message, **fields) -> Message:
+    header = message.header()
+    for name, value in fields.items():
+        header[HEADER_FIELDS.index(name)] = value
+    message.header = lambda: header  # what the link puts on the wire
+    return message
+
+
+def _cap_address_space() -> None:
+    """Let the victim allocate a few GiB more than it has, not the 8 GiB the forger declares."""
+    with open("/proc/self/status") as status:
+        vm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = (vm_kib + 3 * 2 ** 20) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def _assert_everyone_names_the_forger(failure: RankFailure, started: float, words: str) -> None:
+    assert time.monotonic() - started < FAIL_FAST_S
+    assert failure.first_failed == FORGER, failure.errors
+    assert words in failure.errors[VICTIM], failure.errors[VICTIM]
+    for rank in (VICTIM, 2):
+        assert f"node {FORGER} failed" in failure.errors[rank], failure.errors[rank]
+        assert "Traceback" not in failure.errors[rank]
+
+
+def _forged_message(forgery: str, sharing, message: Message) -> Message:
+    if forgery == "huge_num_values":
+        return _forge_header(message, num_values=HUGE)
+    if forgery == "wrong_degree":
+        return _forge_header(message, degree=PATH.degree(FORGER) + 5)
+    # A sub-sampling message one value short of what its seed's mask selects.
+    return Message(round=message.round, degree=message.degree, age=0, encoding=Encoding.SEEDED_MASK,
+                   values=message.values[:-1].clone(), seed=message.seed)
+
+
+@pytest.mark.parametrize("forgery, words", [("huge_num_values", f"num_values={HUGE}"),
+                                            ("wrong_degree", "degree=6"),
+                                            ("subsampling_count", "sub-sampling mask")])
+def test_dpsgd_forged_message_ends_the_run_naming_the_forger(forgery, words):
+    def node(ctx):
+        neighbours, peer_degrees, board = _join(ctx)
+        flat = torch.randn(NUMEL)
+        sharing = (SubsamplingSharing(flat, 0.3, seed=5, node=ctx.rank) if forgery == "subsampling_count"
+                   else FullSharing())
+        link = NeighbourLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees,
+                             header_check=getattr(sharing, "check_header", None))
+        if ctx.rank == VICTIM:
+            _cap_address_space()
+        for round_number in range(1, 4):
+            message = sharing.pack(flat, round_number, PATH.degree(ctx.rank))
+            if ctx.rank == FORGER and round_number == 2:  # round 1 shows the checks pass honest messages
+                message = _forged_message(forgery, sharing, message)
+            for received in link.exchange(message).values():
+                sharing.decode(received)
+        dist.destroy_process_group()
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True)
+    _assert_everyone_names_the_forger(failure.value, started, words)
+
+
+def test_rwm_forged_header_ends_the_run_naming_the_forger():
+    def node(ctx):
+        neighbours, peer_degrees, board = _join(ctx)
+        link = RandomWalkLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees)
+        link.start()
+        if ctx.rank == VICTIM:
+            _cap_address_space()
+        if ctx.rank == FORGER:
+            honest = Message(round=1, degree=PATH.degree(FORGER), age=3, encoding=Encoding.FULL,
+                             values=torch.randn(NUMEL))
+            link.send(VICTIM, _forge_header(honest, num_values=HUGE))
+        link.receive()  # the victim rejects the header; the others hear that it stopped
+        raise AssertionError(f"node {ctx.rank} went on after a forged header")
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True)
+    _assert_everyone_names_the_forger(failure.value, started, f"num_values={HUGE}")
+
+
+# --- honest ranks: nothing rejected, received bytes split ------------------------------------
+
+def test_honest_dpsgd_exchanges_of_every_encoding_pass_and_count_received_bytes(tmp_path):
+    sharings = [SHARINGS["full"], SHARINGS["partial_int32"], SHARINGS["partial_bitmask"]]
+
+    def model(rank: int, round_number: int) -> torch.Tensor:
+        return torch.randn(NUMEL, generator=torch.Generator().manual_seed(rank)) * round_number
+
+    def node(ctx):
+        neighbours, peer_degrees, board = _join(ctx)
+        link = NeighbourLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees)
+        encodings = []
+        for round_number, make in enumerate(sharings, start=1):
+            sharing = make(model(ctx.rank, 0))
+            sent = sharing.pack(model(ctx.rank, round_number), round_number, PATH.degree(ctx.rank))
+            for peer, message in link.exchange(sent).items():
+                encodings.append(int(message.encoding))
+                index, values = sharing.decode(message)
+                peer_flat = model(peer, round_number)
+                assert torch.equal(values, peer_flat if index is None else peer_flat[index])
+        totals = torch.tensor([link.bytes.sent_data, link.bytes.sent_meta, link.bytes.recv_data,
+                               link.bytes.recv_meta], dtype=torch.int64)
+        torch.save((encodings, totals), tmp_path / f"{ctx.rank}.pt")
+        dist.destroy_process_group()
+
+    spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S)
+    result = {rank: torch.load(tmp_path / f"{rank}.pt") for rank in range(3)}
+    assert set(result[1][0]) == {Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK}
+    # Node 1 hears nodes 0 and 2, whose only neighbour it is.
+    assert result[1][1][2:].tolist() == (result[0][1][:2] + result[2][1][:2]).tolist()
+
+
+def test_honest_rwm_walks_with_checks_pass_and_count_received_bytes(tmp_path):
+    rounds = 4
+
+    def node(ctx):
+        neighbours, peer_degrees, board = _join(ctx)
+        flat = torch.randn(NUMEL)
+        sharing = SubsamplingSharing(flat, 0.3, seed=5, node=ctx.rank)
+        link = RandomWalkLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees,
+                              header_check=sharing.check_header)
+        link.start()
+        if ctx.rank == FORGER:  # here an honest sender: rounds 1..4 to node 1, then END
+            for round_number in range(1, rounds + 1):
+                message = sharing.pack(flat, round_number, PATH.degree(ctx.rank), age=round_number)
+                message.values = message.values.clone()  # the next pack reuses the buffer while this one flies
+                link.send(VICTIM, message)
+        if ctx.rank != VICTIM:  # an END reaching node 1 early would stop its walk before it heard all four
+            ctx.store.wait(["received"], timedelta(seconds=COMM_TIMEOUT_S))
+        else:
+            for round_number in range(1, rounds + 1):
+                message = link.receive()
+                assert message is not None and message.round == round_number
+                index, values = sharing.decode(message)
+                assert torch.equal(values, message.values) and index.numel() == values.numel()
+            ctx.store.set("received", "yes")
+        link.close(rounds if ctx.rank == FORGER else 1)
+        torch.save(torch.tensor([link.bytes.sent_data, link.bytes.sent_meta, link.bytes.recv_data,
+                                 link.bytes.recv_meta]), tmp_path / f"{ctx.rank}.pt")
+        dist.destroy_process_group()
+
+    spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S)
+    sent = torch.load(tmp_path / f"{FORGER}.pt").tolist()
+    received = torch.load(tmp_path / f"{VICTIM}.pt").tolist()
+    node_2_sent = torch.load(tmp_path / "2.pt").tolist()
+    # Node 1 hears node 0's messages and END, and node 2's END (a header only).
+    assert received[2:] == [sent[0], sent[1] + node_2_sent[1]]
+
+
+# --- the rendezvous store --------------------------------------------------------------------
+
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback, or None."""
+    candidates = []
+    try:
+        candidates += subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        pass
+    for address in candidates:
+        if ":" in address or address.startswith("127."):
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address, 0))  # only an address of this machine can be bound
+            except OSError:
+                continue
+        return address
+    return None
+
+
+def test_the_rendezvous_store_serves_loopback_only():
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+
+    def node(ctx):
+        port = ctx.store.port
+        try:
+            socket.create_connection((address, port), timeout=5).close()
+        except ConnectionRefusedError:
+            refused = True
+        else:
+            refused = False
+        ctx.store.set("via_loopback", "works")  # this rank's own connection is on loopback
+        assert ctx.store.get("via_loopback") == b"works"
+        with socket.create_connection((LOOPBACK, port), timeout=5):
+            pass
+        assert refused, f"the store on port {port} accepted a connection to {address}"
+
+    spawn(node, 1, timeout_s=60)
