@@ -24,7 +24,8 @@ from dpsgd import launch
 from dpsgd.checkpoint import check_resumable
 from dpsgd import run_folder
 from dpsgd.errors import ConfigError, Interrupted, NodeFailure, raise_interrupted
-from dpsgd.experiment import check_config, prepare_data, run_node
+from dpsgd.experiment import check_config, prepare_data, ranks_for, run_node
+from dpsgd.group.compose import rank_label
 
 START_TIME_KEY = "dpsgd/start_time"
 RANK_CONTEXT: launch.RankContext | None = None
@@ -56,7 +57,7 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN and not cfg.resume:
             run_folder.claim(run_dir)  # a single run's folder was claimed by the Hydra callback
-        check_config(cfg, cfg.nodes)
+        check_config(cfg)  # standalone: the ranks follow from nodes and nodes_per_rank
         if cfg.resume:
             check_resumable(cfg, run_dir, all_nodes_local=True)
         dataset = prepare_data(cfg)  # before forking: ranks inherit or memory-map it
@@ -66,10 +67,11 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
             run_folder.release(run_dir)  # nothing was written: the same folder may be used again
         _exit(str(error), launch.EXIT_CONFIG_ERROR)
     print(f"[dpsgd] {cfg.dataset.name}: {dataset.describe()}", flush=True)
-    print(f"[dpsgd] {cfg.nodes} nodes on this machine, results in {run_dir}", flush=True)
+    grouping = f" in {ranks_for(cfg)} ranks of {cfg.nodes_per_rank}" if cfg.nodes_per_rank > 1 else ""
+    print(f"[dpsgd] {cfg.nodes} nodes{grouping} on this machine, results in {run_dir}", flush=True)
     try:
-        launch.spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), cfg.nodes,
-                     grace_s=cfg.comm.timeout_s + 30, quiet_failures=True)
+        launch.spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), ranks_for(cfg),
+                     grace_s=cfg.comm.timeout_s + 30, quiet_failures=True, label=rank_label(cfg.nodes_per_rank))
     except launch.RankFailure as failure:
         details = failure.errors.get(failure.first_failed, "")
         _exit(f"{failure}\n{details}" if "crashed" in details else str(failure), launch.EXIT_NODE_FAILURE)
@@ -112,9 +114,15 @@ def main() -> None:
     global RANK_CONTEXT
     if launch.under_torchrun():
         RANK_CONTEXT = launch.context_from_env()
-        if not any(arg.startswith("nodes=") for arg in sys.argv[1:]):
+        given = {arg.split("=")[0] for arg in sys.argv[1:] if "=" in arg}
+        if "nodes" not in given:
             # `torchrun --nnodes 4 --nproc_per_node 24 train.py ...` means 96 nodes: the world decides.
             _add_overrides([f"nodes={RANK_CONTEXT.world_size}"])
+        elif "nodes_per_rank" not in given:
+            # `torchrun --nproc_per_node 4 train.py nodes=1000`: 250 nodes on each rank.
+            nodes = next(arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("nodes="))
+            if nodes.isdigit() and int(nodes) % RANK_CONTEXT.world_size == 0:
+                _add_overrides([f"nodes_per_rank={int(nodes) // RANK_CONTEXT.world_size}"])
         if RANK_CONTEXT.rank != 0:
             _add_overrides(["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
     start = _agree_start_time(RANK_CONTEXT)

@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,7 @@ def overrides_for(row: Row, args: argparse.Namespace) -> list[str]:
 
 def run_row(row: Row, args: argparse.Namespace) -> Path:
     run_dir = args.runs_dir / row.name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun replaces the row's run: a run never reuses a folder
     command = [sys.executable, str(REPO / "train.py"), *overrides_for(row, args), f"hydra.run.dir={run_dir}"]
     print(f"[study] {row.name}: {' '.join(command[1:])}", flush=True)
     started = time.monotonic()

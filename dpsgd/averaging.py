@@ -48,6 +48,16 @@ def merge_fill_own(flat: torch.Tensor, self_weight: float, contributions: list[C
         flat.index_add_(0, index, update)
 
 
+def average_full_into(out: torch.Tensor, flat: torch.Tensor, self_weight: float,
+                      contributions: list[Contribution]) -> None:
+    """out = self_weight * flat + sum_j w_j v_j: Metropolis-Hastings averaging of whole models,
+    written to another buffer so that the inputs (a node group's rows) stay as they were
+    while the group's other nodes read them."""
+    torch.mul(flat, self_weight, out=out)
+    for contribution in contributions:
+        out.add_(contribution.values, alpha=contribution.weight)
+
+
 def merge_renormalize(flat: torch.Tensor, self_weight: float, contributions: list[Contribution],
                       own_index: torch.Tensor | None = None) -> None:
     """Per coordinate, a weighted mean over the nodes that have a value for it (see module doc)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, fields
 from datetime import timedelta
 from pathlib import Path
@@ -64,11 +65,12 @@ class Checkpoints:
         self.store = store
         self.directory = checkpoint_dir(run_dir, rank)
 
-    def start_round(self, resume: bool, timeout_s: float) -> int:
-        """0 for a fresh run; on resume, the latest round every node saved (all nodes agree)."""
-        if not resume:
-            return 0
+    def announce(self) -> None:
+        """Tell the others which rounds this node has saved (a rank hosting a group announces each node first)."""
         self.store.set(f"resume/{self.rank}", json.dumps(saved_rounds(self.run_dir, self.rank)))
+
+    def agree(self, timeout_s: float) -> int:
+        """Once every node announced: the latest round all of them saved."""
         keys = [f"resume/{node}" for node in range(self.world_size)]
         self.store.wait(keys, timedelta(seconds=timeout_s))
         return latest_common_round([json.loads(raw) for raw in self.store.multi_get(keys)], self.run_dir)
@@ -128,7 +130,9 @@ def load_checkpoint(path: Path, numel: int | None = None) -> dict:
     `weights_only=True`: unpickling runs no code, so a tampered file cannot act on resume.
     """
     try:
-        state = torch.load(path, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles; the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncation, foreign pickles and I/O fail in many ways
         raise _unusable(path, f"it cannot be read safely: {type(error).__name__}: "
                               f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'}") from None
@@ -148,6 +152,21 @@ def _unusable(path: Path, why: str) -> ConfigError:
     return ConfigError(f"The checkpoint {path} cannot be resumed from: {why}. It may be truncated or not "
                        f"written by dpsgd. Delete it (the run then resumes from an earlier round every node "
                        f"saved, if any) or start a new run without resume=true.", rank_specific=True)
+
+
+def agree_on_start_round(checkpoints: list[Checkpoints], resume: bool, rounds: int, timeout_s: float) -> int:
+    """The round a run starts after, agreed by all nodes: 0, or on resume the latest every node saved.
+
+    A rank hosting several nodes announces all of them before waiting for the others'
+    (announcing and waiting node by node would deadlock the ranks).
+    """
+    if not resume:
+        return 0
+    for node_checkpoints in checkpoints:
+        node_checkpoints.announce()
+    start_round = checkpoints[0].agree(timeout_s)
+    check_rounds(rounds, start_round)
+    return start_round
 
 
 def check_rounds(rounds: int, start_round: int) -> None:

@@ -81,8 +81,10 @@ class FailureBoard:
     board lets every node name the original failure instead of the neighbour it saw go.
     """
 
-    def __init__(self, store: dist.Store):
+    def __init__(self, store: dist.Store, label: Callable[[int], str] = "node {}".format):
+        """`label(rank)` names a failing party: "node 3", or for node groups "rank 1 (nodes 24-47)"."""
         self.store = store
+        self.label = label
 
     def report(self, node: int, message: str) -> str:
         """Record `message` about `node` unless an earlier failure is recorded; return the first."""
@@ -94,10 +96,10 @@ class FailureBoard:
 
     def failure(self, rank: int, peer: int, seen: str) -> NodeFailure:
         """The error this node stops with: it names the first node that failed in the run."""
-        first = self.report(peer, seen if peer == rank else f"node {rank} saw: {seen}")
+        first = self.report(peer, seen if peer == rank else f"{self.label(rank)} saw: {seen}")
         failed_node, text = first.split("|", 1)
-        return NodeFailure(f"node {rank} stops: node {failed_node} failed ({text}). The run cannot continue "
-                           f"without it; rounds completed so far are in nodes/*.jsonl.",
+        return NodeFailure(f"{self.label(rank)} stops: {self.label(int(failed_node))} failed ({text}). The run "
+                           f"cannot continue without it; rounds completed so far are in nodes/*.jsonl.",
                            failed_node=int(failed_node))
 
 
@@ -160,7 +162,7 @@ class _Link:
         if self.liveness is not None:
             verdict = self.liveness.suspect(waited_for=peer)
             if verdict.found:
-                peer, seen = verdict.node, f"{verdict.why}; node {self.rank} saw: {seen}"
+                peer, seen = verdict.node, f"{seen}, and the heartbeats show {verdict.why}"
         return self._stop(peer, seen)
 
     def _stop(self, culprit: int, seen: str) -> NodeFailure:
@@ -396,7 +398,7 @@ class RandomWalkLink(_Link):
         verdict = None if self.liveness is None else self.liveness.suspect(waited_for=self.rank)
         if verdict is None or verdict.node == self.rank:
             raise self._stop(self.rank, silence)
-        raise self._stop(verdict.node, f"{verdict.why}; {silence}")
+        raise self._stop(verdict.node, f"{silence}, and the heartbeats show {verdict.why}")
 
     def _drain_failures(self) -> None:
         while not self._arrivals.empty():

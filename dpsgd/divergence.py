@@ -24,25 +24,34 @@ STOP_KEY = "diverged/stop_after"
 
 
 class DivergenceWatch:
-    """One node's view: notes its own divergence, and says when it must stop."""
+    """A rank's view (for its one node, or every node of its group): notes divergence, says when to stop."""
 
-    def __init__(self, store: dist.Store, rank: int, stop: bool, stop_margin: int | None):
+    def __init__(self, store: dist.Store, stop: bool, stop_margin: int | None):
         """`stop_margin`: rounds between the first divergence and the common stop (None: stop at once)."""
         self.store = store
-        self.rank = rank
         self.stop = stop
         self.stop_margin = stop_margin
-        self._noted = False
+        self._noted: set[int] = set()
         self._stop_after: int | None = None
 
-    def must_stop(self, round_number: int, batch_loss: float, flat: torch.Tensor) -> bool:
-        """After a round: note a divergence; True when this node stops after this round."""
-        if not self._noted and not (math.isfinite(batch_loss) and bool(torch.isfinite(flat).all())):
-            self._noted = True
-            self.store.set(f"{DIVERGED_PREFIX}/{self.rank}", str(round_number))
-            if self.stop:
-                stop_after = round_number + (self.stop_margin or 0)
-                self.store.compare_set(STOP_KEY, "", str(stop_after))
+    def note(self, node: int, round_number: int, batch_loss: float, flat: torch.Tensor, check_model: bool) -> None:
+        """After a node's round: record its first non-finite loss, or parameter when `check_model`.
+
+        The loss is checked every round. The model costs a pass over it, so it is checked on
+        evaluated rounds only (a non-finite parameter that no batch touches changes no loss).
+        The sum is non-finite exactly when a parameter is (or when they are so large that
+        they sum past float32's range, which is divergence too).
+        """
+        finite = math.isfinite(batch_loss) and (not check_model or math.isfinite(float(flat.sum())))
+        if node in self._noted or finite:
+            return
+        self._noted.add(node)
+        self.store.set(f"{DIVERGED_PREFIX}/{node}", str(round_number))
+        if self.stop:
+            self.store.compare_set(STOP_KEY, "", str(round_number + (self.stop_margin or 0)))
+
+    def must_stop(self, round_number: int) -> bool:
+        """True when the rank's node(s) stop after this round (one store lookup per round, not per node)."""
         if not self.stop:
             return False
         if self._stop_after is None and self.store.check([STOP_KEY]):

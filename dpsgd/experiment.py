@@ -11,24 +11,26 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from dpsgd.algorithms.dpsgd import run_dpsgd
-from dpsgd.algorithms.rwm import run_rwm
+from dpsgd.algorithms.dpsgd import run_dpsgd, run_dpsgd_group
+from dpsgd.algorithms.rwm import run_rwm, run_rwm_group
 from dpsgd.averaging import MERGE_RULES
-from dpsgd.checkpoint import Checkpoints, check_resumable, check_rounds
+from dpsgd.checkpoint import Checkpoints, agree_on_start_round, check_resumable
 from dpsgd.communication import FailureBoard, NeighbourLink, RandomWalkLink
 from dpsgd.data.datasets import DATASETS, NodeData, prepare_dataset
 from dpsgd.divergence import DivergenceWatch, describe, divergence_report
 from dpsgd.errors import ConfigError, NodeFailure
+from dpsgd.group.compose import build_group, hosted_nodes
 from dpsgd.launch import RankContext
 from dpsgd.liveness import Liveness
 from dpsgd.metrics import EvalSchedule, RoundRecorder
 from dpsgd.models import build_model
-from dpsgd.models.flat import flatten_model
+from dpsgd.models.flat import bind_model_to, flatten_model
 from dpsgd.node import Node
 from dpsgd.run_folder import check_fresh_node, write_atomic
 from dpsgd.run_outputs import (Aggregator, NodeLog, RunInfo, earlier_rounds, publish_rounds_completed,
@@ -42,17 +44,19 @@ from dpsgd.training import (BatchStream, ClassificationTask, RatingsTask, Task, 
 
 # Each communication pattern: its loop, and the transport that loop needs.
 ALGORITHMS = {"dpsgd": (run_dpsgd, NeighbourLink), "rwm": (run_rwm, RandomWalkLink)}
+# The same patterns for a rank hosting a group of nodes (dpsgd.group).
+GROUP_ALGORITHMS = {"dpsgd": run_dpsgd_group, "rwm": run_rwm_group}
 # What test_loss means, per task.
 TEST_LOSS_METRIC = {"ratings": "rmse", "classification": "cross_entropy"}
 
 
-def check_config(cfg: DictConfig, world_size: int) -> Topology:
-    """Find configuration mistakes before any rank trains; return the validated topology."""
+def check_config(cfg: DictConfig, world_size: int | None = None) -> Topology:
+    """Find configuration mistakes before any rank trains; return the validated topology.
+
+    `world_size`: the ranks that were started (None before forking them: they follow from the config).
+    """
     check_values(cfg)  # every key's type and range first: the checks below rely on them
-    if cfg.nodes != world_size:
-        raise ConfigError(f"nodes={cfg.nodes} but {world_size} ranks were started. Under torchrun the "
-                          f"node count is the world size (nnodes x nproc_per_node): set nodes={world_size} "
-                          f"or start {cfg.nodes} ranks.")
+    _check_grouping(cfg, ranks_for(cfg) if world_size is None else world_size)
     if cfg.algorithm.name not in ALGORITHMS:
         raise ConfigError(f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of "
                           f"{sorted(ALGORITHMS)}, e.g. `algorithm=dpsgd`.")
@@ -70,40 +74,64 @@ def check_config(cfg: DictConfig, world_size: int) -> Topology:
     return _topology(cfg)
 
 
+def ranks_for(cfg: DictConfig) -> int:
+    """How many ranks a run of `nodes` nodes, `nodes_per_rank` on each, needs (at least one)."""
+    return max(1, cfg.nodes // cfg.nodes_per_rank)
+
+
+def _check_grouping(cfg: DictConfig, world_size: int) -> None:
+    per_rank = cfg.nodes_per_rank
+    if cfg.nodes % per_rank:
+        raise ConfigError(f"nodes={cfg.nodes} cannot be split into groups of nodes_per_rank={per_rank}: every rank "
+                          f"hosts the same number of nodes. Choose nodes_per_rank dividing {cfg.nodes}, e.g. "
+                          f"`nodes_per_rank={max(d for d in range(1, per_rank + 1) if cfg.nodes % d == 0)}`.")
+    if cfg.nodes != world_size * per_rank:
+        raise ConfigError(f"nodes={cfg.nodes} with nodes_per_rank={per_rank} needs {cfg.nodes // per_rank} ranks, "
+                          f"but {world_size} were started. Under torchrun the ranks are nnodes x nproc_per_node: "
+                          f"give nodes (a multiple of the world size) or start {cfg.nodes // per_rank} ranks.")
+
+
 def prepare_data(cfg: DictConfig):
     """Parse (or generate) the data set once; the cache makes later calls cheap."""
     return prepare_dataset(cfg.dataset.name, _options(cfg.dataset), cfg.seed, Path(cfg.cache_dir).expanduser())
 
 
 def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> None:
-    """Everything one rank does in a run, from joining the process group to leaving it."""
+    """Everything one rank does in a run, from joining the process group to leaving it.
+
+    A rank hosts one node, or with `nodes_per_rank` > 1 a group of them (`dpsgd.group`).
+    """
     torch.set_num_threads(cfg.threads_per_rank)
     topology = check_config(cfg, ctx.world_size)
-    _check_run_folder(cfg, run_dir, ctx.rank)
+    hosted = hosted_nodes(ctx.rank, cfg.nodes_per_rank)
+    for node_id in hosted:
+        _check_run_folder(cfg, run_dir, node_id)
     dataset = dataset or _prepare_on_every_rank(cfg, ctx.rank)
     store = _join_process_group(cfg, ctx, run_dir)
-    checkpoints = Checkpoints(run_dir, ctx.rank, ctx.world_size, cfg.checkpoint.every, store)
-    start_round = checkpoints.start_round(cfg.resume, cfg.comm.timeout_s)
-    check_rounds(cfg.rounds, start_round)
+    checkpoints = {node_id: Checkpoints(run_dir, node_id, cfg.nodes, cfg.checkpoint.every, store) for node_id in hosted}
+    start_round = agree_on_start_round(list(checkpoints.values()), cfg.resume, cfg.rounds, cfg.comm.timeout_s)
     if ctx.rank == 0:
         write_run_files(cfg, dataset, run_dir)
-    node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round, checkpoints)
-    elapsed_s, algorithm_state = checkpoints.restore(node, start_round)
-    aggregator = _start_aggregator(cfg, node, store, run_dir, dataset.task, start_round) if ctx.rank == 0 else None
+    nodes, run_algorithm = _build_hosted(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints)
+    restored = {node.rank: checkpoints[node.rank].restore(node, start_round) for node in nodes}
+    elapsed_s = restored[nodes[0].rank][0]
+    aggregator = _start_aggregator(cfg, nodes[0], store, run_dir, dataset.task, start_round) if ctx.rank == 0 else None
     if start_round:  # rank 0 may not have aggregated every round the nodes had logged
-        republish_kept_rounds(store, ctx.rank, node.recorder.log, int(store.get("resume/aggregated")),
-                              node.schedule)
+        aggregated = int(store.get("resume/aggregated"))
+        for node in nodes:
+            republish_kept_rounds(store, node.rank, node.recorder.log, aggregated, node.schedule)
     _barrier(ctx.rank)
-    node.recorder.start_clock(elapsed_s)
+    for node in nodes:
+        node.recorder.start_clock(elapsed_s)
     if aggregator is not None:
         aggregator.start_clock(elapsed_s)
         if start_round:
             print(f"[dpsgd] resumed after round {start_round}", flush=True)
-    run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
-    rounds_completed = run_algorithm(node, cfg.rounds, start_round, algorithm_state)
-    node.recorder.log.close()
-    node.liveness.end("done")
-    publish_rounds_completed(store, ctx.rank, rounds_completed)
+    rounds_completed = run_algorithm(cfg.rounds, start_round, {node: state for node, (_, state) in restored.items()})
+    for node in nodes:
+        node.recorder.log.close()
+        publish_rounds_completed(store, node.rank, rounds_completed[node.rank])
+    nodes[0].liveness.end("done")
     _barrier(ctx.rank)
     if aggregator is not None:
         diverged = divergence_report(store, cfg.nodes)
@@ -111,6 +139,25 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
             print(f"[dpsgd] {describe(diverged)}", flush=True)
         _print_final(aggregator.finish(diverged=diverged), run_dir)
     dist.destroy_process_group()
+
+
+def _build_hosted(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, store: dist.Store, run_dir: Path,
+                  start_round: int, checkpoints: dict[int, Checkpoints]) -> tuple[list[Node], Callable]:
+    """The rank's node(s), and its algorithm as run(rounds, start_round, states) -> {node: rounds completed},
+    where `states` maps each node to what its checkpoint kept for the algorithm (RWM's age)."""
+    if cfg.nodes_per_rank == 1:
+        node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round, checkpoints[ctx.rank])
+        run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
+        return [node], lambda rounds, start, states: {node.rank: run_algorithm(node, rounds, start, states[node.rank])}
+    group = build_group(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints,
+                        divergence=_divergence_watch(cfg, topology, store))
+    run_group = GROUP_ALGORITHMS[cfg.algorithm.name]
+    return group.nodes, lambda rounds, start, states: _per_node(run_group(group, rounds, start, states), group)
+
+
+def _per_node(completed, group) -> dict[int, int]:
+    """D-PSGD groups complete the same rounds on every node; RWM groups say per node."""
+    return completed if isinstance(completed, dict) else {node.rank: completed for node in group.nodes}
 
 
 def _check_run_folder(cfg: DictConfig, run_dir: Path, rank: int) -> None:
@@ -166,25 +213,31 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: d
     node = Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=sharing,
                 merge=MERGE_RULES[cfg.sharing.merge], link=link, recorder=recorder, schedule=schedule,
                 evaluate=lambda: _evaluate(cfg, trainer, data), rng=numpy_rng(cfg.seed, "neighbour_choice", rank),
-                checkpoints=checkpoints, divergence=_divergence_watch(cfg, topology, store, rank), liveness=liveness)
+                checkpoints=checkpoints, divergence=_divergence_watch(cfg, topology, store), liveness=liveness)
     return node
 
 
-def _divergence_watch(cfg: DictConfig, topology: Topology, store: dist.Store, rank: int) -> DivergenceWatch:
+def _divergence_watch(cfg: DictConfig, topology: Topology, store: dist.Store) -> DivergenceWatch:
     """D-PSGD nodes stop together, diameter + 1 rounds after the first divergence; RWM nodes at once."""
-    margin = topology.diameter() + 1 if cfg.algorithm.name == "dpsgd" else None
-    return DivergenceWatch(store, rank, cfg.train.stop_on_divergence, margin)
+    margin = topology.diameter + 1 if cfg.algorithm.name == "dpsgd" else None
+    return DivergenceWatch(store, cfg.train.stop_on_divergence, margin)
 
 
-def build_trainer(cfg: DictConfig, dataset, data: NodeData, rank: int) -> tuple[Trainer, torch.Tensor]:
+def build_trainer(cfg: DictConfig, dataset, data: NodeData, rank: int,
+                  row: torch.Tensor | None = None) -> tuple[Trainer, torch.Tensor]:
     """A node's model, optimizer, batch stream and task from the config, and the flat vector
-    that holds the model's parameters (`dpsgd.models.flat`).
+    that holds the model's parameters (`dpsgd.models.flat`): a new one, or `row` (a node
+    group's row for this node).
 
     Used by every node of a run and by the centralized reference (`benchmarks/centralized.py`),
     so both train exactly the same way.
     """
     model = build_model(cfg.model.name, dataset.dims, cfg.seed, **_model_options(cfg, data))
-    flat = flatten_model(model)
+    if row is None:
+        flat = flatten_model(model)
+    else:
+        bind_model_to(model, row)
+        flat = row
     optimizer = build_optimizer(cfg.optimizer.name, model.parameters(), **_options(cfg.optimizer))
     batches = BatchStream(data.train, cfg.train.batch_size, torch_generator(cfg.seed, "batches", rank))
     trainer = Trainer(model, optimizer, build_task(cfg, dataset.task), batches, cfg.train.local_steps,

@@ -124,6 +124,7 @@ def spawn(
     timeout_s: float | None = None,
     grace_s: float = 30.0,
     quiet_failures: bool = False,
+    label: Callable[[int], str] = "node {}".format,
 ) -> None:
     """Fork `world_size` ranks running `fn`, wait for all, raise RankFailure if any failed.
 
@@ -141,7 +142,7 @@ def spawn(
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(
                 target=_rank_main,
-                args=(fn, rank, world_size, port, listener.fileno(), writer, quiet_failures, parent),
+                args=(fn, rank, world_size, port, listener.fileno(), writer, quiet_failures, parent, label),
                 name=f"dpsgd-node-{rank}",
                 daemon=True,
             )
@@ -166,7 +167,7 @@ def spawn(
         for number, handler in previous.items():
             signal.signal(number, handler)
         del store
-    _raise_on_failure(processes, error_pipes, killed)
+    _raise_on_failure(processes, error_pipes, killed, label)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -177,7 +178,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failures, parent) -> None:
+def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failures, parent, label) -> None:
     """Body of one forked rank: connect to the parent's store, run, report how it ended."""
     _die_with_parent(parent)
     os.close(listener_fd)  # the parent's store socket: only the parent may hold it
@@ -198,7 +199,7 @@ def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failur
         _report(error_pipe, str(error), None, quiet_failures or rank != 0)
     except BaseException:  # noqa: BLE001 - a rank must always report, then exit
         code = 1
-        _report(error_pipe, f"node {rank} crashed:\n{traceback.format_exc()}", rank, quiet_failures)
+        _report(error_pipe, f"{label(rank)} crashed:\n{traceback.format_exc()}", rank, quiet_failures)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -250,7 +251,7 @@ def _kill_all(processes) -> set[int]:
     return killed
 
 
-def _raise_on_failure(processes, error_pipes, killed: set[int]) -> None:
+def _raise_on_failure(processes, error_pipes, killed: set[int], label: Callable[[int], str]) -> None:
     errors: dict[int, str] = {}
     blamed_by: dict[int, int] = {}  # failing rank -> the node it blames
     for rank, (process, pipe) in enumerate(zip(processes, error_pipes)):
@@ -260,14 +261,14 @@ def _raise_on_failure(processes, error_pipes, killed: set[int]) -> None:
             if report[1] is not None:
                 blamed_by[rank] = report[1]
         elif rank in killed:
-            errors[rank] = f"node {rank} was stopped: it had not ended on its own within the grace period"
+            errors[rank] = f"{label(rank)} was stopped: it had not ended on its own within the grace period"
         elif process.exitcode != 0:
-            errors[rank] = f"node {rank} died ({_describe_exit(process.exitcode)})"
+            errors[rank] = f"{label(rank)} died ({_describe_exit(process.exitcode)})"
         pipe.close()
     if not errors:
         return
     first_failed = _first_failed(processes, errors, list(blamed_by.values()), killed)
-    raise RankFailure(_failure_summary(errors, blamed_by, first_failed, killed), errors, first_failed)
+    raise RankFailure(_failure_summary(errors, blamed_by, first_failed, killed, label), errors, first_failed)
 
 
 def _read_report(pipe) -> tuple[str, int | None] | None:
@@ -298,13 +299,13 @@ def _describe_exit(exitcode: int) -> str:
 
 
 def _failure_summary(errors: dict[int, str], blamed_by: dict[int, int], first_failed: int | None,
-                     killed: set[int]) -> str:
+                     killed: set[int], label: Callable[[int], str]) -> str:
     """One line: the first failure, in the words of a node that blamed it (it saw what happened),
     and whether the launcher had to kill it (a frozen node never stops on its own)."""
     witnesses = [rank for rank, node in blamed_by.items() if node == first_failed]
     cause = errors.get(witnesses[0] if witnesses else first_failed, "") if first_failed is not None else ""
-    line = (f"{len(errors)} node(s) failed; the first was node {first_failed}: "
+    line = (f"{len(errors)} rank(s) failed; the first was {label(first_failed)}: "
             f"{cause.strip().splitlines()[0] if cause else 'unknown cause'}")
     if first_failed in killed:
-        line += f" [node {first_failed} did not stop on its own; it was killed after the grace period]"
+        line += f" [{label(first_failed)} did not stop on its own; it was killed after the grace period]"
     return line

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch.distributed as dist
 
@@ -50,9 +51,12 @@ class Verdict:
 class Liveness:
     """This node's heartbeat, and the verdict on who stalled when a wait expires."""
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, slow_after_s: float):
-        """`slow_after_s`: a node busy outside communication this long counts as too slow."""
+    def __init__(self, store: dist.Store, rank: int, world_size: int, slow_after_s: float,
+                 label: Callable[[int], str] = "node {}".format):
+        """`slow_after_s`: a node busy outside communication this long counts as too slow;
+        `label(rank)` names a rank in verdicts ("node 3", or "rank 1 (nodes 24-47)" for node groups)."""
         self.store = store
+        self.label = label
         self.slow_after_s = slow_after_s
         self.rank = rank
         self.world_size = world_size
@@ -94,13 +98,13 @@ class Liveness:
                 break
         if stalled:
             node = max(stalled, key=lambda n: second[n].phase_s if n in second else float("inf"))
-            return Verdict(node, f"node {node} stopped answering: its heartbeat stopped (frozen or dead)")
+            return Verdict(node, f"{self.label(node)} stopped answering: its heartbeat stopped (frozen or dead)")
         busy = {node: beat for node, beat in second.items() if node != self.rank
                 and beat.phase not in WAITING_PHASES + ENDED_PHASES and beat.phase_s >= self.slow_after_s}
         if busy:
             node = max(busy, key=lambda n: busy[n].phase_s)
             beat = busy[node]
-            return Verdict(node, f"node {node} has been in its {beat.phase} phase for {beat.phase_s:.0f} s while "
+            return Verdict(node, f"{self.label(node)} has been in its {beat.phase} phase for {beat.phase_s:.0f} s while "
                                  "its neighbours waited for it (too slow for comm.timeout_s)")
         return Verdict(waited_for, f"neighbour {waited_for} did not answer", found=False)
 

@@ -44,7 +44,10 @@ class Node:
 
     def stops_after(self, round_number: int, batch_loss: float) -> bool:
         """After a round: True when the run stops here because training diverged."""
-        return self.divergence is not None and self.divergence.must_stop(round_number, batch_loss, self.flat)
+        if self.divergence is None:
+            return False
+        self.divergence.note(self.rank, round_number, batch_loss, self.flat, self.schedule.due(round_number))
+        return self.divergence.must_stop(round_number)
 
     def checkpoint(self, round_number: int, algorithm_state: dict) -> None:
         """After a round: save the node's state if a checkpoint is due (algorithms call this)."""

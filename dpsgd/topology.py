@@ -9,6 +9,7 @@ stochastic matrix.
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import networkx as nx
@@ -38,6 +39,7 @@ class Topology:
     def degree(self, node: int) -> int:
         return self.graph.degree(node)
 
+    @cached_property
     def diameter(self) -> int:
         """The most hops between two nodes: how far apart in rounds synchronous D-PSGD nodes can drift."""
         return nx.diameter(self.graph)

@@ -75,9 +75,11 @@ class RatingsTask:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         user, item, rating = batch
-        error = model(user, item) - rating
-        penalty = model.factor_penalty(user, item)
-        return (0.5 * error.pow(2) + 0.5 * self.regularization * penalty).mean()
+        return self.example_losses(model(user, item) - rating, model.factor_penalty(user, item)).mean()
+
+    def example_losses(self, error: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        """Per rating: half the squared error plus half lambda times the factor penalty."""
+        return 0.5 * error.pow(2) + 0.5 * self.regularization * penalty
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> dict[str, float]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from dpsgd.averaging import Contribution
+from typing import TYPE_CHECKING
+
+from dpsgd.averaging import Contribution, average_full_into, merge_fill_own
 from dpsgd.node import Node
-from dpsgd.sharing.wire import Message
+from dpsgd.sharing.wire import Encoding, Message
 from dpsgd.topology import mh_weights
+
+if TYPE_CHECKING:
+    from dpsgd.group.compose import NodeGroup
 
 
 def run_dpsgd(node: Node, rounds: int, start_round: int = 0, state: dict | None = None) -> int:
@@ -29,10 +34,81 @@ def run_dpsgd(node: Node, rounds: int, start_round: int = 0, state: dict | None 
     return rounds
 
 
-def contributions(node: Node, received: dict[int, Message]) -> tuple[float, list[Contribution]]:
-    """Weigh each neighbour's message by Metropolis-Hastings, using the degree it announced."""
+def contributions(node: Node, received: dict[int, Message],
+                  decoded: dict[int, tuple] | None = None) -> tuple[float, list[Contribution]]:
+    """Weigh each neighbour's message by Metropolis-Hastings, using the degree it announced.
+
+    `decoded`: messages already decoded (a node group decodes each sender's message once).
+    """
     self_weight, weights = mh_weights(node.degree, {peer: message.degree for peer, message in received.items()})
-    decoded = {peer: node.sharing.decode(message) for peer, message in received.items()}
-    return self_weight, [Contribution(weight=weights[peer], values=values, index=index,
+    if decoded is None:
+        decoded = {peer: node.sharing.decode(message) for peer, message in received.items()}
+    return self_weight, [Contribution(weight=weights[peer], values=decoded[peer][1], index=decoded[peer][0],
                                       degree=received[peer].degree)
-                         for peer, (index, values) in decoded.items()]
+                         for peer in received]
+
+
+def run_dpsgd_group(group: "NodeGroup", rounds: int, start_round: int = 0, state: dict | None = None) -> int:
+    """D-PSGD for every node a rank hosts: the same rounds, node for node, as `run_dpsgd`.
+
+    Phase times are the group's: every hosted node reports the seconds its rank spent
+    training all of them, exchanging and merging all of them, evaluating all of them.
+    """
+    for round_number in range(start_round + 1, rounds + 1):
+        clock = group.clock()
+        with clock.phase("train"):
+            batch_losses = group.train_round()
+        with clock.phase("comm"):
+            outgoing = {node.rank: node.sharing.pack(node.flat, round_number, node.degree) for node in group.nodes}
+            received = group.link.exchange(outgoing)
+            _merge_group(group, outgoing, received)
+        with clock.phase("eval"):
+            metrics = [node.evaluate() if node.schedule.due(round_number) else {} for node in group.nodes]
+        for node, batch_loss, measured in zip(group.nodes, batch_losses, metrics):
+            node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, **measured)
+            node.divergence.note(node.rank, round_number, batch_loss, node.flat, node.schedule.due(round_number))
+        if group.nodes[0].divergence.must_stop(round_number):
+            return round_number  # every node of every rank stops after this same round (dpsgd.divergence)
+        for node in group.nodes:
+            node.checkpoint(round_number, {})
+    return rounds
+
+
+def _merge_group(group: "NodeGroup", outgoing: dict[int, Message], received: dict[int, dict[int, Message]]) -> None:
+    """Every hosted node merges what its neighbours sent, each exactly as it would alone.
+
+    Whole models under fill_own are averaged out of place into the group's spare rows,
+    which then become the rows: nobody's input changes while others read it, at no copy.
+    Otherwise nodes merge in place, after the messages that are live rows were copied.
+    """
+    whole = group.nodes[0].merge is merge_fill_own and all(
+        message.encoding == Encoding.FULL for messages in received.values() for message in messages.values())
+    if not whole:
+        _detached(outgoing, group.rows)  # before decoding: decoded values must point at the copies
+    decoder = group.nodes[0].sharing  # every node's method decodes alike: once per sender
+    decoded = {sender: decoder.decode(message) for messages in received.values() for sender, message in messages.items()}
+    for g, node in enumerate(group.nodes):
+        self_weight, weighed = contributions(node, received[node.rank], decoded)
+        if whole:
+            average_full_into(group.spare[g], node.flat, self_weight, weighed)
+        else:
+            node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
+    if whole:
+        group.swap_rows()
+    for node in group.nodes:
+        node.sharing.after_merge(node.flat)
+
+
+def _detached(outgoing: dict[int, Message], rows) -> dict[int, Message]:
+    """Messages that are the live model (full sharing sends the row itself) must not change while
+    the group's other nodes merge them: they point into one snapshot of the rows instead."""
+    live = [node for node, message in outgoing.items()
+            if message.values.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()]
+    if live:
+        snapshot = rows.clone()
+        base = rows.untyped_storage().data_ptr()
+        for node in live:
+            values = outgoing[node].values
+            start = (values.data_ptr() - base) // values.element_size()
+            outgoing[node].values = snapshot.view(-1)[start:start + values.numel()]
+    return outgoing

@@ -9,8 +9,13 @@ node completes its rounds; the stop floods the graph through END messages (see
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dpsgd.averaging import merge_by_age
 from dpsgd.node import Node
+
+if TYPE_CHECKING:
+    from dpsgd.group.compose import NodeGroup
 
 
 def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = None) -> int:
@@ -48,3 +53,61 @@ def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = 
         node.checkpoint(round_number, {"age": age})
     node.link.close(completed)
     return completed
+
+
+def run_rwm_group(group: "NodeGroup", rounds: int, start_round: int = 0,
+                  state: dict | None = None) -> dict[int, int]:
+    """RWM for every node a rank hosts; return each node's rounds completed.
+
+    A node still moves only when a model reaches it: each pass takes, for every hosted
+    node that has a model waiting, the oldest one, merges it by age, and trains those
+    nodes together, then each sends to one random neighbour. The walk ends when the first
+    node anywhere completes its rounds. `state`: per node, what its checkpoint kept (age).
+    """
+    link = group.link
+    link.start()
+    ages = {node.rank: ((state or {}).get(node.rank) or {}).get("age", 0) for node in group.nodes}
+    completed = {node.rank: start_round for node in group.nodes}
+    by_id = {node.rank: node for node in group.nodes}
+    moving, first_pass = list(group.nodes), True  # first: every node trains and sends without waiting
+    while True:
+        clock = group.clock()
+        if not first_pass:
+            with clock.phase("comm"):
+                arrived = link.ready()
+                if arrived is None:
+                    break  # another rank finished: stop before training again
+                moving = [by_id[node_id] for node_id in sorted(arrived)]
+                for node in moving:
+                    message = arrived[node.rank]
+                    index, values = node.sharing.decode(message)
+                    merge_by_age(node.flat, ages[node.rank], message.age, values, index)
+                    ages[node.rank] = max(ages[node.rank], message.age)
+                    node.sharing.after_merge(node.flat)
+        first_pass = False
+        with clock.phase("train"):
+            batch_losses = group.train_round(_positions(group, moving))
+        finished = False
+        for node, batch_loss in zip(moving, batch_losses):
+            round_number = completed[node.rank] + 1
+            ages[node.rank] += node.trainer.steps_per_round
+            with clock.phase("comm"):
+                peer = node.neighbours[node.rng.integers(len(node.neighbours))]
+                link.send(node.rank, peer, node.sharing.pack(node.flat, round_number, node.degree, ages[node.rank]))
+            with clock.phase("eval"):
+                metrics = node.evaluate() if node.schedule.due(round_number) else {}
+            node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=ages[node.rank],
+                                 sent_to=peer, **metrics)
+            completed[node.rank] = round_number
+            node.divergence.note(node.rank, round_number, batch_loss, node.flat, node.schedule.due(round_number))
+            node.checkpoint(round_number, {"age": ages[node.rank]})
+            finished |= round_number >= rounds
+        if finished or group.nodes[0].divergence.must_stop(max(completed.values())):
+            break
+    link.close()
+    return completed
+
+
+def _positions(group: "NodeGroup", nodes: list[Node]) -> list[int]:
+    first = group.nodes[0].rank
+    return [node.rank - first for node in nodes]

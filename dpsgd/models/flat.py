@@ -8,6 +8,8 @@ parameter objects because only their storage moved.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -21,16 +23,54 @@ def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 def flatten_model(model: nn.Module) -> torch.Tensor:
     """Move the model's state into one flat float32 vector and return that vector."""
-    tensors = _state_tensors(model)
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32)
+    flat = torch.empty(num_parameters(model), dtype=torch.float32)
+    bind_model_to(model, flat)
+    return flat
+
+
+def bind_model_to(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy the model's state into `flat` (e.g. one row of a node group's tensor) and make
+    every parameter and float buffer a view into it."""
     offset = 0
-    for tensor in tensors:
+    for tensor in _state_tensors(model):
         size = tensor.numel()
         view = flat[offset:offset + size].view_as(tensor)
         view.copy_(tensor.detach())
         tensor.data = view
         offset += size
-    return flat
+
+
+def rebind_model(model: nn.Module, flat: torch.Tensor) -> None:
+    """Make the model's state views into `flat` without copying (its values are already there)."""
+    offset = 0
+    for tensor in _state_tensors(model):
+        size = tensor.numel()
+        tensor.data = flat[offset:offset + size].view_as(tensor)
+        offset += size
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one named parameter (or float buffer) lives in the flat vector."""
+
+    name: str
+    offset: int
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def layout(model: nn.Module) -> list[Slot]:
+    """The flat vector's layout, in the order `flatten_model` uses."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    named += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    slots, offset = [], 0
+    for name, tensor in named:
+        slots.append(Slot(name, offset, tensor.shape))
+        offset += tensor.numel()
+    return slots
 
 
 def num_parameters(model: nn.Module) -> int:

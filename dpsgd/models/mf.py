@@ -8,6 +8,18 @@ from torch import nn
 INIT_STD = 0.1
 
 
+def predict(x_u: torch.Tensor, y_i: torch.Tensor, b_u: torch.Tensor, c_i: torch.Tensor,
+            mu: torch.Tensor) -> torch.Tensor:
+    """mu + <x_u, y_i> + b_u + c_i from the rows a batch touches (also used by node groups,
+    which gather those rows from many nodes' models at once)."""
+    return mu + (x_u * y_i).sum(dim=-1) + b_u + c_i
+
+
+def factor_penalty(x_u: torch.Tensor, y_i: torch.Tensor) -> torch.Tensor:
+    """|x_u|^2 + |y_i|^2 per example: the mini-batch share of (|X|^2 + |Y|^2)."""
+    return x_u.pow(2).sum(dim=-1) + y_i.pow(2).sum(dim=-1)
+
+
 class MatrixFactorization(nn.Module):
     """prediction(u, i) = mu + <x_u, y_i> + b_u + c_i over every user and item of the data set.
 
@@ -29,10 +41,8 @@ class MatrixFactorization(nn.Module):
         self.offset = nn.Parameter(torch.tensor(float(initial_offset)))  # last: one coordinate at the end
 
     def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-        x_u = self.user_factors[user]
-        y_i = self.item_factors[item]
-        return self.offset + (x_u * y_i).sum(dim=1) + self.user_bias[user] + self.item_bias[item]
+        return predict(self.user_factors[user], self.item_factors[item], self.user_bias[user], self.item_bias[item],
+                       self.offset)
 
     def factor_penalty(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-        """|x_u|^2 + |y_i|^2 per example: the mini-batch share of (|X|^2 + |Y|^2)."""
-        return self.user_factors[user].pow(2).sum(dim=1) + self.item_factors[item].pow(2).sum(dim=1)
+        return factor_penalty(self.user_factors[user], self.item_factors[item])

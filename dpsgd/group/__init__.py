@@ -1,0 +1,1 @@
+"""Node groups: many nodes per rank, their models the rows of one tensor."""

@@ -1,0 +1,194 @@
+"""D-PSGD messages for a group of nodes hosted by one rank.
+
+Between two nodes of the same rank a message is handed over in memory. Between ranks,
+the messages of every hosted node that has a neighbour on the other rank travel as one
+batch per pair of ranks and round: a header block (one wire header per message, the
+same fields as alone), then all values, then all indices, each one gloo isend/irecv.
+Both sides know from the topology which senders a batch holds and in what order, so
+nothing else needs to travel. A sender's message goes once to a rank however many of
+its neighbours live there, but each node's byte counters say exactly what it would have
+put on the wire and received alone (one message per neighbour), so bytes compare
+across groupings. Headers are checked before anything is allocated, as `NeighbourLink`
+does, and a bad one ends the run naming the rank that sent it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dpsgd.communication import ByteCounters, FailureBoard, describe_peer_error
+from dpsgd.sharing.wire import (HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE, Encoding, Message,
+                                check_header, check_index, parse_header)
+from dpsgd.topology import Topology
+
+HEADERS_TAG, VALUES_TAG, INDEX_TAG = 11, 12, 13
+
+
+class NodePort:
+    """What one hosted node keeps of the link: its own byte counters (checkpointed like a link's)."""
+
+    def __init__(self):
+        self.bytes = ByteCounters()
+
+
+class GroupLink:
+    """Exchange one round's messages of all hosted nodes with all their neighbours."""
+
+    def __init__(self, rank: int, rank_of: list[int], topology: Topology, numel: int, timeout_s: float,
+                 failures: FailureBoard, header_check=None, liveness=None):
+        """`rank_of[node]` is the rank hosting each node of the run."""
+        self.rank = rank
+        self.rank_of = rank_of
+        self.topology = topology
+        self.numel = numel
+        self.timeout_s = timeout_s
+        self.failures = failures
+        self.header_check = header_check
+        self.liveness = liveness
+        self.hosted = [node for node, owner in enumerate(rank_of) if owner == rank]
+        self.ports = {node: NodePort() for node in self.hosted}
+        self.outgoing_to = self._outgoing()
+        self.incoming_from = self._incoming()
+
+    def _outgoing(self) -> dict[int, list[int]]:
+        """Per remote rank, our nodes that have a neighbour there, in node order."""
+        by_rank: dict[int, list[int]] = {}
+        for node in self.hosted:
+            for other in sorted({self.rank_of[peer] for peer in self.topology.neighbours(node)} - {self.rank}):
+                by_rank.setdefault(other, []).append(node)
+        return by_rank
+
+    def _incoming(self) -> dict[int, list[int]]:
+        """Per remote rank, the nodes it hosts that neighbour a node of ours, in node order."""
+        by_rank: dict[int, set[int]] = {}
+        for node in self.hosted:
+            for peer in self.topology.neighbours(node):
+                if self.rank_of[peer] != self.rank:
+                    by_rank.setdefault(self.rank_of[peer], set()).add(peer)
+        return {other: sorted(nodes) for other, nodes in by_rank.items()}
+
+    def exchange(self, outgoing: dict[int, Message]) -> dict[int, dict[int, Message]]:
+        """Every hosted node's message to each neighbour; returns, per hosted node, what each neighbour sent."""
+        round_number = next(iter(outgoing.values())).round
+        received: dict[int, dict[int, Message]] = {node: {} for node in self.hosted}
+        header_blocks = {other: torch.empty(len(senders), len(HEADER_FIELDS), dtype=HEADER_DTYPE)
+                         for other, senders in self.incoming_from.items()}
+        header_works = {other: (self._post(dist.irecv, block, other, HEADERS_TAG, round_number), block)
+                        for other, block in header_blocks.items()}
+        send_works = [work for other, senders in self.outgoing_to.items()
+                      for work in self._send_batch(other, [outgoing[node] for node in senders], round_number)]
+        for node, message in outgoing.items():
+            self._count_sent(node, message)
+            for peer in self.topology.neighbours(node):
+                if self.rank_of[peer] == self.rank:
+                    received[peer][node] = message
+        for other, (work, headers) in header_works.items():
+            self._wait(work, other, round_number, "headers")
+            for sender, message in zip(self.incoming_from[other],
+                                       self._receive_batch(other, headers, round_number)):
+                for peer in self.topology.neighbours(sender):
+                    if self.rank_of[peer] == self.rank:
+                        received[peer][sender] = message
+        for other, work in send_works:
+            self._wait(work, other, round_number, "send")
+        self._count_received(received)
+        return received
+
+    def _send_batch(self, other: int, messages: list[Message], round_number: int) -> list[tuple[int, dist.Work]]:
+        headers = torch.stack([message.header() for message in messages])
+        values = torch.cat([message.values for message in messages])
+        works = [(other, self._post(dist.isend, headers, other, HEADERS_TAG, round_number)),
+                 (other, self._post(dist.isend, values, other, VALUES_TAG, round_number))]
+        indices = [message.index for message in messages if message.index is not None]
+        if indices:
+            index = torch.cat([i.view(torch.uint8) for i in indices])  # int32 and bitmask indices as bytes
+            works.append((other, self._post(dist.isend, index, other, INDEX_TAG, round_number)))
+        return works
+
+    def _receive_batch(self, other: int, headers: torch.Tensor, round_number: int) -> list[Message]:
+        """The messages of a batch whose header block arrived: checked, then received into exact buffers."""
+        fields = [parse_header(row) for row in headers]
+        for sender, field in zip(self.incoming_from[other], fields):
+            self._check(other, sender, field, round_number)
+        values = torch.empty(sum(f["num_values"] for f in fields), dtype=VALUES_DTYPE)
+        value_work = self._post(dist.irecv, values, other, VALUES_TAG, round_number)
+        index_bytes = [self._index_bytes(f) for f in fields]
+        index = torch.empty(sum(index_bytes), dtype=torch.uint8)
+        index_work = self._post(dist.irecv, index, other, INDEX_TAG, round_number) if index.numel() else None
+        self._wait(value_work, other, round_number, "values")
+        if index_work is not None:
+            self._wait(index_work, other, round_number, "index")
+        return self._split(other, fields, values, index, index_bytes)
+
+    def _split(self, other: int, fields: list[dict], values: torch.Tensor, index: torch.Tensor,
+               index_bytes: list[int]) -> list[Message]:
+        messages, value_at, index_at = [], 0, 0
+        for sender, field, nbytes in zip(self.incoming_from[other], fields, index_bytes):
+            encoding = Encoding(field["encoding"])
+            part = values[value_at:value_at + field["num_values"]]
+            own_index = index[index_at:index_at + nbytes].view(INDEX_DTYPES[encoding]) if nbytes else None
+            problem = None if own_index is None else check_index(encoding, own_index, field["num_values"], self.numel)
+            if problem is not None:
+                raise self._rejected(other, sender, problem)
+            messages.append(Message.received(field, part, own_index))
+            value_at += field["num_values"]
+            index_at += nbytes
+        return messages
+
+    @staticmethod
+    def _index_bytes(fields: dict[str, int]) -> int:
+        encoding = Encoding(fields["encoding"])
+        if encoding not in INDEX_DTYPES:
+            return 0
+        return fields["num_index"] * torch.empty(0, dtype=INDEX_DTYPES[encoding]).element_size()
+
+    def _check(self, other: int, sender: int, fields: dict[str, int], round_number: int) -> None:
+        problem = check_header(fields, self.numel, self.topology.degree(sender), expected_round=round_number)
+        if problem is None and self.header_check is not None:
+            problem = self.header_check(fields)
+        if problem is not None:
+            raise self._rejected(other, sender, problem)
+
+    def _count_sent(self, node: int, message: Message) -> None:
+        for _ in self.topology.neighbours(node):  # alone, a node sends its message once per neighbour
+            self.ports[node].bytes.count_sent(message)
+
+    def _count_received(self, received: dict[int, dict[int, Message]]) -> None:
+        for node, messages in received.items():
+            for message in messages.values():
+                self.ports[node].bytes.recv_data += message.data_bytes
+                self.ports[node].bytes.recv_meta += message.meta_bytes
+
+    def _post(self, operation, tensor: torch.Tensor, other: int, tag: int, round_number: int):
+        try:
+            return operation(tensor, other, tag=tag)
+        except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            raise self._failure(other, error, f"post, round {round_number}") from None
+
+    def _wait(self, work, other: int, round_number: int, what: str) -> None:
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            raise self._failure(other, error, f"{what}, round {round_number}") from None
+
+    def _failure(self, other: int, error: Exception, where: str):
+        """A failed transfer with rank `other`: the heartbeats say which rank stalled (dpsgd.liveness)."""
+        seen = f"{describe_peer_error(other, error, self.timeout_s)} ({where})".replace("neighbour", "rank")
+        if self.liveness is not None:
+            verdict = self.liveness.suspect(waited_for=other)
+            if verdict.found:
+                other, seen = verdict.node, f"{seen}, and the heartbeats show {verdict.why}"
+        return self._stop(other, seen)
+
+    def _rejected(self, other: int, sender: int, problem: str):
+        return self._stop(other, f"rank {other} sent, for node {sender}, a message that no correct node sends: "
+                                 f"{problem}")
+
+    def _stop(self, culprit: int, seen: str):
+        failure = self.failures.failure(self.rank, culprit, seen)
+        if self.liveness is not None:
+            self.liveness.end("failed")
+        return failure

@@ -1,0 +1,80 @@
+"""Plain SGD for a whole group's matrix factorizations at once, touching only the rows a batch uses.
+
+A MovieLens step of one node is 8 ratings against a 217,015-parameter model: alone,
+autograd builds a dense gradient and SGD sweeps the whole vector for 8 users and 8
+items. With plain SGD (no momentum, no weight decay) the coordinates outside the batch
+do not move at all, so the group gathers the touched rows of every node's model, takes
+the gradient of exactly the per-node loss (`RatingsTask.example_losses` of
+`mf.predict`), and scatters `-lr * gradient` back (accumulating repeated users or
+items, as the dense gradient does). Each node's batches come from its own stream; a
+node whose batch is short (the end of a pass) steps with the other short ones.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from dpsgd.models.flat import Slot
+from dpsgd.models.mf import factor_penalty, predict
+from dpsgd.training import RatingsTask, Trainer
+
+MF_SLOTS = ("user_factors", "item_factors", "user_bias", "item_bias", "offset")
+
+
+def stacked_sgd_applies(model_name: str, optimizer_name: str, options: dict) -> bool:
+    """Only plain SGD leaves the untouched coordinates alone; anything else trains node by node."""
+    plain = all(not options.get(key) for key in ("momentum", "weight_decay", "nesterov", "maximize"))
+    return model_name == "mf" and optimizer_name == "sgd" and plain
+
+
+class StackedMFTrainer:
+    """Trains every hosted node's MF for one round; each node's batches and step count are its own."""
+
+    def __init__(self, rows: torch.Tensor, layout: list[Slot], trainers: list[Trainer], task: RatingsTask, lr: float):
+        self.trainers = trainers
+        self.task = task
+        self.lr = lr
+        self.slots = {slot.name: slot for slot in layout}
+        self.rebind(rows)
+
+    def rebind(self, rows: torch.Tensor) -> None:
+        """Work on `rows` from now on (a node group swaps its rows after averaging)."""
+        group, slots = rows.shape[0], self.slots
+        self.views = {name: rows[:, slots[name].offset:slots[name].offset + slots[name].numel]
+                      .view(group, *slots[name].shape) for name in MF_SLOTS}
+
+    def train_round(self, only: list[int] | None = None) -> list[float]:
+        """Every node's steps for this round (or only the group positions `only`, e.g. RWM's nodes
+        that received a model); return each one's mean mini-batch loss."""
+        positions = list(range(len(self.trainers))) if only is None else list(only)
+        steps = {g: self.trainers[g].steps_per_round for g in positions}
+        totals = torch.zeros(len(self.trainers), dtype=torch.float64)
+        for step in range(max(steps.values(), default=0)):
+            by_length = defaultdict(list)
+            for node in positions:
+                if step < steps[node]:
+                    batch = self.trainers[node].batches.next_batch()
+                    by_length[len(batch[0])].append((node, batch))
+            for members in by_length.values():
+                nodes = torch.tensor([node for node, _ in members])
+                stacked = [torch.stack([batch[k] for _, batch in members]) for k in range(3)]
+                totals[nodes] += self._step(nodes, *stacked).double()
+        return [totals[g].item() / max(1, steps[g]) for g in positions]
+
+    def _step(self, nodes: torch.Tensor, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+        """One SGD step of the given nodes on their [nodes, batch] ratings; return each node's loss."""
+        views = self.views
+        owner = nodes[:, None].expand_as(user)
+        touched = {"user_factors": (owner, user), "item_factors": (owner, item), "user_bias": (owner, user),
+                   "item_bias": (owner, item), "offset": (nodes,)}
+        leaves = {name: views[name][where].requires_grad_() for name, where in touched.items()}
+        x, y = leaves["user_factors"], leaves["item_factors"]
+        error = predict(x, y, leaves["user_bias"], leaves["item_bias"], leaves["offset"][:, None]) - rating
+        losses = self.task.example_losses(error, factor_penalty(x, y)).mean(dim=1)
+        losses.sum().backward()  # nodes do not share leaves: each gets its own loss's gradient
+        with torch.no_grad():
+            for name, where in touched.items():
+                views[name].index_put_(where, leaves[name].grad.mul_(-self.lr), accumulate=True)
+        return losses.detach()

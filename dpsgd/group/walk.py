@@ -1,0 +1,215 @@
+"""RWM messages for a group of nodes hosted by one rank: one model to one neighbour, whenever it is ready.
+
+A message to a node of the same rank goes into that node's inbox (a copy: the sender
+trains on). A message to another rank is a routing pair (sender, receiver) followed by
+the wire message exactly as alone (header, values, index). One receiver thread per
+neighbouring rank keeps a routing receive posted, so a sender never waits on the
+receiver's main loop, and checks each header (`wire.check_header`) before allocating.
+
+Shutdown is `RandomWalkLink`'s handshake between ranks: a rank that stops sends the
+routing pair END to every neighbouring rank; a rank that receives END stops too and
+answers with its own, and END is the last thing on each pair, so once a rank has seen END
+from every neighbouring rank and its sends completed, nothing is in flight. Each node's
+byte counters say what it would have sent and received alone, END messages included.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dpsgd.communication import NO_BOUND, FailureBoard
+from dpsgd.group.link import NodePort
+from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE, Encoding,
+                                Message, check_header, check_index, parse_header)
+from dpsgd.topology import Topology
+
+ROUTE_TAG, HEADER_TAG, VALUES_TAG, INDEX_TAG = 21, 22, 23, 24
+END = -1  # routing pair (END, END): the sending rank will send nothing more
+
+
+class GroupWalkLink:
+    """Moves RWM messages between hosted nodes and to nodes of other ranks."""
+
+    def __init__(self, rank: int, rank_of: list[int], topology: Topology, numel: int, timeout_s: float,
+                 failures: FailureBoard, header_check=None, liveness=None):
+        self.rank = rank
+        self.rank_of = rank_of
+        self.topology = topology
+        self.numel = numel
+        self.timeout_s = timeout_s
+        self.failures = failures
+        self.header_check = header_check
+        self.liveness = liveness
+        self.hosted = [node for node, owner in enumerate(rank_of) if owner == rank]
+        self.ports = {node: NodePort() for node in self.hosted}
+        self.inbox: dict[int, deque] = {node: deque() for node in self.hosted}
+        self.peer_ranks = sorted({rank_of[peer] for node in self.hosted for peer in topology.neighbours(node)}
+                                 - {rank})
+        self._arrivals: "queue.Queue[tuple]" = queue.Queue()
+        self._stop_seen = threading.Event()
+        self._pending: list[tuple[int, dist.Work, torch.Tensor]] = []
+        self._ended = False
+        self._threads = [threading.Thread(target=self._receive_from, args=(other,), daemon=True,
+                                          name=f"dpsgd-walk-{rank}-from-{other}") for other in self.peer_ranks]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def send(self, sender: int, receiver: int, message: Message) -> None:
+        self.ports[sender].bytes.count_sent(message)
+        if self.rank_of[receiver] == self.rank:
+            values = message.values.clone()  # the sender's live row trains on
+            self.inbox[receiver].append(Message(message.round, message.degree, message.age, message.encoding,
+                                                values, message.index, message.seed))
+            self._count_received(receiver, message)
+            return
+        self._complete_sends()
+        other = self.rank_of[receiver]
+        parts = [torch.tensor([sender, receiver], dtype=torch.int64), message.header(), message.values]
+        if message.index is not None:
+            parts.append(message.index)
+        for tensor, tag in zip(parts, (ROUTE_TAG, HEADER_TAG, VALUES_TAG, INDEX_TAG)):
+            self._post_send(tensor, other, tag)
+
+    def ready(self) -> dict[int, Message] | None:
+        """The next message of every hosted node that has one (oldest first), waiting until one has;
+        None once a neighbouring rank has stopped (the walk is over)."""
+        self._complete_sends()
+        waited_since = time.monotonic()
+        while True:
+            self._drain_arrivals()
+            waiting = {node: box.popleft() for node, box in self.inbox.items() if box}
+            if waiting:
+                return waiting
+            if self._stop_seen.is_set():
+                self._drain_arrivals()
+                return None
+            try:
+                item = self._arrivals.get(timeout=min(1.0, self.timeout_s))
+            except queue.Empty:
+                if time.monotonic() - waited_since > self.timeout_s:
+                    raise self._silence()
+                continue
+            self._accept(item)
+
+    def close(self) -> None:
+        """END to every neighbouring rank, END from every neighbouring rank, every send completed."""
+        if not self._ended:
+            for other in self.peer_ranks:
+                self._post_send(torch.tensor([END, END], dtype=torch.int64), other, ROUTE_TAG)
+            self._ended = True
+            for node in self.hosted:  # alone, every node says END to each neighbour and hears it from each
+                for _ in self.topology.neighbours(node):
+                    self.ports[node].bytes.sent_meta += HEADER_BYTES
+                    self.ports[node].bytes.recv_meta += HEADER_BYTES
+        for other, thread in zip(self.peer_ranks, self._threads):
+            thread.join(timeout=self.timeout_s)
+            if thread.is_alive():
+                raise self.failures.failure(self.rank, other, f"rank {other} did not say END within "
+                                            f"comm.timeout_s={self.timeout_s:g} s of this rank stopping")
+        self._drain_arrivals()
+        self._complete_sends()
+
+    def _receive_from(self, other: int) -> None:
+        route = torch.empty(2, dtype=torch.int64)
+        header = torch.empty(len(HEADER_FIELDS), dtype=HEADER_DTYPE)
+        try:
+            while True:
+                dist.irecv(route, other, tag=ROUTE_TAG).wait(timeout=NO_BOUND)
+                sender, receiver = route.tolist()
+                if sender == END:
+                    self._stop_seen.set()
+                    self._arrivals.put(("end", other, None))
+                    return
+                dist.irecv(header, other, tag=HEADER_TAG).wait(timeout=NO_BOUND)
+                fields = parse_header(header)
+                problem = self._problem(other, sender, receiver, fields)
+                if problem is not None:
+                    self._arrivals.put(("failure", other, self._rejected(other, sender, problem)))
+                    return
+                try:
+                    payload = self._payload(other, sender, fields)
+                except ValueError as bad_index:
+                    self._arrivals.put(("failure", other, self._rejected(other, sender, str(bad_index))))
+                    return
+                self._arrivals.put(("message", receiver, payload))
+        except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            self._arrivals.put(("failure", other, self.failures.failure(
+                self.rank, other, f"the connection to rank {other} closed ({type(error).__name__})")))
+            self._stop_seen.set()
+
+    def _problem(self, other: int, sender: int, receiver: int, fields: dict[str, int]) -> str | None:
+        if not (0 <= sender < len(self.rank_of) and self.rank_of[sender] == other
+                and receiver in self.inbox and receiver in self.topology.neighbours(sender)):
+            return f"routing ({sender} -> {receiver}) is not an edge from rank {other} to this rank"
+        problem = check_header(fields, self.numel, self.topology.degree(sender), min_round=1)
+        if problem is None and self.header_check is not None:
+            problem = self.header_check(fields)
+        return problem
+
+    def _payload(self, other: int, sender: int, fields: dict[str, int]) -> Message:
+        values = torch.empty(fields["num_values"], dtype=VALUES_DTYPE)
+        dist.irecv(values, other, tag=VALUES_TAG).wait(timeout=NO_BOUND)
+        index = None
+        encoding = Encoding(fields["encoding"])
+        if encoding in INDEX_DTYPES:
+            index = torch.empty(fields["num_index"], dtype=INDEX_DTYPES[encoding])
+            dist.irecv(index, other, tag=INDEX_TAG).wait(timeout=NO_BOUND)
+            problem = check_index(encoding, index, fields["num_values"], self.numel)
+            if problem is not None:
+                raise ValueError(problem)
+        return Message.received(fields, values, index)
+
+    def _accept(self, item: tuple) -> None:
+        kind, where, payload = item
+        if kind == "failure":
+            raise payload
+        if kind == "message":
+            self.inbox[where].append(payload)
+            self._count_received(where, payload)
+
+    def _drain_arrivals(self) -> None:
+        while True:
+            try:
+                self._accept(self._arrivals.get_nowait())
+            except queue.Empty:
+                return
+
+    def _count_received(self, node: int, message: Message) -> None:
+        self.ports[node].bytes.recv_data += message.data_bytes
+        self.ports[node].bytes.recv_meta += message.meta_bytes
+
+    def _post_send(self, tensor: torch.Tensor, other: int, tag: int) -> None:
+        try:
+            self._pending.append((other, dist.isend(tensor, other, tag=tag), tensor))
+        except Exception:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+            raise self.failures.failure(self.rank, other, f"the connection to rank {other} closed (send)") from None
+
+    def _complete_sends(self) -> None:
+        for other, work, _ in self._pending:
+            try:
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+            except Exception:  # noqa: BLE001
+                raise self.failures.failure(self.rank, other, f"rank {other} did not take a message within "
+                                            f"comm.timeout_s={self.timeout_s:g} s") from None
+        self._pending.clear()
+
+    def _silence(self):
+        verdict = None if self.liveness is None else self.liveness.suspect(waited_for=self.rank)
+        silence = (f"no node of rank {self.rank} heard from any neighbour within "
+                   f"comm.timeout_s={self.timeout_s:g} s")
+        if verdict is None or not verdict.found:
+            return self.failures.failure(self.rank, self.rank, silence)
+        return self.failures.failure(self.rank, verdict.node, f"{silence}, and the heartbeats show {verdict.why}")
+
+    def _rejected(self, other: int, sender: int, problem: str):
+        return self.failures.failure(self.rank, other, f"rank {other} sent, for node {sender}, a message that no "
+                                     f"correct node sends: {problem}")

@@ -1,0 +1,149 @@
+"""Node groups: a rank hosting several nodes gives each node exactly the numbers it has alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dpsgd.averaging import Contribution, average_full_into, merge_fill_own
+from dpsgd.launch import EXIT_NODE_FAILURE
+from tests.conftest import REPO, compose_config, read_jsonl, run_train
+
+TIMINGS = {"time_s", "train_s", "comm_s", "eval_s"}
+COMMON = ("nodes=8", "rounds=6", "eval.every=2", "checkpoint.every=0", "log.progress=false")
+SHARING = {
+    "full": ("sharing=full",),
+    "partial": ("sharing=partial", "alpha=0.3"),
+    "partial_renormalize": ("sharing=partial", "alpha=0.3", "sharing.merge=renormalize"),
+    "random_alpha": ("sharing=random_alpha",),
+    "subsampling": ("sharing=subsampling", "alpha=0.5"),
+    "full_adam": ("sharing=full", "optimizer=adam", "optimizer.lr=0.01"),  # trained node by node
+}
+
+
+def _records(run_dir, node):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")]
+
+
+def _assert_same(a: list[dict], b: list[dict]) -> None:
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for left, right in zip(a, b):
+        for key, value in left.items():
+            if isinstance(value, float):
+                assert right[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+            else:
+                assert right[key] == value, key  # bytes, rounds: exactly what the node sent alone
+
+
+@pytest.mark.parametrize("sharing", sorted(SHARING))
+def test_grouped_nodes_log_what_they_log_alone(tmp_path, sharing):
+    runs = {}
+    for per_rank in (1, 4, 8):
+        run_train(tmp_path / str(per_rank), *COMMON, *SHARING[sharing], f"nodes_per_rank={per_rank}")
+        runs[per_rank] = tmp_path / str(per_rank) / "run"
+    for node in range(8):
+        alone = _records(runs[1], node)
+        assert len(alone) == 6
+        for per_rank in (4, 8):
+            _assert_same(alone, _records(runs[per_rank], node))
+    summaries = [json.loads((runs[p] / "summary.json").read_text()) for p in (1, 4, 8)]
+    assert summaries[0]["final"]["test_loss"]["mean"] == pytest.approx(summaries[1]["final"]["test_loss"]["mean"],
+                                                                      rel=1e-5)
+
+
+def test_grouped_checkpoints_resume_exactly(tmp_path):
+    common = (*COMMON[:1], "eval.every=2", "checkpoint.every=3", "nodes_per_rank=4", "log.progress=false")
+    run_train(tmp_path / "whole", *common, "rounds=9")
+    run_train(tmp_path / "parts", *common, "rounds=6")
+    result = run_train(tmp_path / "parts", *common, "rounds=9", "resume=true")
+    assert "resumed after round 6" in result.stdout
+    for node in range(8):
+        _assert_same(_records(tmp_path / "whole" / "run", node), _records(tmp_path / "parts" / "run", node))
+
+
+def test_average_full_into_is_metropolis_hastings_like_fill_own():
+    rng = np.random.default_rng(5)
+    flat = torch.from_numpy(rng.normal(size=1000).astype(np.float32))
+    weights = [0.2, 0.15, 0.25]
+    contributions = [Contribution(w, torch.from_numpy(rng.normal(size=1000).astype(np.float32))) for w in weights]
+    out = torch.empty_like(flat)
+    average_full_into(out, flat, 1 - sum(weights), contributions)
+    reference = (1 - sum(weights)) * flat.double() + sum(c.weight * c.values.double() for c in contributions)
+    np.testing.assert_allclose(out.numpy(), reference.numpy(), atol=1e-6)
+    in_place = flat.clone()
+    merge_fill_own(in_place, 1 - sum(weights), contributions)
+    np.testing.assert_allclose(out.numpy(), in_place.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (("nodes=10", "nodes_per_rank=4"), "cannot be split"),
+    (("nodes=8", "nodes_per_rank=3"), "cannot be split"),
+])
+def test_impossible_groupings_are_one_paragraph(overrides, words):
+    from dpsgd.errors import ConfigError
+    from dpsgd.experiment import check_config
+
+    with pytest.raises(ConfigError, match=words):
+        check_config(compose_config(*overrides))
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return sorted(children)
+
+
+def test_a_killed_rank_is_named_by_the_nodes_it_hosted(tmp_path):
+    env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
+    command = [sys.executable, str(REPO / "train.py"), "nodes=8", "nodes_per_rank=4", "rounds=1000000",
+               "comm.timeout_s=20", "log.progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = tmp_path / "run" / "nodes" / "7.jsonl"
+        deadline = time.monotonic() + 90
+        while not (log.exists() and log.stat().st_size > 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ranks = _children(process.pid)
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == EXIT_NODE_FAILURE
+    assert "the first was rank 1 (nodes 4-7)" in stderr.splitlines()[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_grouped_rwm_runs_never_hang_and_send_one_message_per_node_per_round(tmp_path):
+    from dpsgd.experiment import check_config, prepare_data, run_node
+    from dpsgd.launch import spawn
+    from tests.conftest import RANK_TEST_TIMEOUT_S
+
+    cfg = compose_config("algorithm=rwm", "nodes=8", "nodes_per_rank=4", "rounds=6", "eval.every=3",
+                         "log.progress=false", "checkpoint.every=0", "dataset.num_users=80", "dataset.num_items=100",
+                         "train.local_steps=3", "comm.timeout_s=30", f"cache_dir={tmp_path / 'cache'}")
+    check_config(cfg)
+    dataset = prepare_data(cfg)
+    model_bytes = None
+    for attempt in range(20):
+        run_dir = tmp_path / f"run{attempt}"
+        spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), 2, timeout_s=RANK_TEST_TIMEOUT_S)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["rounds_max"] == 6 and not summary["in_progress"]
+        for node in range(8):
+            records = read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
+            assert [r["round"] for r in records] == list(range(1, len(records) + 1))
+            model_bytes = model_bytes or records[0]["bytes_sent_data"]
+            assert [r["bytes_sent_data"] for r in records] == [model_bytes * r["round"] for r in records]
+            assert all(r["sent_to"] in range(8) and r["sent_to"] != node for r in records)
