@@ -9,6 +9,7 @@ algorithm. No other module reads the config.
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -85,10 +86,27 @@ def _check_grouping(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(f"nodes={cfg.nodes} cannot be split into groups of nodes_per_rank={per_rank}: every rank "
                           f"hosts the same number of nodes. Choose nodes_per_rank dividing {cfg.nodes}, e.g. "
                           f"`nodes_per_rank={max(d for d in range(1, per_rank + 1) if cfg.nodes % d == 0)}`.")
+    _check_device(cfg)
     if cfg.nodes != world_size * per_rank:
         raise ConfigError(f"nodes={cfg.nodes} with nodes_per_rank={per_rank} needs {cfg.nodes // per_rank} ranks, "
                           f"but {world_size} were started. Under torchrun the ranks are nnodes x nproc_per_node: "
                           f"give nodes (a multiple of the world size) or start {cfg.nodes // per_rank} ranks.")
+
+
+def _check_device(cfg: DictConfig) -> None:
+    """A GPU trains node groups with whole-model sharing; nothing else may depend on one being there."""
+    if cfg.device == "cpu":
+        return
+    if cfg.device != "cuda":
+        raise ConfigError(f"device={cfg.device!r} is not known: use `device=cpu` or `device=cuda`.")
+    if cfg.nodes_per_rank == 1 or cfg.sharing.name != "full":
+        raise ConfigError("device=cuda trains node groups with whole-model messages: set nodes_per_rank above 1 "
+                          f"and sharing=full (now nodes_per_rank={cfg.nodes_per_rank}, sharing={cfg.sharing.name}), "
+                          "or use device=cpu.")
+    # Asked through NVML: a CUDA context in the standalone parent would break the ranks it forks.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda, but torch sees no CUDA device on this machine. Use `device=cpu`.")
 
 
 def prepare_data(cfg: DictConfig):

@@ -80,6 +80,7 @@ _KIND_WORDS = {
 RULES = (
     Rule("nodes", "whole", low=1, example="16"),
     Rule("nodes_per_rank", "whole", low=1, example="8"),
+    Rule("device", "text", example="cpu"),
     Rule("rounds", "whole", low=1, example="200"),
     Rule("seed", "whole", low=0, example="1"),
     Rule("alpha", "number", low=0, high=1, low_open=True, example="0.1"),

@@ -39,6 +39,8 @@ class BatchStream:
             self._position = 0
         chosen = self._order[self._position:self._position + self.batch_size]
         self._position += self.batch_size
+        if self.tensors[0].device != chosen.device:  # the order is drawn on the CPU generator, the data may be on a GPU
+            chosen = chosen.to(self.tensors[0].device, non_blocking=True)
         return tuple(t[chosen] for t in self.tensors)
 
     def state_dict(self) -> dict:

@@ -86,6 +86,9 @@ def test_average_full_into_is_metropolis_hastings_like_fill_own():
 @pytest.mark.parametrize("overrides,words", [
     (("nodes=10", "nodes_per_rank=4"), "cannot be split"),
     (("nodes=8", "nodes_per_rank=3"), "cannot be split"),
+    (("nodes=8", "nodes_per_rank=1", "device=cuda"), "device=cuda trains node groups"),
+    (("nodes=8", "nodes_per_rank=4", "device=cuda", "sharing=partial", "alpha=0.1"), "sharing=full"),
+    (("nodes=8", "nodes_per_rank=4", "device=tpu"), "not known"),
 ])
 def test_impossible_groupings_are_one_paragraph(overrides, words):
     from dpsgd.errors import ConfigError
@@ -147,3 +150,11 @@ def test_grouped_rwm_runs_never_hang_and_send_one_message_per_node_per_round(tmp
             model_bytes = model_bytes or records[0]["bytes_sent_data"]
             assert [r["bytes_sent_data"] for r in records] == [model_bytes * r["round"] for r in records]
             assert all(r["sent_to"] in range(8) and r["sent_to"] != node for r in records)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_a_group_on_the_gpu_logs_what_it_logs_on_the_cpu(tmp_path):
+    for device in ("cpu", "cuda"):
+        run_train(tmp_path / device, *COMMON, "nodes_per_rank=8", f"device={device}")
+    for node in range(8):
+        _assert_same(_records(tmp_path / "cpu" / "run", node), _records(tmp_path / "cuda" / "run", node))

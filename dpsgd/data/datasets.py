@@ -31,6 +31,10 @@ class NodeData:
     train: tuple[torch.Tensor, ...]
     test: tuple[torch.Tensor, ...]
 
+    def to(self, device: torch.device) -> "NodeData":
+        """The same examples on `device` (a node group that trains on a GPU)."""
+        return NodeData(tuple(t.to(device) for t in self.train), tuple(t.to(device) for t in self.test))
+
 
 def eval_subset(tensors: tuple[torch.Tensor, ...], samples: int | None, generator: torch.Generator
                 ) -> tuple[torch.Tensor, ...]:

@@ -103,13 +103,14 @@ def build_group(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, 
     per_rank = cfg.nodes_per_rank
     hosted = hosted_nodes(ctx.rank, per_rank)
     template = build_model(cfg.model.name, dataset.dims, cfg.seed)
-    rows = torch.empty(per_rank, num_parameters(template), dtype=torch.float32)
+    device = torch.device(cfg.device)
+    rows = torch.empty(per_rank, num_parameters(template), dtype=torch.float32, device=device)
     label = rank_label(per_rank)
     liveness = Liveness(store, ctx.rank, ctx.world_size, slow_after_s=cfg.comm.timeout_s / 2, label=label).start()
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
     nodes, trainers = [], []
     for g, node_id in enumerate(hosted):
-        data = dataset.node_data(node_id, cfg.nodes, cfg.seed, cfg.eval.test_samples)
+        data = dataset.node_data(node_id, cfg.nodes, cfg.seed, cfg.eval.test_samples).to(device)
         trainer, flat = build_trainer(cfg, dataset, data, node_id, row=rows[g])
         trainers.append(trainer)
         recorder = RoundRecorder(node_id, NodeLog(run_dir, node_id, keep_through_round=start_round), store, schedule)
@@ -123,7 +124,7 @@ def build_group(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, 
     rank_of = [node // per_rank for node in range(cfg.nodes)]
     link_class = GroupLink if cfg.algorithm.name == "dpsgd" else GroupWalkLink
     link = link_class(ctx.rank, rank_of, topology, rows.shape[1], cfg.comm.timeout_s, FailureBoard(store, label),
-                      header_check=nodes[0].sharing.check_header, liveness=liveness)
+                      header_check=nodes[0].sharing.check_header, liveness=liveness, device=device)
     for node in nodes:
         node.link = link.ports[node.rank]
     trainer = _group_trainer(cfg, rows, template, trainers, build_task(cfg, dataset.task))

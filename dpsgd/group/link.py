@@ -38,8 +38,10 @@ class GroupLink:
     """Exchange one round's messages of all hosted nodes with all their neighbours."""
 
     def __init__(self, rank: int, rank_of: list[int], topology: Topology, numel: int, timeout_s: float,
-                 failures: FailureBoard, header_check=None, liveness=None):
-        """`rank_of[node]` is the rank hosting each node of the run."""
+                 failures: FailureBoard, header_check=None, liveness=None, device: torch.device | None = None):
+        """`rank_of[node]` is the rank hosting each node of the run; `device` is where the group's
+        models live: messages to other ranks go through host memory (gloo), local ones stay there."""
+        self.device = device or torch.device("cpu")
         self.rank = rank
         self.rank_of = rank_of
         self.topology = topology
@@ -99,12 +101,12 @@ class GroupLink:
 
     def _send_batch(self, other: int, messages: list[Message], round_number: int) -> list[tuple[int, dist.Work]]:
         headers = torch.stack([message.header() for message in messages])
-        values = torch.cat([message.values for message in messages])
+        values = torch.cat([message.values for message in messages]).cpu()
         works = [(other, self._post(dist.isend, headers, other, HEADERS_TAG, round_number)),
                  (other, self._post(dist.isend, values, other, VALUES_TAG, round_number))]
         indices = [message.index for message in messages if message.index is not None]
         if indices:
-            index = torch.cat([i.view(torch.uint8) for i in indices])  # int32 and bitmask indices as bytes
+            index = torch.cat([i.view(torch.uint8) for i in indices]).cpu()  # int32 and bitmask indices as bytes
             works.append((other, self._post(dist.isend, index, other, INDEX_TAG, round_number)))
         return works
 
@@ -121,7 +123,7 @@ class GroupLink:
         self._wait(value_work, other, round_number, "values")
         if index_work is not None:
             self._wait(index_work, other, round_number, "index")
-        return self._split(other, fields, values, index, index_bytes)
+        return self._split(other, fields, values.to(self.device), index.to(self.device), index_bytes)
 
     def _split(self, other: int, fields: list[dict], values: torch.Tensor, index: torch.Tensor,
                index_bytes: list[int]) -> list[Message]:

@@ -60,7 +60,8 @@ class StackedMFTrainer:
             for members in by_length.values():
                 nodes = torch.tensor([node for node, _ in members])
                 stacked = [torch.stack([batch[k] for _, batch in members]) for k in range(3)]
-                totals[nodes] += self._step(nodes, *stacked).double()
+                device = stacked[0].device
+                totals[nodes] += self._step(nodes.to(device), *stacked).double().cpu()
         return [totals[g].item() / max(1, steps[g]) for g in positions]
 
     def _step(self, nodes: torch.Tensor, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,8 @@ class GroupWalkLink:
     """Moves RWM messages between hosted nodes and to nodes of other ranks."""
 
     def __init__(self, rank: int, rank_of: list[int], topology: Topology, numel: int, timeout_s: float,
-                 failures: FailureBoard, header_check=None, liveness=None):
+                 failures: FailureBoard, header_check=None, liveness=None, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")  # where the group's models live; the wire is host memory
         self.rank = rank
         self.rank_of = rank_of
         self.topology = topology
@@ -73,9 +74,9 @@ class GroupWalkLink:
             return
         self._complete_sends()
         other = self.rank_of[receiver]
-        parts = [torch.tensor([sender, receiver], dtype=torch.int64), message.header(), message.values]
+        parts = [torch.tensor([sender, receiver], dtype=torch.int64), message.header(), message.values.cpu()]
         if message.index is not None:
-            parts.append(message.index)
+            parts.append(message.index.cpu())
         for tensor, tag in zip(parts, (ROUTE_TAG, HEADER_TAG, VALUES_TAG, INDEX_TAG)):
             self._post_send(tensor, other, tag)
 
@@ -166,7 +167,7 @@ class GroupWalkLink:
             problem = check_index(encoding, index, fields["num_values"], self.numel)
             if problem is not None:
                 raise ValueError(problem)
-        return Message.received(fields, values, index)
+        return Message.received(fields, values.to(self.device), None if index is None else index.to(self.device))
 
     def _accept(self, item: tuple) -> None:
         kind, where, payload = item
