@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from dataclasses import asdict, fields
 from datetime import timedelta
@@ -133,9 +134,12 @@ def load_checkpoint(path: Path, numel: int | None = None) -> dict:
         with warnings.catch_warnings():  # torch warns about foreign pickles; the error below says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncation, foreign pickles and I/O fail in many ways
-        raise _unusable(path, f"it cannot be read safely: {type(error).__name__}: "
-                              f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'}") from None
+    except pickle.UnpicklingError:  # torch's own text suggests weights_only=False: never for a file like this
+        raise _unusable(path, "it holds objects other than tensors and plain values (loading it could run "
+                              "code, so it was not loaded)") from None
+    except Exception as error:  # noqa: BLE001 - truncation and I/O fail in many ways
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
+        raise _unusable(path, f"it cannot be read: {type(error).__name__}: {detail}") from None
     if not isinstance(state, dict) or not STATE_KEYS <= set(state):
         raise _unusable(path, "it is not a dpsgd checkpoint (its keys differ)")
     flat = state["flat"]

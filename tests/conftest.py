@@ -52,3 +52,12 @@ def movielens_csv() -> Path:
     if not MOVIELENS_CSV.exists():
         pytest.skip(f"MovieLens copy not present at {MOVIELENS_CSV}")
     return MOVIELENS_CSV
+
+
+def children_of(pid: int) -> list[int]:
+    """The process ids of `pid`'s children, in creation order (forked ranks: rank order)."""
+    children = []
+    for task in sorted(os.listdir(f"/proc/{pid}/task")):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return sorted(children)

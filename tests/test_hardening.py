@@ -20,7 +20,7 @@ from dpsgd.errors import ConfigError
 from dpsgd.experiment import check_config
 from dpsgd.launch import EXIT_CONFIG_ERROR, EXIT_NODE_FAILURE
 from dpsgd.run_folder import MARKER, claim
-from tests.conftest import REPO, compose_config, read_jsonl, run_train
+from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train
 
 SMALL = ("nodes=4", "topology=ring", "log.progress=false")
 
@@ -36,12 +36,6 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    return sorted(children)
 
 
 def _start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
@@ -229,7 +223,7 @@ def test_a_signal_stops_every_rank_with_one_line_and_the_resume_command(tmp_path
     process = _start(tmp_path, *SMALL, "rounds=100000", "checkpoint.every=2", "eval.every=2")
     try:
         _wait_for_rounds(tmp_path / "run", 4, 5)
-        ranks = _children(process.pid)
+        ranks = children_of(process.pid)
         process.send_signal(stop_signal)
         stdout, stderr = process.communicate(timeout=60)
     finally:
@@ -258,7 +252,7 @@ def test_a_frozen_node_is_the_one_named(tmp_path, algorithm):
                      "checkpoint.every=0", "eval.every=5", "log.progress=false")
     try:
         _wait_for_rounds(tmp_path / "run", 6, 3)
-        ranks = _children(process.pid)
+        ranks = children_of(process.pid)
         assert len(ranks) == 6
         os.kill(ranks[frozen], signal.SIGSTOP)  # ranks are forked in rank order
         _, stderr = process.communicate(timeout=120)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from dpsgd.experiment import check_config, prepare_data, run_node
 from dpsgd.launch import EXIT_NODE_FAILURE, RankFailure, spawn
 from dpsgd.training import Trainer
-from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, compose_config, read_jsonl
+from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, children_of, compose_config, read_jsonl
 
 VICTIM = 2
 DIES_IN_ROUND = 4
@@ -51,12 +51,6 @@ def test_killed_node_is_named_and_the_others_stop(tmp_path, monkeypatch):
         assert len(read_jsonl(tmp_path / "nodes" / f"{rank}.jsonl")) >= DIES_IN_ROUND - 2
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for task in sorted(os.listdir(f"/proc/{pid}/task")):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    return sorted(children)
 
 
 def test_killing_a_rank_of_a_command_line_run_ends_it_with_its_name(tmp_path):
@@ -71,7 +65,7 @@ def test_killing_a_rank_of_a_command_line_run_ends_it_with_its_name(tmp_path):
         deadline = time.monotonic() + 60
         while not (log.exists() and log.stat().st_size > 0) and time.monotonic() < deadline:
             time.sleep(0.2)
-        ranks = _children(process.pid)
+        ranks = children_of(process.pid)
         assert len(ranks) == 4
         os.kill(ranks[VICTIM], signal.SIGKILL)  # ranks are forked in rank order
         _, stderr = process.communicate(timeout=TIMEOUT_S + 60)

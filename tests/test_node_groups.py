@@ -15,7 +15,7 @@ import torch
 
 from dpsgd.averaging import Contribution, average_full_into, merge_fill_own
 from dpsgd.launch import EXIT_NODE_FAILURE
-from tests.conftest import REPO, compose_config, read_jsonl, run_train
+from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train
 
 TIMINGS = {"time_s", "train_s", "comm_s", "eval_s"}
 COMMON = ("nodes=8", "rounds=6", "eval.every=2", "checkpoint.every=0", "log.progress=false")
@@ -98,12 +98,6 @@ def test_impossible_groupings_are_one_paragraph(overrides, words):
         check_config(compose_config(*overrides))
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    return sorted(children)
 
 
 def test_a_killed_rank_is_named_by_the_nodes_it_hosted(tmp_path):
@@ -116,7 +110,7 @@ def test_a_killed_rank_is_named_by_the_nodes_it_hosted(tmp_path):
         deadline = time.monotonic() + 90
         while not (log.exists() and log.stat().st_size > 0) and time.monotonic() < deadline:
             time.sleep(0.2)
-        ranks = _children(process.pid)
+        ranks = children_of(process.pid)
         assert len(ranks) == 2
         os.kill(ranks[1], signal.SIGKILL)
         _, stderr = process.communicate(timeout=120)

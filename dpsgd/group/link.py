@@ -34,8 +34,9 @@ class NodePort:
         self.bytes = ByteCounters()
 
 
-class GroupLink:
-    """Exchange one round's messages of all hosted nodes with all their neighbours."""
+class GroupTransport:
+    """What both group transports share: which nodes this rank hosts, their byte counters, what
+    a received header is checked against, and where the group's models live."""
 
     def __init__(self, rank: int, rank_of: list[int], topology: Topology, numel: int, timeout_s: float,
                  failures: FailureBoard, header_check=None, liveness=None, device: torch.device | None = None):
@@ -52,6 +53,13 @@ class GroupLink:
         self.liveness = liveness
         self.hosted = [node for node, owner in enumerate(rank_of) if owner == rank]
         self.ports = {node: NodePort() for node in self.hosted}
+
+
+class GroupLink(GroupTransport):
+    """Exchange one round's messages of all hosted nodes with all their neighbours."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.outgoing_to = self._outgoing()
         self.incoming_from = self._incoming()
 

@@ -24,32 +24,21 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dpsgd.communication import NO_BOUND, FailureBoard
-from dpsgd.group.link import NodePort
+from dpsgd.communication import NO_BOUND
+from dpsgd.group.link import GroupTransport
 from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE, Encoding,
                                 Message, check_header, check_index, parse_header)
-from dpsgd.topology import Topology
 
 ROUTE_TAG, HEADER_TAG, VALUES_TAG, INDEX_TAG = 21, 22, 23, 24
 END = -1  # routing pair (END, END): the sending rank will send nothing more
 
 
-class GroupWalkLink:
+class GroupWalkLink(GroupTransport):
     """Moves RWM messages between hosted nodes and to nodes of other ranks."""
 
-    def __init__(self, rank: int, rank_of: list[int], topology: Topology, numel: int, timeout_s: float,
-                 failures: FailureBoard, header_check=None, liveness=None, device: torch.device | None = None):
-        self.device = device or torch.device("cpu")  # where the group's models live; the wire is host memory
-        self.rank = rank
-        self.rank_of = rank_of
-        self.topology = topology
-        self.numel = numel
-        self.timeout_s = timeout_s
-        self.failures = failures
-        self.header_check = header_check
-        self.liveness = liveness
-        self.hosted = [node for node, owner in enumerate(rank_of) if owner == rank]
-        self.ports = {node: NodePort() for node in self.hosted}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        rank, rank_of, topology = self.rank, self.rank_of, self.topology
         self.inbox: dict[int, deque] = {node: deque() for node in self.hosted}
         self.peer_ranks = sorted({rank_of[peer] for node in self.hosted for peer in topology.neighbours(node)}
                                  - {rank})
