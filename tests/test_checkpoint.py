@@ -89,3 +89,20 @@ def test_rwm_resumes_from_the_latest_round_every_node_saved(tmp_path):
     for node in range(4):
         rounds = [r["round"] for r in read_jsonl(tmp_path / "run" / "nodes" / f"{node}.jsonl")]
         assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) > start
+
+
+def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dpsgd.checkpoint import check_resumable
+    from tests.conftest import compose_config
+
+    cfg = compose_config("nodes=4", "topology=ring")
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["device"]  # written by a dpsgd without node groups on GPUs
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
+    check_resumable(cfg, tmp_path)
+    saved["optimizer"]["lr"] = 0.5
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
+    with pytest.raises(Exception, match="optimizer.lr"):
+        check_resumable(cfg, tmp_path)
