@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command per machine, the same on every machine: torchrun's c10d rendezvous forms
-# one world of MACHINES x PROCS_PER_MACHINE ranks, and `nodes` is set to match.
+# one world of MACHINES x PROCS_PER_MACHINE ranks; `nodes` follows it unless given (then
+# each rank hosts nodes / world nodes: a node group, README "Node groups").
 #
 #   launch/multinode.sh HEAD_HOST MACHINES PROCS_PER_MACHINE [train.py overrides...]
 #   e.g. on each of 4 machines:  launch/multinode.sh node01 4 24 sharing=partial alpha=0.1
@@ -23,4 +24,4 @@ python=${PYTHON:-python3}
 exec "$python" -m torch.distributed.run \
   --nnodes "$machines" --nproc_per_node "$procs" \
   --rdzv-backend c10d --rdzv-endpoint "$head_host:${DPSGD_PORT:-29500}" --rdzv-id "${DPSGD_RUN_ID:-dpsgd}" \
-  "$repo/train.py" "$@" nodes=$((machines * procs))  # overrides first: "-m" must precede them all
+  "$repo/train.py" "$@"  # without nodes=, train.py sets nodes to the world size

@@ -67,3 +67,11 @@ def test_plain_torchrun_takes_the_node_count_from_the_world_size(tmp_path):
                             timeout=RANK_TEST_TIMEOUT_S)
     assert result.returncode == 0, result.stdout + result.stderr
     _assert_complete_run(tmp_path / "run", nodes=4, rounds=4)
+
+
+def test_two_agents_host_groups_when_nodes_is_given(tmp_path):
+    """`nodes=8` on a world of 4 ranks: each rank hosts a group of 2 nodes (nodes_per_rank follows)."""
+    _two_agents(tmp_path, "nodes=8", "rounds=6", "eval.every=3", "log.progress=false")
+    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(run_dirs) == 1, run_dirs
+    _assert_complete_run(run_dirs[0], nodes=8, rounds=6)
