@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from dpsgd.errors import NodeFailure
 from dpsgd.liveness import Liveness
-from dpsgd.sharing.wire import (HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE, Encoding, Message,
-                                check_header, check_index, declared_bytes, parse_header)
+from dpsgd.sharing.wire import (HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding, Message,
+                                check_header, check_index, declared_bytes, parse_header, values_dtype)
 
 HEADER_TAG, VALUES_TAG, INDEX_TAG = 1, 2, 3
 FAILURE_KEY = "failure/first"
@@ -67,10 +67,10 @@ class ByteCounters:
 
 @dataclass
 class _ReceiveBuffers:
-    """Allocated once per neighbour and reused every round."""
+    """Allocated once per neighbour (values: per value type, at the model's size) and reused every round."""
 
     header: torch.Tensor
-    values: torch.Tensor
+    values: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
     index: dict[Encoding, torch.Tensor] = field(default_factory=dict)
 
 
@@ -199,8 +199,7 @@ class NeighbourLink(_Link):
                  liveness: Liveness | None = None):
         super().__init__(rank, neighbours, numel, timeout_s, failures, peer_degrees, header_check, liveness)
         self._buffers = {
-            peer: _ReceiveBuffers(header=torch.empty(len(HEADER_FIELDS), dtype=HEADER_DTYPE),
-                                  values=torch.empty(numel, dtype=VALUES_DTYPE))
+            peer: _ReceiveBuffers(header=torch.empty(HEADER_LENGTH, dtype=HEADER_DTYPE))
             for peer in self.neighbours
         }
 
@@ -229,7 +228,10 @@ class NeighbourLink(_Link):
     def _receive_body(self, peer: int, header: dict[str, int], expected_round: int) -> Message:
         buffers = self._buffers[peer]
         encoding = Encoding(header["encoding"])
-        values = buffers.values[:header["num_values"]]
+        dtype = values_dtype(header)
+        if dtype not in buffers.values:
+            buffers.values[dtype] = torch.empty(self.numel, dtype=dtype)
+        values = buffers.values[dtype][:header["num_values"]]
         value_work = self._post(dist.irecv, values, peer, VALUES_TAG, expected_round)
         index = None
         if encoding in INDEX_DTYPES:
@@ -348,7 +350,7 @@ class RandomWalkLink(_Link):
 
     def _receive_from(self, peer: int) -> None:
         """Receiver thread body: header, then the payload it announces, until END or failure."""
-        header = torch.empty(len(HEADER_FIELDS), dtype=HEADER_DTYPE)
+        header = torch.empty(HEADER_LENGTH, dtype=HEADER_DTYPE)
         last_round = 1  # a sender's rounds never go back; END carries the last round it completed
         try:
             while True:
@@ -361,7 +363,7 @@ class RandomWalkLink(_Link):
                     self._count_received(fields)
                     self._stop_seen.set()
                     return
-                values = torch.empty(fields["num_values"], dtype=VALUES_DTYPE)
+                values = torch.empty(fields["num_values"], dtype=values_dtype(fields))
                 dist.irecv(values, peer, tag=VALUES_TAG).wait(timeout=NO_BOUND)
                 index = None
                 if encoding in INDEX_DTYPES:

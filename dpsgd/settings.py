@@ -113,6 +113,7 @@ RULES = (
     Rule("topology.path", "text", optional=True, example="graph.txt"),
     Rule("sharing.name", "text", example="partial"),
     Rule("sharing.merge", "text", example="fill_own"),
+    Rule("sharing.values", "text", example="float16"),
     Rule("sharing.accumulation", "flag", example="true"),
     Rule("sharing.accumulate_averaging_changes", "flag", example="true"),
     Rule("sharing.metadata_cap", "number", low=0, high=1, low_open=True, example="1.0"),

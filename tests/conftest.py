@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,17 @@ def run_train(tmp_path: Path, *overrides: str, timeout_s: float = RANK_TEST_TIME
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wait_for_rounds(run_dir: Path, nodes: int, rounds: int, timeout_s: float = 90) -> None:
+    """Until nodes 0..nodes-1 of a running run have each logged `rounds` rounds; fails after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    logs = [run_dir / "nodes" / f"{n}.jsonl" for n in range(nodes)]
+    while time.monotonic() < deadline:
+        if all(p.exists() and len(p.read_text().splitlines()) >= rounds for p in logs):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run did not reach round {rounds} within {timeout_s} s")
 
 
 @pytest.fixture

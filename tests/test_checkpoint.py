@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, read_jsonl, run_train
+from tests.conftest import REPO, read_jsonl, run_train, wait_for_rounds
 
 TIMINGS = {"time_s", "train_s", "comm_s", "eval_s"}
 COMMON = ("nodes=4", "topology=ring", "eval.every=4", "checkpoint.every=4", "sharing=random_alpha",
@@ -43,12 +43,7 @@ def test_an_interrupted_run_keeps_its_rounds_and_resumes_after_the_last_checkpoi
                "checkpoint.every=3", f"hydra.run.dir={run_dir}", "log.progress=false"]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            logs = [run_dir / "nodes" / f"{n}.jsonl" for n in range(4)]
-            if all(p.exists() and len(p.read_text().splitlines()) >= 8 for p in logs):
-                break
-            time.sleep(0.2)
+        wait_for_rounds(run_dir, 4, 8, timeout_s=120)
         process.send_signal(signal.SIGKILL)  # no cleanup at all: ranks die with their parent
     finally:
         process.kill()

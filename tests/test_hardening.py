@@ -20,7 +20,7 @@ from dpsgd.errors import ConfigError
 from dpsgd.experiment import check_config
 from dpsgd.launch import EXIT_CONFIG_ERROR, EXIT_NODE_FAILURE
 from dpsgd.run_folder import MARKER, claim
-from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train
+from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train, wait_for_rounds
 
 SMALL = ("nodes=4", "topology=ring", "log.progress=false")
 
@@ -42,16 +42,6 @@ def _start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     command = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
     return subprocess.Popen(command, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_rounds(run_dir: Path, nodes: int, rounds: int, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    logs = [run_dir / "nodes" / f"{n}.jsonl" for n in range(nodes)]
-    while time.monotonic() < deadline:
-        if all(p.exists() and len(p.read_text().splitlines()) >= rounds for p in logs):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the run did not reach round {rounds} within {timeout_s} s")
 
 
 # ---------------------------------------------------------------- 2. a run owns its folder
@@ -222,7 +212,7 @@ def test_wrong_values_on_the_command_line_end_before_any_rank_starts(tmp_path, o
 def test_a_signal_stops_every_rank_with_one_line_and_the_resume_command(tmp_path, stop_signal, code):
     process = _start(tmp_path, *SMALL, "rounds=100000", "checkpoint.every=2", "eval.every=2")
     try:
-        _wait_for_rounds(tmp_path / "run", 4, 5)
+        wait_for_rounds(tmp_path / "run", 4, 5)
         ranks = children_of(process.pid)
         process.send_signal(stop_signal)
         stdout, stderr = process.communicate(timeout=60)
@@ -251,7 +241,7 @@ def test_a_frozen_node_is_the_one_named(tmp_path, algorithm):
     process = _start(tmp_path, f"algorithm={algorithm}", "nodes=6", "rounds=100000", "comm.timeout_s=8",
                      "checkpoint.every=0", "eval.every=5", "log.progress=false")
     try:
-        _wait_for_rounds(tmp_path / "run", 6, 3)
+        wait_for_rounds(tmp_path / "run", 6, 3)
         ranks = children_of(process.pid)
         assert len(ranks) == 6
         os.kill(ranks[frozen], signal.SIGSTOP)  # ranks are forked in rank order

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from dpsgd.experiment import check_config, prepare_data, run_node
 from dpsgd.launch import EXIT_NODE_FAILURE, RankFailure, spawn
 from dpsgd.training import Trainer
-from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, children_of, compose_config, read_jsonl
+from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, children_of, compose_config, read_jsonl, wait_for_rounds
 
 VICTIM = 2
 DIES_IN_ROUND = 4
@@ -61,10 +61,7 @@ def test_killing_a_rank_of_a_command_line_run_ends_it_with_its_name(tmp_path):
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
-        log = tmp_path / "run" / "nodes" / "0.jsonl"
-        deadline = time.monotonic() + 60
-        while not (log.exists() and log.stat().st_size > 0) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for_rounds(tmp_path / "run", 1, 1, timeout_s=60)
         ranks = children_of(process.pid)
         assert len(ranks) == 4
         os.kill(ranks[VICTIM], signal.SIGKILL)  # ranks are forked in rank order

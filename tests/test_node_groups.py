@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 
 from dpsgd.averaging import Contribution, average_full_into, merge_fill_own
 from dpsgd.launch import EXIT_NODE_FAILURE
-from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train
+from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train, wait_for_rounds
 
 TIMINGS = {"time_s", "train_s", "comm_s", "eval_s"}
 COMMON = ("nodes=8", "rounds=6", "eval.every=2", "checkpoint.every=0", "log.progress=false")
@@ -26,6 +25,8 @@ SHARING = {
     "random_alpha": ("sharing=random_alpha",),
     "subsampling": ("sharing=subsampling", "alpha=0.5"),
     "full_adam": ("sharing=full", "optimizer=adam", "optimizer.lr=0.01"),  # trained node by node
+    "full_float16": ("sharing=full", "sharing.values=float16"),           # neighbours on one rank round too
+    "partial_bfloat16": ("sharing=partial", "alpha=0.1", "sharing.values=bfloat16"),
 }
 
 
@@ -106,10 +107,7 @@ def test_a_killed_rank_is_named_by_the_nodes_it_hosted(tmp_path):
                "comm.timeout_s=20", "log.progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        log = tmp_path / "run" / "nodes" / "7.jsonl"
-        deadline = time.monotonic() + 90
-        while not (log.exists() and log.stat().st_size > 0) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for_rounds(tmp_path / "run", 8, 1, timeout_s=90)
         ranks = children_of(process.pid)
         assert len(ranks) == 2
         os.kill(ranks[1], signal.SIGKILL)

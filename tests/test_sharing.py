@@ -13,12 +13,12 @@ import torch
 from dpsgd.averaging import Contribution, merge_fill_own, merge_renormalize
 from dpsgd.errors import ConfigError
 from dpsgd.seeding import stream_key, torch_generator
-from dpsgd.sharing import check_sharing
+from dpsgd.sharing import build_sharing, check_sharing
 from dpsgd.sharing.partial import PartialSharing, RandomAlphaSharing, coordinates_to_send
-from dpsgd.sharing.selection import (decode_indices, encode_indices, index_bytes, smaller_encoding,
+from dpsgd.sharing.selection import (decode_indices, encode_indices, fixed_index_bytes, smallest_encoding,
                                      top_k_indices)
 from dpsgd.sharing.subsampling import SubsamplingSharing, subsampling_mask
-from dpsgd.sharing.wire import HEADER_BYTES, Encoding
+from dpsgd.sharing.wire import HEADER_BYTES, INDEX_DTYPES, VALUE_TYPES, Encoding, declared_bytes, parse_header
 from tests.conftest import compose_config, no_learning_baseline, read_jsonl, run_train
 
 def _options(method: str, **overrides) -> dict:
@@ -267,20 +267,32 @@ def test_renormalize_with_everything_sent_is_plain_metropolis_hastings():
 
 # --- encodings ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("encoding", [Encoding.INDEX_INT32, Encoding.BITMASK])
+@pytest.mark.parametrize("encoding", [Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.GAP_RICE])
 @pytest.mark.parametrize("numel,k", [(1, 1), (13, 5), (1000, 1), (1000, 999), (4099, 300)])
 def test_indices_survive_encoding(encoding, numel, k):
     chosen = torch.from_numpy(np.sort(np.random.default_rng(numel + k).choice(numel, k, replace=False)))
     encoded = encode_indices(chosen, numel, encoding)
-    assert encoded.numel() * encoded.element_size() == index_bytes(encoding, k, numel)
-    assert torch.equal(decode_indices(encoded, numel, encoding), chosen)
+    if encoding != Encoding.GAP_RICE:
+        assert encoded.numel() * encoded.element_size() == fixed_index_bytes(encoding, k, numel)
+    assert torch.equal(decode_indices(encoded, numel, encoding, k), chosen)
 
 
-@pytest.mark.parametrize("numel,k", [(217_014, 100), (217_014, 21_701), (1_690_046, 52_814), (1_690_046, 52_815)])
-def test_the_smaller_index_form_is_chosen(numel, k):
-    chosen = smaller_encoding(k, numel)
-    other = Encoding.BITMASK if chosen == Encoding.INDEX_INT32 else Encoding.INDEX_INT32
-    assert index_bytes(chosen, k, numel) <= index_bytes(other, k, numel)
+@pytest.mark.parametrize("numel,k", [(217_014, 1), (217_014, 100), (217_014, 21_701), (217_014, 108_507),
+                                     (1_690_046, 52_814), (1_690_046, 845_023), (1000, 0)])
+def test_the_smallest_index_form_is_chosen(numel, k):
+    chosen = torch.from_numpy(np.sort(np.random.default_rng(k).choice(numel, k, replace=False)))
+    encoding, nbytes = smallest_encoding(chosen, numel)
+    sizes = {form: encode_indices(chosen, numel, form).numel() * INDEX_DTYPES[form].itemsize
+             for form in (Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.GAP_RICE)}
+    assert nbytes == sizes[encoding] == min(sizes.values())
+
+
+def test_the_gap_code_wins_between_a_few_coordinates_and_half_the_model():
+    numel = 217_014
+    for k, expected in [(0, Encoding.INDEX_INT32), (1, Encoding.INDEX_INT32), (217, Encoding.GAP_RICE),
+                        (21_701, Encoding.GAP_RICE), (65_104, Encoding.GAP_RICE), (108_507, Encoding.BITMASK)]:
+        chosen = torch.from_numpy(np.sort(np.random.default_rng(k).choice(numel, k, replace=False)))
+        assert smallest_encoding(chosen, numel)[0] == expected, k
 
 
 def test_partial_message_bytes_are_what_is_sent():
@@ -290,8 +302,8 @@ def test_partial_message_bytes_are_what_is_sent():
     message = sharing.pack(flat, 1, degree=4)
     k = coordinates_to_send(0.1, 217_014)
     assert message.data_bytes == 4 * k
-    assert message.meta_bytes == HEADER_BYTES + (217_014 + 7) // 8  # bitmask beats 4k bytes of int32
-    assert message.encoding == Encoding.BITMASK
+    assert message.encoding == Encoding.GAP_RICE  # beats the bitmask and 4k bytes of int32
+    assert message.meta_bytes == HEADER_BYTES + message.index.numel() < HEADER_BYTES + (217_014 + 7) // 8
 
 
 # --- configuration errors -------------------------------------------------------------------
@@ -314,16 +326,20 @@ def test_invalid_sharing_settings_are_config_errors(name, alpha, options, key):
 NODES, ROUNDS, SEED = 4, 20, 1
 
 
-def _expected_message_bytes(method, node, round_number, numel, alpha, alpha_sequence):
+def _expected_message_bytes(method, node, round_number, numel, alpha, alpha_sequence) -> tuple[int, int, int]:
+    """(data bytes, least and most meta bytes) of one message: a top-k index's length depends on the set."""
     if method == "partial":
         k = coordinates_to_send(alpha, numel)
-        return HEADER_BYTES + 4 * k + index_bytes(smaller_encoding(k, numel), k, numel)
+        fixed = min(fixed_index_bytes(Encoding.INDEX_INT32, k, numel), fixed_index_bytes(Encoding.BITMASK, k, numel))
+        return 4 * k, HEADER_BYTES + min(1, fixed), HEADER_BYTES + fixed
     if method == "subsampling":
         k = int(subsampling_mask(stream_key(SEED, "subsampling", node, round_number), numel, alpha).sum())
-        return HEADER_BYTES + 4 * k
+        return 4 * k, HEADER_BYTES, HEADER_BYTES
+    if method == "full":
+        return 4 * numel, HEADER_BYTES, HEADER_BYTES
     drawn = alpha_sequence[round_number - 1]
     if drawn >= _options("random_alpha")["metadata_cap"]:
-        return HEADER_BYTES + 4 * numel
+        return 4 * numel, HEADER_BYTES, HEADER_BYTES
     return _expected_message_bytes("partial", node, round_number, numel, drawn, None)
 
 
@@ -341,10 +357,14 @@ def test_each_method_learns_and_logs_the_bytes_it_sends(tmp_path, method, alpha)
         generator = torch_generator(SEED, "random_alpha", node)
         alpha_list = _options("random_alpha")["alpha_list"]
         alphas = [alpha_list[torch.randint(len(alpha_list), (1,), generator=generator).item()] for _ in range(ROUNDS)]
-        total = 0
+        data, meta = 0, 0
         for record in read_jsonl(run_dir / "nodes" / f"{node}.jsonl"):
-            total += degree * _expected_message_bytes(method, node, record["round"], numel, alpha, alphas)
-            assert record["bytes_sent"] == total
+            data_bytes, least_meta, most_meta = _expected_message_bytes(method, node, record["round"], numel, alpha,
+                                                                        alphas)
+            data += degree * data_bytes
+            assert record["bytes_sent_data"] == data
+            assert degree * least_meta <= record["bytes_sent_meta"] - meta <= degree * most_meta
+            meta = record["bytes_sent_meta"]
             assert record["bytes_sent_data"] + record["bytes_sent_meta"] == record["bytes_sent"]
 
 
@@ -354,3 +374,72 @@ def test_partial_with_renormalize_runs(tmp_path):
     run_train(tmp_path, *overrides)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["per_round"][-1]["test_loss"]["mean"] < no_learning_baseline(tmp_path, *overrides)["loss"]
+
+
+# --- lighter values on the wire ---------------------------------------------------------------
+
+@pytest.mark.parametrize("values", ["float16", "bfloat16"])
+@pytest.mark.parametrize("method,alpha", [("full", 1.0), ("partial", 0.1), ("subsampling", 0.3)])
+def test_lighter_values_are_narrowed_on_the_wire_and_widened_on_arrival(values, method, alpha):
+    numel = 5000
+    flat = torch.randn(numel, generator=torch.Generator().manual_seed(3))
+    sender = build_sharing(method, flat.clone(), alpha, _options(method, values=values), SEED, node=1)
+    receiver = build_sharing(method, flat.clone(), alpha, _options(method, values=values), SEED, node=0)
+    moved = flat + 0.1 * torch.randn(numel, generator=torch.Generator().manual_seed(4))
+    message = sender.pack(moved, 1, degree=2)
+    assert message.values.dtype == VALUE_TYPES[values] and message.data_bytes == 2 * message.values.numel()
+    assert receiver.check_header(parse_header(message.header())) is None
+    index, received = receiver.decode(message)
+    expected = moved if index is None else moved[index]
+    assert received.dtype == torch.float32
+    assert torch.equal(received, expected.to(VALUE_TYPES[values]).float())  # exactly the rounded model
+
+
+def test_a_message_in_another_value_type_is_refused_by_the_receiver():
+    flat = torch.randn(100)
+    half = build_sharing("full", flat, 1.0, _options("full", values="float16"), SEED, node=1).pack(flat, 1, degree=2)
+    single = build_sharing("full", flat, 1.0, _options("full"), SEED, node=0)
+    assert "sharing.values=float32" in single.check_header(parse_header(half.header()))
+
+
+def test_an_unknown_value_type_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"sharing\.values"):
+        check_sharing("full", 1.0, {"values": "float8"})
+
+
+@pytest.mark.parametrize("algorithm,method,alpha,values", [("dpsgd", "full", 1.0, "float16"),
+                                                            ("dpsgd", "partial", 0.1, "bfloat16"),
+                                                            ("rwm", "full", 1.0, "bfloat16")])
+def test_runs_with_lighter_values_learn_and_log_two_bytes_per_value(tmp_path, algorithm, method, alpha, values):
+    overrides = (f"algorithm={algorithm}", f"sharing={method}", f"alpha={alpha}", f"sharing.values={values}",
+                 f"nodes={NODES}", "topology=ring", f"rounds={ROUNDS}", "eval.every=5", f"seed={SEED}",
+                 "optimizer.lr=1.0", "train.batch_size=32")
+    run_train(tmp_path, *overrides)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["per_round"][-1]["test_loss"]["mean"] < no_learning_baseline(tmp_path, *overrides)["loss"] - 0.05
+    numel = summary["num_parameters"]
+    messages_per_round = 2 if algorithm == "dpsgd" else 1  # a ring: two neighbours; a walk: one message
+    for node in range(NODES):
+        data = 0
+        for record in read_jsonl(tmp_path / "run" / "nodes" / f"{node}.jsonl"):
+            sent, least_meta, most_meta = _expected_message_bytes(method, node, record["round"], numel, alpha, None)
+            data += messages_per_round * sent // 2  # 2 bytes per value instead of 4
+            assert record["bytes_sent_data"] == data
+        if method == "full":
+            assert record["bytes_sent_meta"] == record["round"] * messages_per_round * HEADER_BYTES
+
+
+@pytest.mark.parametrize("alpha,encoding", [(0.0001, Encoding.INDEX_INT32), (0.1, Encoding.GAP_RICE),
+                                            (0.5, Encoding.BITMASK)])
+def test_the_header_describes_the_index_form_a_message_chose(alpha, encoding):
+    numel = 10_000
+    flat = torch.zeros(numel)
+    sharing = build_sharing("partial", flat, alpha, _options("partial", values="bfloat16"), SEED, node=0)
+    message = sharing.pack(flat + torch.randn(numel, generator=torch.Generator().manual_seed(2)), 3, degree=4)
+    fields = parse_header(message.header())
+    assert message.encoding == encoding and fields["encoding"] == int(encoding)
+    assert fields["num_index"] == message.index.numel() and fields["num_values"] == message.values.numel()
+    assert fields["values_type"] == list(VALUE_TYPES).index("bfloat16")
+    assert declared_bytes(fields) == (message.data_bytes, message.meta_bytes)
+    index, _ = sharing.decode(message)
+    assert torch.equal(index, sharing.last_sent_index)

@@ -25,6 +25,7 @@ from dpsgd.launch import LOOPBACK, RankFailure, spawn
 from dpsgd.sharing.full import FullSharing
 from dpsgd.sharing.partial import PartialSharing
 from dpsgd.sharing.subsampling import SubsamplingSharing
+from dpsgd.sharing.values import WireValues
 from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_FIELDS, Encoding, Message, MessageRejected,
                                 bitmask_bytes, check_header, check_index, declared_bytes, parse_header)
 from dpsgd.topology import Topology
@@ -32,7 +33,7 @@ from tests.conftest import RANK_TEST_TIMEOUT_S
 
 NUMEL = 1000
 DEGREE = 3
-HUGE = 2 ** 31  # 8 GiB of float32 had the receiver believed it
+HUGE = 2 ** 31 - 1  # the largest an int32 header field holds: 8 GiB of float32 had the receiver believed it
 COMM_TIMEOUT_S = 60
 FAIL_FAST_S = 30  # well under comm.timeout_s: a forged header is a verdict, not a wait
 
@@ -52,7 +53,8 @@ def _valid_messages(sharing, rounds=range(1, 4), degree=DEGREE):
 
 SHARINGS = {
     "full": lambda flat: FullSharing(),
-    "partial_int32": lambda flat: _partial(flat, 0.02),    # 20 coordinates: 80 bytes of int32 < 125 of mask
+    "partial_gap": lambda flat: _partial(flat, 0.02),      # 20 coordinates: ~20 bytes of gap code < 80 of int32
+    "partial_one": lambda flat: _partial(flat, 0.001),     # 1 coordinate
     "partial_bitmask": lambda flat: _partial(flat, 0.5),
     "partial_capped": lambda flat: _partial(flat, 1.0),    # alpha reaches metadata_cap: a FULL message
     "subsampling": lambda flat: SubsamplingSharing(flat, 0.3, seed=5, node=2),
@@ -88,15 +90,21 @@ def test_end_is_accepted_only_where_the_rwm_handshake_expects_it():
 
 def _valid_fields(encoding: Encoding) -> dict[str, int]:
     num_values, num_index = {Encoding.FULL: (NUMEL, 0), Encoding.INDEX_INT32: (20, 20),
-                             Encoding.BITMASK: (400, bitmask_bytes(NUMEL)), Encoding.SEEDED_MASK: (300, 0)}[encoding]
-    return {"round": 4, "degree": DEGREE, "age": 0, "encoding": int(encoding), "num_values": num_values,
-            "num_index": num_index, "seed": 123}
+                             Encoding.BITMASK: (400, bitmask_bytes(NUMEL)), Encoding.SEEDED_MASK: (300, 0),
+                             Encoding.GAP_RICE: (100, 60)}[encoding]
+    return {"round": 4, "degree": DEGREE, "age": 0, "encoding": int(encoding), "values_type": 0,
+            "num_values": num_values, "num_index": num_index, "seed": 123}
 
 
 FORGERIES = [  # (encoding, field, forged value, words the reason must contain)
     *[(encoding, "num_values", value, "num_values")
-      for encoding in (Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.SEEDED_MASK)
+      for encoding in (Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.SEEDED_MASK, Encoding.GAP_RICE)
       for value in (-1, NUMEL + 1, HUGE, 2 ** 62, -(2 ** 63))],
+    (Encoding.GAP_RICE, "num_values", 0, "GAP_RICE"),              # the empty set travels as int32 (no bytes)
+    (Encoding.GAP_RICE, "num_index", 0, "num_index"),              # the Rice parameter byte at least
+    (Encoding.GAP_RICE, "num_index", bitmask_bytes(NUMEL) + 1, "num_index"),  # a bitmask would be shorter
+    (Encoding.GAP_RICE, "num_index", HUGE, "num_index"),
+    *[(Encoding.FULL, "values_type", value, "values_type") for value in (-1, 3, 99, HUGE)],
     (Encoding.FULL, "num_values", NUMEL - 1, "FULL"),
     (Encoding.FULL, "num_index", 1, "num_index"),
     (Encoding.INDEX_INT32, "num_index", 21, "num_index"),         # one index per value
@@ -104,7 +112,7 @@ FORGERIES = [  # (encoding, field, forged value, words the reason must contain)
     (Encoding.BITMASK, "num_index", bitmask_bytes(NUMEL) + 1, "num_index"),
     (Encoding.BITMASK, "num_index", HUGE, "num_index"),
     (Encoding.SEEDED_MASK, "num_index", 4, "num_index"),
-    *[(Encoding.FULL, "encoding", value, "encoding") for value in (-1, 5, 99, 2 ** 40)],
+    *[(Encoding.FULL, "encoding", value, "encoding") for value in (-1, 6, 99, 2 ** 40)],
     (Encoding.FULL, "encoding", int(Encoding.END), "END"),         # D-PSGD has no END
     *[(Encoding.BITMASK, "degree", value, "degree") for value in (DEGREE + 1, 0, -DEGREE, HUGE)],
     *[(Encoding.SEEDED_MASK, "round", value, "round") for value in (3, 5, 0, -4, HUGE)],
@@ -122,15 +130,15 @@ def test_a_forged_header_field_is_rejected_with_its_reason(encoding, field, valu
 
 
 def test_random_headers_pass_only_with_sizes_the_model_allows():
-    """Forged headers of random int64 fields: the check never raises, and what it lets through is bounded."""
+    """Forged headers of random integer fields: the check never raises, and what it lets through is bounded."""
     rng = np.random.default_rng(0)
     passed = 0
     for trial in range(20_000):
         scale = rng.choice([4, 2 ** 10, 2 ** 20, 2 ** 62])
         forged = {name: int(rng.integers(-scale, scale)) for name in HEADER_FIELDS}
-        forged["encoding"] = int(rng.integers(-1, 6))
+        forged["encoding"] = int(rng.integers(-1, 7))
         if trial % 2:  # keep some fields plausible so the size rules are exercised
-            forged.update(degree=DEGREE, round=4, age=abs(forged["age"]))
+            forged.update(degree=DEGREE, round=4, age=abs(forged["age"]), values_type=int(rng.integers(0, 3)))
             forged["num_values"], forged["num_index"] = (int(v) for v in rng.integers(-2, NUMEL + 3, size=2))
             if trial % 4 == 1:
                 forged["num_index"] = int(rng.choice([0, forged["num_values"], bitmask_bytes(NUMEL)]))
@@ -195,10 +203,13 @@ def test_a_subsampling_count_disagreement_is_a_rejected_message_not_a_crash():
 
 def test_received_bytes_are_split_into_data_and_meta():
     counters = ByteCounters()
+    index_bytes = 0
     for message in _valid_messages(_partial(torch.zeros(NUMEL), 0.02)):
+        assert message.encoding == Encoding.GAP_RICE
         counters.count_received(parse_header(message.header()))
+        index_bytes += message.index.numel()
     assert counters.recv_data == 3 * 20 * 4
-    assert counters.recv_meta == 3 * (HEADER_BYTES + 20 * 4)
+    assert counters.recv_meta == 3 * HEADER_BYTES + index_bytes
     assert counters.recv == counters.recv_data + counters.recv_meta
 
 
@@ -245,6 +256,15 @@ def _forged_message(forgery: str, sharing, message: Message) -> Message:
         return _forge_header(message, num_values=HUGE)
     if forgery == "wrong_degree":
         return _forge_header(message, degree=PATH.degree(FORGER) + 5)
+    if forgery == "corrupt_gap_code":  # one bit flipped in the unary block: the gap count no longer matches
+        index = message.index.clone()
+        index[-1] ^= 0b1
+        return Message(message.round, message.degree, 0, message.encoding, message.values.clone(), index)
+    if forgery == "truncated_gap_code":  # the header announces the shorter index it then sends
+        return Message(message.round, message.degree, 0, message.encoding, message.values.clone(),
+                       message.index[:-1].clone())
+    if forgery == "float16_values":  # values in another type than the receivers' sharing.values
+        return Message(message.round, message.degree, 0, message.encoding, message.values.half())
     # A sub-sampling message one value short of what its seed's mask selects.
     return Message(round=message.round, degree=message.degree, age=0, encoding=Encoding.SEEDED_MASK,
                    values=message.values[:-1].clone(), seed=message.seed)
@@ -252,13 +272,20 @@ def _forged_message(forgery: str, sharing, message: Message) -> Message:
 
 @pytest.mark.parametrize("forgery, words", [("huge_num_values", f"num_values={HUGE}"),
                                             ("wrong_degree", "degree=6"),
-                                            ("subsampling_count", "sub-sampling mask")])
+                                            ("subsampling_count", "sub-sampling mask"),
+                                            ("corrupt_gap_code", "GAP_RICE index is corrupt"),
+                                            ("truncated_gap_code", "GAP_RICE index is corrupt"),
+                                            ("float16_values", "values_type=float16")])
 def test_dpsgd_forged_message_ends_the_run_naming_the_forger(forgery, words):
     def node(ctx):
         neighbours, peer_degrees, board = _join(ctx)
         flat = torch.randn(NUMEL)
-        sharing = (SubsamplingSharing(flat, 0.3, seed=5, node=ctx.rank) if forgery == "subsampling_count"
-                   else FullSharing())
+        if forgery == "subsampling_count":
+            sharing = SubsamplingSharing(flat, 0.3, seed=5, node=ctx.rank)
+        elif forgery.endswith("gap_code"):
+            sharing = _partial(torch.zeros(NUMEL), 0.02)
+        else:
+            sharing = WireValues(FullSharing(), "float32")
         link = NeighbourLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees,
                              header_check=getattr(sharing, "check_header", None))
         if ctx.rank == VICTIM:
@@ -300,7 +327,7 @@ def test_rwm_forged_header_ends_the_run_naming_the_forger():
 # --- honest ranks: nothing rejected, received bytes split ------------------------------------
 
 def test_honest_dpsgd_exchanges_of_every_encoding_pass_and_count_received_bytes(tmp_path):
-    sharings = [SHARINGS["full"], SHARINGS["partial_int32"], SHARINGS["partial_bitmask"]]
+    sharings = [SHARINGS["full"], SHARINGS["partial_gap"], SHARINGS["partial_bitmask"]]
 
     def model(rank: int, round_number: int) -> torch.Tensor:
         return torch.randn(NUMEL, generator=torch.Generator().manual_seed(rank)) * round_number
@@ -324,7 +351,7 @@ def test_honest_dpsgd_exchanges_of_every_encoding_pass_and_count_received_bytes(
 
     spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S)
     result = {rank: torch.load(tmp_path / f"{rank}.pt") for rank in range(3)}
-    assert set(result[1][0]) == {Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK}
+    assert set(result[1][0]) == {Encoding.FULL, Encoding.GAP_RICE, Encoding.BITMASK}
     # Node 1 hears nodes 0 and 2, whose only neighbour it is.
     assert result[1][1][2:].tolist() == (result[0][1][:2] + result[2][1][:2]).tolist()
 

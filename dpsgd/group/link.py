@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from dpsgd.communication import ByteCounters, FailureBoard, describe_peer_error
-from dpsgd.sharing.wire import (HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE, Encoding, Message,
-                                check_header, check_index, parse_header)
+from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding, Message,
+                                check_header, check_index, declared_bytes, parse_header, values_dtype)
 from dpsgd.topology import Topology
 
 HEADERS_TAG, VALUES_TAG, INDEX_TAG = 11, 12, 13
@@ -84,7 +84,7 @@ class GroupLink(GroupTransport):
         """Every hosted node's message to each neighbour; returns, per hosted node, what each neighbour sent."""
         round_number = next(iter(outgoing.values())).round
         received: dict[int, dict[int, Message]] = {node: {} for node in self.hosted}
-        header_blocks = {other: torch.empty(len(senders), len(HEADER_FIELDS), dtype=HEADER_DTYPE)
+        header_blocks = {other: torch.empty(len(senders), HEADER_LENGTH, dtype=HEADER_DTYPE)
                          for other, senders in self.incoming_from.items()}
         header_works = {other: (self._post(dist.irecv, block, other, HEADERS_TAG, round_number), block)
                         for other, block in header_blocks.items()}
@@ -123,7 +123,7 @@ class GroupLink(GroupTransport):
         fields = [parse_header(row) for row in headers]
         for sender, field in zip(self.incoming_from[other], fields):
             self._check(other, sender, field, round_number)
-        values = torch.empty(sum(f["num_values"] for f in fields), dtype=VALUES_DTYPE)
+        values = torch.empty(sum(f["num_values"] for f in fields), dtype=values_dtype(fields[0]))
         value_work = self._post(dist.irecv, values, other, VALUES_TAG, round_number)
         index_bytes = [self._index_bytes(f) for f in fields]
         index = torch.empty(sum(index_bytes), dtype=torch.uint8)
@@ -150,10 +150,8 @@ class GroupLink(GroupTransport):
 
     @staticmethod
     def _index_bytes(fields: dict[str, int]) -> int:
-        encoding = Encoding(fields["encoding"])
-        if encoding not in INDEX_DTYPES:
-            return 0
-        return fields["num_index"] * torch.empty(0, dtype=INDEX_DTYPES[encoding]).element_size()
+        """Bytes of the index a checked header announces: its meta bytes less the header's."""
+        return declared_bytes(fields)[1] - HEADER_BYTES
 
     def _check(self, other: int, sender: int, fields: dict[str, int], round_number: int) -> None:
         problem = check_header(fields, self.numel, self.topology.degree(sender), expected_round=round_number)

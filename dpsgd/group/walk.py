@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from dpsgd.communication import NO_BOUND
 from dpsgd.group.link import GroupTransport
-from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_FIELDS, INDEX_DTYPES, VALUES_DTYPE, Encoding,
-                                Message, check_header, check_index, parse_header)
+from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding,
+                                Message, check_header, check_index, parse_header, values_dtype)
 
 ROUTE_TAG, HEADER_TAG, VALUES_TAG, INDEX_TAG = 21, 22, 23, 24
 END = -1  # routing pair (END, END): the sending rank will send nothing more
@@ -110,7 +110,7 @@ class GroupWalkLink(GroupTransport):
 
     def _receive_from(self, other: int) -> None:
         route = torch.empty(2, dtype=torch.int64)
-        header = torch.empty(len(HEADER_FIELDS), dtype=HEADER_DTYPE)
+        header = torch.empty(HEADER_LENGTH, dtype=HEADER_DTYPE)
         try:
             while True:
                 dist.irecv(route, other, tag=ROUTE_TAG).wait(timeout=NO_BOUND)
@@ -146,7 +146,7 @@ class GroupWalkLink(GroupTransport):
         return problem
 
     def _payload(self, other: int, sender: int, fields: dict[str, int]) -> Message:
-        values = torch.empty(fields["num_values"], dtype=VALUES_DTYPE)
+        values = torch.empty(fields["num_values"], dtype=values_dtype(fields))
         dist.irecv(values, other, tag=VALUES_TAG).wait(timeout=NO_BOUND)
         index = None
         encoding = Encoding(fields["encoding"])

@@ -17,7 +17,8 @@ from dpsgd.errors import ConfigError
 from dpsgd.sharing.full import FullSharing
 from dpsgd.sharing.partial import PartialSharing, RandomAlphaSharing
 from dpsgd.sharing.subsampling import SubsamplingSharing
-from dpsgd.sharing.wire import Message
+from dpsgd.sharing.values import WireValues
+from dpsgd.sharing.wire import VALUE_TYPES, Message
 
 
 class Sharing(Protocol):
@@ -62,6 +63,10 @@ def check_sharing(name: str, alpha: float, options: dict) -> None:
         if not alpha_list or not all(0 < a <= 1 for a in alpha_list):
             raise ConfigError(f"sharing.alpha_list={list(alpha_list)} must be a non-empty list of fractions "
                               "in (0, 1], e.g. `sharing.alpha_list=[0.1,0.2,0.3,0.4,1.0]`.")
+    values = options.get("values", "float32")
+    if values not in VALUE_TYPES:
+        raise ConfigError(f"sharing.values={values!r} is not a type values can travel in. Choose one of "
+                          f"{list(VALUE_TYPES)}, e.g. `sharing.values=float16` (half the data bytes).")
     if options.get("accumulate_averaging_changes") and not options.get("accumulation"):
         warnings.warn("sharing.accumulate_averaging_changes=true has no effect with "
                       "sharing.accumulation=false; set sharing.accumulation=true to rank coordinates "
@@ -69,8 +74,13 @@ def check_sharing(name: str, alpha: float, options: dict) -> None:
 
 
 def build_sharing(name: str, flat: torch.Tensor, alpha: float, options: dict, seed: int, node: int) -> Sharing:
-    """The sharing method named by `sharing.name`, with its `sharing.*` options."""
+    """The sharing method named by `sharing.name`, with its `sharing.*` options, its values on the
+    wire in `sharing.values`."""
     check_sharing(name, alpha, options)
+    return WireValues(_method(name, flat, alpha, options, seed, node), options.get("values", "float32"))
+
+
+def _method(name: str, flat: torch.Tensor, alpha: float, options: dict, seed: int, node: int) -> Sharing:
     if name == "full":
         return FullSharing()
     if name == "subsampling":

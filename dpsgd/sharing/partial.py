@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpsgd.seeding import torch_generator
-from dpsgd.sharing.selection import decode_indices, encode_indices, smaller_encoding, top_k_indices
+from dpsgd.sharing.selection import decode_indices, encode_indices, smallest_encoding, top_k_indices
 from dpsgd.sharing.wire import Encoding, Message, encoding_problem
 
 
@@ -54,7 +54,7 @@ class PartialSharing:
         chosen = top_k_indices(score, coordinates_to_send(alpha, self.numel))
         self._accumulated[chosen] = 0.0
         self.last_sent_index = chosen
-        encoding = smaller_encoding(chosen.numel(), self.numel)
+        encoding, _ = smallest_encoding(chosen, self.numel)
         return Message(round=round_number, degree=degree, age=age, encoding=encoding,
                        values=torch.index_select(flat, 0, chosen, out=self._values[:chosen.numel()]),
                        index=encode_indices(chosen, self.numel, encoding))
@@ -63,13 +63,14 @@ class PartialSharing:
         return self.alpha
 
     def check_header(self, fields: dict[str, int]) -> str | None:
-        """Above metadata_cap the whole model goes out; below it, coordinates by index or bitmask."""
-        return encoding_problem(fields, (Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK), self.name)
+        """Above metadata_cap the whole model goes out; below it, coordinates in the smallest index form."""
+        return encoding_problem(fields, (Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.GAP_RICE),
+                                self.name)
 
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
         if message.encoding == Encoding.FULL:
             return None, message.values
-        return decode_indices(message.index, self.numel, message.encoding), message.values
+        return decode_indices(message.index, self.numel, message.encoding, message.values.numel()), message.values
 
     def after_merge(self, flat: torch.Tensor) -> None:
         if self.accumulate_averaging_changes:

@@ -2,19 +2,20 @@
 
 Top-k is by magnitude (a large negative change counts as large) and deterministic on
 ties (the lower coordinate wins), so a run is reproducible. The chosen coordinates
-travel either as sorted int32 indices or as a packed bitmask, whichever is smaller for
-that message: indices cost 4 bytes per chosen coordinate, a bitmask 1 bit per
-coordinate of the model, so the bitmask wins above k = numel / 32.
+travel in whichever of three forms is smallest for that message: sorted int32 indices
+(4 bytes per chosen coordinate: only for a handful), a packed bitmask (1 bit per
+coordinate of the model: dense choices, alpha near 0.5 and above), or the Rice code of
+their gaps (`dpsgd.sharing.gap_code`, about log2(numel/k) + 1.5 bits per chosen
+coordinate: everything between). On a tie the earlier form in that order wins.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dpsgd.sharing.wire import INDEX_DTYPES, Encoding
-
-BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-BIT_POSITIONS = torch.arange(8, dtype=torch.uint8)
+from dpsgd.sharing.bits import pack_bits, unpack_bits
+from dpsgd.sharing.gap_code import best_parameter, decode_gaps, encode_gaps, gaps_of
+from dpsgd.sharing.wire import INDEX_DTYPES, Encoding, bitmask_bytes
 
 
 def top_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -30,33 +31,42 @@ def top_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, at_threshold]).sort().values
 
 
-def index_bytes(encoding: Encoding, k: int, numel: int) -> int:
-    """Bytes of the index part of a message choosing k of numel coordinates."""
+def fixed_index_bytes(encoding: Encoding, k: int, numel: int) -> int:
+    """Bytes of an INDEX_INT32 or BITMASK index choosing k of numel coordinates (the gap code's
+    length depends on which coordinates: `smallest_encoding`)."""
     if encoding == Encoding.INDEX_INT32:
         return 4 * k
     if encoding == Encoding.BITMASK:
-        return (numel + 7) // 8
-    return 0
+        return bitmask_bytes(numel)
+    raise ValueError(f"{encoding.name} has no length fixed by k and numel")
 
 
-def smaller_encoding(k: int, numel: int) -> Encoding:
-    """INDEX_INT32 or BITMASK, whichever puts fewer bytes on the wire (int32 on a tie)."""
-    int32_bytes = index_bytes(Encoding.INDEX_INT32, k, numel)
-    return Encoding.INDEX_INT32 if int32_bytes <= index_bytes(Encoding.BITMASK, k, numel) else Encoding.BITMASK
+def smallest_encoding(indices: torch.Tensor, numel: int) -> tuple[Encoding, int]:
+    """(encoding, index bytes): the form that names these sorted coordinates in the fewest bytes."""
+    k = indices.numel()
+    sizes = {Encoding.INDEX_INT32: fixed_index_bytes(Encoding.INDEX_INT32, k, numel),
+             Encoding.BITMASK: fixed_index_bytes(Encoding.BITMASK, k, numel)}
+    if k:
+        sizes[Encoding.GAP_RICE] = best_parameter(gaps_of(indices), numel)[1]
+    encoding = min(sizes, key=sizes.get)  # the first of equals: int32, bitmask, gap code
+    return encoding, sizes[encoding]
 
 
 def encode_indices(indices: torch.Tensor, numel: int, encoding: Encoding) -> torch.Tensor:
     """Sorted indices as the index tensor of a message."""
     if encoding == Encoding.INDEX_INT32:
         return indices.to(INDEX_DTYPES[encoding])
-    mask = torch.zeros((numel + 7) // 8 * 8, dtype=torch.uint8)
+    if encoding == Encoding.GAP_RICE:
+        return encode_gaps(indices, numel)
+    mask = torch.zeros(numel, dtype=torch.uint8)
     mask[indices] = 1
-    return (mask.view(-1, 8) * BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+    return pack_bits(mask)
 
 
-def decode_indices(index: torch.Tensor, numel: int, encoding: Encoding) -> torch.Tensor:
-    """The sorted int64 coordinates an index tensor names."""
+def decode_indices(index: torch.Tensor, numel: int, encoding: Encoding, k: int | None = None) -> torch.Tensor:
+    """The sorted int64 coordinates an index tensor names (`k`: how many, for the gap code)."""
     if encoding == Encoding.INDEX_INT32:
         return index.long()
-    bits = (index.unsqueeze(1) >> BIT_POSITIONS) & 1
-    return bits.view(-1)[:numel].nonzero().squeeze(1)
+    if encoding == Encoding.GAP_RICE:
+        return decode_gaps(index, k, numel)
+    return unpack_bits(index, numel).nonzero().squeeze(1)

@@ -1,0 +1,30 @@
+"""Bit fields on the wire: 0/1 tensors packed eight to a byte, least significant bit first.
+
+Every bit field a message carries (the bitmask over the model, both blocks of the gap
+code) uses this one layout: bit j of byte i is bit 8i + j of the field.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+BIT_POSITIONS = torch.arange(8, dtype=torch.uint8)
+
+
+def packed_length(count: int) -> int:
+    """Bytes that hold `count` bits."""
+    return (count + 7) // 8
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor of 0/1 values as bytes; the last byte is padded with zero bits."""
+    padded = torch.zeros(packed_length(bits.numel()) * 8, dtype=torch.uint8)
+    padded[:bits.numel()] = bits
+    return (padded.view(-1, 8) * BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """The first `count` bits (default: all) of packed bytes, as a uint8 tensor of 0/1 values."""
+    bits = ((packed.unsqueeze(1) >> BIT_POSITIONS) & 1).view(-1)
+    return bits if count is None else bits[:count]
