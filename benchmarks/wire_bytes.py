@@ -1,48 +1,67 @@
 """Bytes per message: dpsgd's wire format against the reference system and the information floor.
 
-For each model size and sharing setting, one message is packed with the library's own
-sharing classes and its bytes are read off the `Message`. The reference system pickles a
-dict of numpy arrays (float32 values, int32 indices) plus a few scalars; its size is
-measured by pickling such a dict for real, with the same values and coordinates. The
-floor is what any encoding must spend: 4 bytes per float32 value sent, plus
-log2 C(n, k) bits to say which k of the n coordinates they are.
+For each model size, sharing setting and value type, one message is packed with the
+library's own sharing classes and its bytes are read off the `Message`. The reference
+system pickles a dict of numpy arrays (float32 values, int32 indices) plus a few
+scalars; its size is measured by pickling such a dict for real, with the same values
+and coordinates. The floor is what any encoding of float32 values must spend: 4 bytes
+per value sent, plus log2 C(n, k) bits to say which k of the n coordinates they are. It
+stays the float32 floor for float16/bfloat16 rows, which is why those go below 1.
 
-    python benchmarks/wire_bytes.py [--out results.json] [--csv results.csv]
+Times (milliseconds, one thread, median of repeats): `pack_ms` (choose and encode),
+`decode_ms` (what a receiver does before merging: decode the coordinates, widen the
+values) and `receive_ms`, the time a receiver waits from asking a peer for the message
+until all of it arrived, over gloo on this machine's loopback (the fastest link a
+message ever takes, so the hardest bar for decoding to stay under).
+
+    python benchmarks/wire_bytes.py [--csv benchmarks/results/wire_bytes.csv] [--no-timing]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import pickle
+import statistics
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from dpsgd.communication import wire_parts
+from dpsgd.launch import spawn
+from dpsgd.models import build_model
 from dpsgd.models.flat import num_parameters
-from dpsgd.models.mf import MatrixFactorization
+from dpsgd.sharing import build_sharing
+from dpsgd.sharing.partial import coordinates_to_send
+from dpsgd.sharing.wire import HEADER_DTYPE, HEADER_LENGTH, VALUE_TYPES, Message
 from dpsgd.seeding import torch_generator
-from dpsgd.sharing.full import FullSharing
-from dpsgd.sharing.partial import PartialSharing, coordinates_to_send
-from dpsgd.sharing.subsampling import SubsamplingSharing
 
 SEED = 90
-ALPHAS = (0.1, 0.3, 0.5)
+ALPHAS = (0.001, 0.01, 0.05, 0.1, 0.3, 0.5)
 ROUND, DEGREE = 12, 4                 # what the message's header says; sizes do not depend on it
 TRAINING_CHANGE_STD = 0.01            # scale of the fake training step that partial sharing ranks
-FEMNIST_CNN_PARAMETERS = 1_690_046    # SPEC §6: the FEMNIST CNN, not yet in the library
+REPEATS = 15
+MODELS = {  # the study's two model sizes, built by the library (SPEC §6)
+    "movielens-mf": ("mf", {"num_users": 610, "num_items": 9724}),
+    "femnist-cnn": ("femnist_cnn", {"num_classes": 62}),
+}
+SHARING_OPTIONS = {"merge": "fill_own", "accumulation": True, "accumulate_averaging_changes": True,
+                   "metadata_cap": 1.0}  # cap above every alpha measured: partial rows are always top-k
 
 
-def movielens_mf_parameters() -> int:
-    """Parameter count of the MovieLens model (SPEC §6: 610 users, 9,724 items, embedding 20)."""
-    model = MatrixFactorization(610, 9724, 20, generator=torch_generator(SEED, "wire_bytes_mf"))
-    return num_parameters(model)
+def model_parameters(name: str) -> int:
+    model, dims = MODELS[name]
+    return num_parameters(build_model(model, dims, SEED))
 
 
 def reference_bytes(values: torch.Tensor, indices: torch.Tensor | None) -> int:
     """Size of the pickled dict the reference system sends for these values (and coordinates)."""
-    message = {"params": values.numpy().astype("float32")}
+    message = {"params": values.float().numpy()}
     if indices is not None:
         message["indices"] = indices.numpy().astype("int32")
     message.update(degree=DEGREE, iteration=ROUND, channel="DPSGD")
@@ -57,73 +76,127 @@ def floor_bytes(numel: int, k: float) -> int:
     return math.ceil(4 * k + math.ceil(log2_choices / 8))
 
 
-def measure(model_name: str, numel: int, sharing_name: str, alpha: float, flat: torch.Tensor,
-            training_change: torch.Tensor) -> dict:
-    """Pack one message with the library and size it three ways."""
-    flat = flat.clone()
-    if sharing_name == "full":
-        sharing, expected_k = FullSharing(), numel
-    elif sharing_name == "partial":
-        sharing = PartialSharing(flat, alpha, accumulation=True, accumulate_averaging_changes=True,
-                                 metadata_cap=1.0)  # cap above every alpha measured: always top-k
-        flat += training_change          # the change since construction is what top-k ranks
-        expected_k = coordinates_to_send(alpha, numel)
-    else:
-        sharing, expected_k = SubsamplingSharing(flat, alpha, seed=SEED, node=0), alpha * numel
-    message = sharing.pack(flat, ROUND, DEGREE)
-    ours, reference = message.total_bytes, reference_bytes(message.values, sharing.last_sent_index)
-    floor = floor_bytes(numel, expected_k)
-    return {
-        "model": model_name, "numel": numel, "sharing": sharing_name,
-        "alpha": alpha, "k_sent": message.values.numel(),
-        "encoding": message.encoding.name, "our_bytes": ours,
+def median_ms(action, repeats: int = REPEATS) -> float:
+    action()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def measure(model: str, flat: torch.Tensor, change: torch.Tensor, sharing_name: str, alpha: float,
+            values: str, timing: bool) -> tuple[dict, Message]:
+    """Pack one message with the library, size it three ways, time packing and decoding."""
+    numel = flat.numel()
+    options = {**SHARING_OPTIONS, "values": values}
+
+    def packed() -> tuple[object, Message]:
+        model_now = flat.clone()
+        sharing = build_sharing(sharing_name, model_now, alpha, options, SEED, node=0)
+        model_now += change  # the change since construction is what top-k ranks
+        return sharing, sharing.pack(model_now, ROUND, DEGREE)
+
+    sharing, message = packed()
+    expected_k = {"full": numel, "partial": coordinates_to_send(alpha, numel)}.get(sharing_name, alpha * numel)
+    ours, floor = message.total_bytes, floor_bytes(numel, expected_k)
+    reference = reference_bytes(message.values, sharing.last_sent_index)
+    row = {
+        "model": model, "numel": numel, "sharing": sharing_name, "alpha": alpha, "values": values,
+        "k_sent": message.values.numel(), "encoding": message.encoding.name, "our_bytes": ours,
         "our_data_bytes": message.data_bytes, "our_meta_bytes": message.meta_bytes,
-        "reference_bytes": reference, "floor_bytes": floor,
-        "overhead_over_floor_pct": 100 * (ours - floor) / floor,
-        "saving_vs_reference_pct": 100 * (reference - ours) / reference,
+        "reference_bytes": reference, "floor_bytes": floor, "ours_over_floor": round(ours / floor, 4),
+        "saving_vs_reference_pct": round(100 * (reference - ours) / reference, 2),
     }
+    if timing:
+        row["pack_ms"] = round(median_ms(lambda: packed()[0].pack(flat, ROUND, DEGREE)), 3)
+        row["decode_ms"] = round(median_ms(lambda: sharing.decode(message)), 3)
+    return row, message
 
 
-def run_all() -> list[dict]:
-    rows = []
-    for model_name, numel in (("movielens-mf", movielens_mf_parameters()), ("femnist-cnn", FEMNIST_CNN_PARAMETERS)):
+def receive_times_ms(messages: list[Message]) -> list[float]:
+    """Per message, the median time a receiver waits from asking for it until all of it arrived (loopback gloo)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Path(scratch) / "times.pt"
+
+        def rank(ctx) -> None:
+            dist.init_process_group("gloo", store=ctx.store, rank=ctx.rank, world_size=2,
+                                    timeout=timedelta(seconds=120))
+            ask = torch.zeros(1, dtype=torch.int32)
+            times = []
+            for message in messages:
+                parts = wire_parts(message, message.header())
+                if ctx.rank == 1:
+                    for _ in range(REPEATS + 1):
+                        dist.recv(ask, 0)
+                        for work in [dist.isend(tensor, 0, tag=tag) for tensor, tag in parts]:
+                            work.wait()
+                    continue
+                buffers = [(torch.empty_like(tensor), tag) for tensor, tag in parts]
+                buffers[0] = (torch.empty(HEADER_LENGTH, dtype=HEADER_DTYPE), buffers[0][1])
+
+                def receive() -> None:
+                    dist.send(ask, 1)
+                    for work in [dist.irecv(tensor, 1, tag=tag) for tensor, tag in buffers]:
+                        work.wait()
+
+                times.append(median_ms(receive))
+            if ctx.rank == 0:
+                torch.save(times, result)
+            dist.destroy_process_group()
+
+        spawn(rank, 2, timeout_s=600)
+        return torch.load(result)
+
+
+def run_all(timing: bool) -> list[dict]:
+    torch.set_num_threads(1)
+    rows, messages = [], []
+    for model in MODELS:
+        numel = model_parameters(model)
         generator = torch_generator(SEED, "wire_bytes", numel)
         flat = torch.randn(numel, generator=generator)
-        training_change = TRAINING_CHANGE_STD * torch.randn(numel, generator=generator)
+        change = TRAINING_CHANGE_STD * torch.randn(numel, generator=generator)
         settings = [("full", 1.0)] + [(name, alpha) for name in ("partial", "subsampling") for alpha in ALPHAS]
         for sharing_name, alpha in settings:
-            rows.append(measure(model_name, numel, sharing_name, alpha, flat, training_change))
+            for values in VALUE_TYPES:
+                row, message = measure(model, flat, change, sharing_name, alpha, values, timing)
+                rows.append(row)
+                messages.append(message)
+    if timing:
+        for row, receive_ms in zip(rows, receive_times_ms(messages)):
+            row["receive_ms"] = round(receive_ms, 3)
     return rows
 
 
 COLUMNS = [  # (title, row key, width, number format; "" for text, which is left-aligned)
-    ("model", "model", 12, ""), ("row", "label", 15, ""), ("k sent", "k_sent", 9, ","),
-    ("encoding", "encoding", 11, ""), ("ours", "our_bytes", 10, ","), ("data", "our_data_bytes", 10, ","),
-    ("meta", "our_meta_bytes", 8, ","), ("reference", "reference_bytes", 10, ","), ("floor", "floor_bytes", 10, ","),
-    ("over floor", "overhead_over_floor_pct", 10, ".2f"), ("vs ref", "saving_vs_reference_pct", 6, ".2f"),
+    ("model", "model", 12, ""), ("row", "label", 17, ""), ("values", "values", 8, ""),
+    ("k sent", "k_sent", 9, ","), ("encoding", "encoding", 11, ""), ("ours", "our_bytes", 10, ","),
+    ("meta", "our_meta_bytes", 8, ","), ("reference", "reference_bytes", 10, ","),
+    ("floor", "floor_bytes", 10, ","), ("/floor", "ours_over_floor", 7, ".3f"),
+    ("pack ms", "pack_ms", 8, ".3f"), ("decode ms", "decode_ms", 9, ".3f"), ("recv ms", "receive_ms", 8, ".3f"),
 ]
 
 
 def print_table(rows: list[dict]) -> None:
-    print("  ".join(format(title, f"{'>' if number else '<'}{width}") for title, _, width, number in COLUMNS))
+    columns = [column for column in COLUMNS if column[1] in rows[0] or column[1] == "label"]
+    print("  ".join(format(title, f"{'>' if number else '<'}{width}") for title, _, width, number in columns))
     for row in rows:
         cells = {**row, "label": "full" if row["sharing"] == "full" else f"{row['sharing']} {row['alpha']}"}
         print("  ".join(format(cells[key], f"{'>' if number else '<'}{width}{number}")
-                        for _, key, width, number in COLUMNS))
+                        for _, key, width, number in columns))
     print(f"bytes per message; reference = len(pickle.dumps(dict)), pickle protocol {pickle.DEFAULT_PROTOCOL}; "
-          "over floor = (ours - floor) / floor; vs ref = (reference - ours) / reference; both in %")
+          "/floor = ours / the float32 information floor")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", help="write the rows as JSON to this path")
     parser.add_argument("--csv", help="write the rows as CSV to this path")
+    parser.add_argument("--no-timing", action="store_true", help="sizes only: skip the pack/decode/receive timings")
     args = parser.parse_args()
-    rows = run_all()
+    rows = run_all(timing=not args.no_timing)
     print_table(rows)
-    if args.out:
-        with open(args.out, "w") as file:
-            json.dump(rows, file, indent=2)
     if args.csv:
         with open(args.csv, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=list(rows[0]))
