@@ -23,7 +23,6 @@ Writes `results/scale.csv` (rows merged by name).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -35,6 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dpsgd.report.files import merge_rows_into_csv  # noqa: E402 - the repository is on the path from here
+
 PEAKMEM = REPO.parent / "shared" / "tools" / "peakmem"
 COLUMNS = ("row", "nodes", "nodes_per_rank", "ranks", "rounds", "wall_s", "run_s", "s_per_round", "peak_mb",
            "final_test_rmse", "final_test_acc", "note")
@@ -109,20 +112,6 @@ print(time.perf_counter() - start)
             "final_test_acc": "", "note": "training alone (47 SGD steps of 16 images per node), no communication"}
 
 
-def merge_into_csv(path: Path, lines: list[dict]) -> None:
-    existing = {}
-    if path.exists():
-        with open(path, newline="") as file:
-            existing = {row["row"]: row for row in csv.DictReader(file)}
-    existing.update({line["row"]: line for line in lines})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in existing.values():
-            writer.writerow({key: row.get(key, "") for key in COLUMNS})
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", help="row names (default: all)")
@@ -141,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         line = femnist_floor(args.data_dir) if name == "femnist_floor" else run_row(name, rows[name],
                                                                                    Path(args.runs_dir))
-        merge_into_csv(Path(args.csv), [line])
+        merge_rows_into_csv(Path(args.csv), COLUMNS, [line], order=[row for row in rows])
         print(f"[scale] {name}: {line} ({time.monotonic() - started:.0f} s)", flush=True)
 
 

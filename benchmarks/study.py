@@ -18,9 +18,7 @@ Rows already in the CSV that were not rerun are kept, so rows can be run one at 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -30,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from dpsgd.report.files import merge_rows_into_csv  # noqa: E402 - the repository is on the path from here
 
 RESULTS = REPO / "benchmarks" / "results"
 COLUMNS = ("row", "dataset", "algorithm", "sharing", "alpha", "nodes", "rounds", "metric", "ours", "study",
@@ -77,14 +77,22 @@ def overrides_for(row: Row, args: argparse.Namespace) -> list[str]:
             f"data_dir={args.data_dir}", "log.progress=false", *args.extra]
 
 
+def row_name(row: Row, args: argparse.Namespace) -> str:
+    """The row's name in the CSV and its run folder's name: `--label` marks a variant (e.g. ml1_dpsgd_full@float16)."""
+    return f"{row.name}@{args.label}" if args.label else row.name
+
+
 def run_row(row: Row, args: argparse.Namespace) -> Path:
-    run_dir = args.runs_dir / row.name
-    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun replaces the row's run: a run never reuses a folder
+    run_dir = args.runs_dir / row_name(row, args)
     command = [sys.executable, str(REPO / "train.py"), *overrides_for(row, args), f"hydra.run.dir={run_dir}"]
-    print(f"[study] {row.name}: {' '.join(command[1:])}", flush=True)
+    if args.resume:
+        command.append("resume=true")  # continues from the last round every node saved (a long row over sessions)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun replaces the row's run: a run never reuses a folder
+    print(f"[study] {row_name(row, args)}: {' '.join(command[1:])}", flush=True)
     started = time.monotonic()
     subprocess.run(command, cwd=REPO, check=True)
-    print(f"[study] {row.name}: done in {time.monotonic() - started:.0f} s", flush=True)
+    print(f"[study] {row_name(row, args)}: done in {time.monotonic() - started:.0f} s", flush=True)
     return run_dir
 
 
@@ -101,12 +109,12 @@ def no_learning_baseline(row: Row, data_dir: str) -> float:
     return score["loss"] if row.dataset == "movielens" else 100 * score["acc"]
 
 
-def result_line(row: Row, run_dir: Path, baseline: float, commit: str) -> dict:
+def result_line(row: Row, run_dir: Path, baseline: float, commit: str, name: str | None = None) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary["final"]
     ratings = summary["test_loss_metric"] == "rmse"
     ours = final["test_loss"]["mean"] if ratings else 100 * final["test_acc"]["mean"]
-    return {"row": row.name, "dataset": row.dataset, "algorithm": row.algorithm, "sharing": row.sharing,
+    return {"row": name or row.name, "dataset": row.dataset, "algorithm": row.algorithm, "sharing": row.sharing,
             "alpha": row.alpha, "nodes": summary["nodes"], "rounds": final["round"],
             "metric": "test_rmse" if ratings else "test_acc_pct", "ours": round(ours, 4),
             "study": "" if row.study is None else row.study, "bytes_per_node": round(final["bytes_sent"]["mean"]),
@@ -114,26 +122,16 @@ def result_line(row: Row, run_dir: Path, baseline: float, commit: str) -> dict:
 
 
 def merge_into_csv(path: Path, lines: list[dict]) -> None:
-    """Rows rerun now replace their old line; the others stay; the order follows ROWS."""
-    kept = {}
-    if path.exists():
-        with open(path, newline="") as file:
-            kept = {line["row"]: line for line in csv.DictReader(file)}
-    kept.update({line["row"]: line for line in lines})
-    order = [row.name for row in ROWS]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for name in sorted(kept, key=lambda n: order.index(n) if n in order else math.inf):
-            writer.writerow(kept[name])
+    """Rows rerun now replace their old line; the others stay; the order follows ROWS, variants after."""
+    merge_rows_into_csv(path, COLUMNS, lines, order=[row.name for row in ROWS])
 
 
-def draw_reports(rows: list[Row], runs_dir: Path, out: Path) -> None:
+def draw_reports(rows: list[Row], args: argparse.Namespace) -> None:
     for dataset in sorted({row.dataset for row in rows}):
-        dirs = [str(runs_dir / row.name) for row in ROWS if row.dataset == dataset
-                and (runs_dir / row.name / "summary.json").exists()]
-        subprocess.run([sys.executable, "-m", "dpsgd.report", *dirs, "--out", str(out / dataset)],
+        dirs = [str(args.runs_dir / row_name(row, args)) for row in ROWS if row.dataset == dataset
+                and (args.runs_dir / row_name(row, args) / "summary.json").exists()]
+        out = args.figures / (f"{dataset}@{args.label}" if args.label else dataset)  # a variant's own figures
+        subprocess.run([sys.executable, "-m", "dpsgd.report", *dirs, "--out", str(out)],
                        cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -155,6 +153,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--csv", type=Path, default=RESULTS / "study.csv", help="the results table")
     parser.add_argument("--figures", type=Path, default=RESULTS / "study", help="dpsgd.report output, per data set")
     parser.add_argument("--extra", nargs="*", default=[], help="more train.py overrides for every row")
+    parser.add_argument("--label", help="a variant of the rows (with --extra): its CSV rows and run folders are "
+                                         "named row@LABEL, next to the rows themselves")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each row's run from its checkpoints instead of starting it again")
     parser.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
     args = parser.parse_args(argv)
     args.data_dir = str(Path(args.data_dir).resolve())
@@ -177,11 +179,11 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = run_row(row, args)
         if row.preset not in baselines:
             baselines[row.preset] = no_learning_baseline(row, args.data_dir)
-        line = result_line(row, run_dir, baselines[row.preset], commit)
+        line = result_line(row, run_dir, baselines[row.preset], commit, row_name(row, args))
         merge_into_csv(args.csv, [line])
-        print(f"[study] {row.name}: {line['metric']} {line['ours']} (study {line['study'] or 'n/a'}, "
+        print(f"[study] {line['row']}: {line['metric']} {line['ours']} (study {line['study'] or 'n/a'}, "
               f"no-learning {line['baseline']}) at round {line['rounds']}", flush=True)
-    draw_reports(args.rows, args.runs_dir, args.figures)
+    draw_reports(args.rows, args)
 
 
 if __name__ == "__main__":

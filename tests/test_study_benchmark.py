@@ -62,3 +62,31 @@ def test_result_lines_come_from_the_summary_and_reruns_replace_only_their_line(t
         lines = list(csv.DictReader(file))
     assert list(lines[0]) == list(study.COLUMNS)
     assert [(r["row"], r["ours"]) for r in lines] == [("ml1_rwm_full", "0.9"), ("celeba_dpsgd_full", "81.234")]
+
+
+def test_a_labelled_variant_has_its_own_rows_and_folders_and_a_resumed_row_keeps_its_run(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(study.subprocess, "run", lambda command, **_: commands.append(command))
+    args = study.parse_args(["--rows", "ml1_dpsgd_full", "--label", "float16", "--extra", "sharing.values=float16",
+                             "--runs-dir", str(tmp_path)])
+    kept = tmp_path / "ml1_dpsgd_full@float16" / "checkpoints"
+    kept.mkdir(parents=True)
+    assert study.run_row(args.rows[0], args) == tmp_path / "ml1_dpsgd_full@float16"
+    assert not kept.exists()  # a fresh variant run replaces its own folder only
+    kept.mkdir(parents=True)
+    args.resume = True
+    study.run_row(args.rows[0], args)
+    assert kept.exists() and commands[-1][-1] == "resume=true" and "resume=true" not in commands[0]
+    assert "sharing.values=float16" in commands[0]
+
+    rows = {row.name: row for row in study.ROWS}
+    final = {"round": 500, "test_loss": {"mean": 0.91}, "test_acc": {"mean": 0.2}, "bytes_sent": {"mean": 1e6}}
+    _summary(tmp_path / "s", "rmse", final)
+    plain = study.result_line(rows["ml1_dpsgd_full"], tmp_path / "s", baseline=1.04, commit="abc")
+    variant = study.result_line(rows["ml1_dpsgd_full"], tmp_path / "s", baseline=1.04, commit="abc",
+                                name=study.row_name(rows["ml1_dpsgd_full"], args))
+    table = tmp_path / "values.csv"
+    study.merge_into_csv(table, [variant])
+    study.merge_into_csv(table, [plain])
+    with open(table, newline="") as file:
+        assert [line["row"] for line in csv.DictReader(file)] == ["ml1_dpsgd_full", "ml1_dpsgd_full@float16"]

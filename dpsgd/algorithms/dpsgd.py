@@ -84,7 +84,7 @@ def _merge_group(group: "NodeGroup", outgoing: dict[int, Message], received: dic
     whole = group.nodes[0].merge is merge_fill_own and all(
         message.encoding == Encoding.FULL for messages in received.values() for message in messages.values())
     if not whole:
-        _detached(outgoing, group.rows)  # before decoding: decoded values must point at the copies
+        _detached(outgoing, group.rows, group.spare)  # before decoding: decoded values must point at the copy
     decoder = group.nodes[0].sharing  # every node's method decodes alike: once per sender
     decoded = {sender: decoder.decode(message) for messages in received.values() for sender, message in messages.items()}
     for g, node in enumerate(group.nodes):
@@ -99,13 +99,14 @@ def _merge_group(group: "NodeGroup", outgoing: dict[int, Message], received: dic
         node.sharing.after_merge(node.flat)
 
 
-def _detached(outgoing: dict[int, Message], rows) -> dict[int, Message]:
+def _detached(outgoing: dict[int, Message], rows, spare) -> dict[int, Message]:
     """Messages that are the live model (full sharing sends the row itself) must not change while
-    the group's other nodes merge them: they point into one snapshot of the rows instead."""
+    the group's other nodes merge them: they point into a snapshot of the rows instead, taken into
+    the group's spare rows (which merging in place leaves unused)."""
     live = [node for node, message in outgoing.items()
             if message.values.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()]
     if live:
-        snapshot = rows.clone()
+        snapshot = spare.copy_(rows)
         base = rows.untyped_storage().data_ptr()
         for node in live:
             values = outgoing[node].values

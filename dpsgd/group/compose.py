@@ -45,7 +45,8 @@ class NodeGroup:
 
     nodes: list[Node]
     rows: torch.Tensor                     # [group, P]: row g is node nodes[g]'s flat model
-    spare: torch.Tensor                    # [group, P]: where whole models are averaged to, then swapped in
+    spare: torch.Tensor                    # [group, P]: whole models are averaged here, then swapped in (or: a
+                                           # snapshot of the rows that in-place merges read)
     link: "GroupLink | GroupWalkLink"
     trainer: "StackedMFTrainer | NodeByNode"
     liveness: Liveness

@@ -50,6 +50,25 @@ def write_csv(path: Path, columns: Iterable[str], rows: Iterable[dict]) -> Path:
     return path
 
 
+def merge_rows_into_csv(path: Path, columns: Iterable[str], lines: list[dict], order: Iterable[str] = ()) -> Path:
+    """A results table kept across reruns: a line replaces the old line of the same `row`; others stay.
+
+    Rows named in `order` come first, in that order; the rest follow by name, so a table
+    rebuilt from any sequence of reruns reads the same.
+    """
+    path = Path(path)
+    kept = {}
+    if path.exists():
+        with open(path, newline="") as file:
+            kept = {line["row"]: line for line in csv.DictReader(file)}
+    kept.update({line["row"]: line for line in lines})
+    order = list(order)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(columns)
+    ranked = sorted(kept, key=lambda name: (order.index(name) if name in order else len(order), name))
+    return write_csv(path, columns, [{key: kept[name].get(key, "") for key in columns} for name in ranked])
+
+
 def curve_rows(runs: list[Run]) -> list[dict]:
     """Every point of every plotted curve, so figures can be redrawn with other tools."""
     rows = []
