@@ -170,12 +170,7 @@ def _build_hosted(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset
     group = build_group(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints,
                         divergence=_divergence_watch(cfg, topology, store))
     run_group = GROUP_ALGORITHMS[cfg.algorithm.name]
-    return group.nodes, lambda rounds, start, states: _per_node(run_group(group, rounds, start, states), group)
-
-
-def _per_node(completed, group) -> dict[int, int]:
-    """D-PSGD groups complete the same rounds on every node; RWM groups say per node."""
-    return completed if isinstance(completed, dict) else {node.rank: completed for node in group.nodes}
+    return group.nodes, lambda rounds, start, states: run_group(group, rounds, start, states)
 
 
 def _check_run_folder(cfg: DictConfig, run_dir: Path, rank: int) -> None:

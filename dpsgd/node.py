@@ -42,12 +42,15 @@ class Node:
         """This round's phase timer; entering a phase also tells the heartbeat (dpsgd.liveness)."""
         return PhaseClock(on_enter=None if self.liveness is None else self.liveness.enter)
 
+    def note_divergence(self, round_number: int, batch_loss: float) -> None:
+        """After a round: tell the run's divergence watch how this node's round ended."""
+        if self.divergence is not None:
+            self.divergence.note(self.rank, round_number, batch_loss, self.flat, self.schedule.due(round_number))
+
     def stops_after(self, round_number: int, batch_loss: float) -> bool:
         """After a round: True when the run stops here because training diverged."""
-        if self.divergence is None:
-            return False
-        self.divergence.note(self.rank, round_number, batch_loss, self.flat, self.schedule.due(round_number))
-        return self.divergence.must_stop(round_number)
+        self.note_divergence(round_number, batch_loss)
+        return self.divergence is not None and self.divergence.must_stop(round_number)
 
     def checkpoint(self, round_number: int, algorithm_state: dict) -> None:
         """After a round: save the node's state if a checkpoint is due (algorithms call this)."""

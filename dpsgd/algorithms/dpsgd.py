@@ -48,8 +48,10 @@ def contributions(node: Node, received: dict[int, Message],
                          for peer in received]
 
 
-def run_dpsgd_group(group: "NodeGroup", rounds: int, start_round: int = 0, state: dict | None = None) -> int:
-    """D-PSGD for every node a rank hosts: the same rounds, node for node, as `run_dpsgd`.
+def run_dpsgd_group(group: "NodeGroup", rounds: int, start_round: int = 0,
+                    state: dict | None = None) -> dict[int, int]:
+    """D-PSGD for every node a rank hosts: the same rounds, node for node, as `run_dpsgd`;
+    returns each node's rounds completed (all equal: D-PSGD rounds are synchronous).
 
     Phase times are the group's: every hosted node reports the seconds its rank spent
     training all of them, exchanging and merging all of them, evaluating all of them.
@@ -66,12 +68,16 @@ def run_dpsgd_group(group: "NodeGroup", rounds: int, start_round: int = 0, state
             metrics = [node.evaluate() if node.schedule.due(round_number) else {} for node in group.nodes]
         for node, batch_loss, measured in zip(group.nodes, batch_losses, metrics):
             node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, **measured)
-            node.divergence.note(node.rank, round_number, batch_loss, node.flat, node.schedule.due(round_number))
+            node.note_divergence(round_number, batch_loss)
         if group.nodes[0].divergence.must_stop(round_number):
-            return round_number  # every node of every rank stops after this same round (dpsgd.divergence)
+            return _every_node(group, round_number)  # every node of every rank stops after this same round
         for node in group.nodes:
             node.checkpoint(round_number, {})
-    return rounds
+    return _every_node(group, rounds)
+
+
+def _every_node(group: "NodeGroup", completed: int) -> dict[int, int]:
+    return {node.rank: completed for node in group.nodes}
 
 
 def _merge_group(group: "NodeGroup", outgoing: dict[int, Message], received: dict[int, dict[int, Message]]) -> None:

@@ -99,7 +99,7 @@ def run_rwm_group(group: "NodeGroup", rounds: int, start_round: int = 0,
             node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=ages[node.rank],
                                  sent_to=peer, **metrics)
             completed[node.rank] = round_number
-            node.divergence.note(node.rank, round_number, batch_loss, node.flat, node.schedule.due(round_number))
+            node.note_divergence(round_number, batch_loss)
             node.checkpoint(round_number, {"age": ages[node.rank]})
             finished |= round_number >= rounds
         if finished or group.nodes[0].divergence.must_stop(max(completed.values())):
