@@ -27,7 +27,7 @@ import torch.distributed as dist
 from dpsgd.errors import NodeFailure
 from dpsgd.liveness import Liveness
 from dpsgd.sharing.wire import (HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding, Message,
-                                check_header, check_index, declared_bytes, parse_header, values_dtype)
+                                check_header, declared_bytes, parse_header, read_index, values_dtype)
 
 HEADER_TAG, VALUES_TAG, INDEX_TAG = 1, 2, 3
 FAILURE_KEY = "failure/first"
@@ -181,11 +181,14 @@ class _Link:
         if problem is not None:
             raise self._rejected(peer, problem)
 
-    def _check_index(self, peer: int, fields: dict[str, int], index: torch.Tensor | None) -> None:
-        problem = None if index is None else check_index(Encoding(fields["encoding"]), index,
-                                                         fields["num_values"], self.numel)
+    def _read_index(self, peer: int, fields: dict[str, int], index: torch.Tensor | None) -> torch.Tensor | None:
+        """The coordinates a checked index names when checking decoded them; a bad index ends the run."""
+        if index is None:
+            return None
+        coordinates, problem = read_index(Encoding(fields["encoding"]), index, fields["num_values"], self.numel)
         if problem is not None:
             raise self._rejected(peer, problem)
+        return coordinates
 
     def _rejected(self, peer: int, problem: str) -> NodeFailure:
         return self._stop(peer, f"neighbour {peer} sent a message that no correct node sends: {problem}")
@@ -240,9 +243,9 @@ class NeighbourLink(_Link):
         self._wait(value_work, peer, expected_round, "values")
         if index is not None:
             self._wait(index_work, peer, expected_round, "index")
-        self._check_index(peer, header, index)
+        coordinates = self._read_index(peer, header, index)
         self.bytes.count_received(header)
-        return Message.received(header, values, index)
+        return Message.received(header, values, index, coordinates)
 
     def _index_buffer(self, buffers: _ReceiveBuffers, encoding: Encoding, length: int) -> torch.Tensor:
         """Grown to the longest index received so far, which check_header bounds by the model's size."""
@@ -369,9 +372,9 @@ class RandomWalkLink(_Link):
                 if encoding in INDEX_DTYPES:
                     index = torch.empty(fields["num_index"], dtype=INDEX_DTYPES[encoding])
                     dist.irecv(index, peer, tag=INDEX_TAG).wait(timeout=NO_BOUND)
-                self._check_index(peer, fields, index)
+                coordinates = self._read_index(peer, fields, index)
                 self._count_received(fields)
-                self._arrivals.put(("message", peer, Message.received(fields, values, index)))
+                self._arrivals.put(("message", peer, Message.received(fields, values, index, coordinates)))
         except NodeFailure as failure:  # the peer's message was malformed: it is named already
             self._arrivals.put(("failure", peer, failure))
             self._stop_seen.set()

@@ -281,7 +281,7 @@ def test_indices_survive_encoding(encoding, numel, k):
                                      (1_690_046, 52_814), (1_690_046, 845_023), (1000, 0)])
 def test_the_smallest_index_form_is_chosen(numel, k):
     chosen = torch.from_numpy(np.sort(np.random.default_rng(k).choice(numel, k, replace=False)))
-    encoding, nbytes = smallest_encoding(chosen, numel)
+    encoding, nbytes, _ = smallest_encoding(chosen, numel)
     sizes = {form: encode_indices(chosen, numel, form).numel() * INDEX_DTYPES[form].itemsize
              for form in (Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.GAP_RICE)}
     assert nbytes == sizes[encoding] == min(sizes.values())

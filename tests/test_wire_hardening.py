@@ -24,6 +24,8 @@ from dpsgd.communication import ByteCounters, FailureBoard, NeighbourLink, Rando
 from dpsgd.launch import LOOPBACK, RankFailure, spawn
 from dpsgd.sharing.full import FullSharing
 from dpsgd.sharing.partial import PartialSharing
+from dpsgd.group.link import GroupLink
+from dpsgd.sharing.selection import encode_indices
 from dpsgd.sharing.subsampling import SubsamplingSharing
 from dpsgd.sharing.values import WireValues
 from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_FIELDS, Encoding, Message, MessageRejected,
@@ -78,6 +80,28 @@ def test_valid_messages_of_every_sharing_method_pass_the_checks(name):
             index, values = receiver.decode(message)
             assert torch.equal(index, sender.last_sent_index) and torch.equal(values, message.values)
         assert declared_bytes(fields) == (message.data_bytes, message.meta_bytes)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 62 + 2 ** 31, 2 ** 63 - 1,
+                                  *np.random.default_rng(7).integers(0, 2 ** 63 - 1, size=50, dtype=np.int64).tolist()])
+def test_every_63_bit_seed_survives_the_int32_header(seed):
+    message = Message(round=3, degree=DEGREE, age=0, encoding=Encoding.SEEDED_MASK, values=torch.zeros(5), seed=seed)
+    assert message.header().dtype == torch.int32 and parse_header(message.header())["seed"] == seed
+
+
+def test_a_grouped_batch_reads_an_int32_index_at_any_byte_offset():
+    """Index forms of several senders share one byte tensor; an int32 index after a 5-byte gap code starts at
+    an offset no int32 view may start at."""
+    link = GroupLink.__new__(GroupLink)
+    link.numel, link.incoming_from = NUMEL, {1: [4, 5]}
+    gap = encode_indices(torch.tensor([3, 500, 999]), NUMEL, Encoding.GAP_RICE)
+    int32 = torch.tensor([7], dtype=torch.int32)
+    fields = [{**_valid_fields(Encoding.GAP_RICE), "num_values": 3, "num_index": gap.numel()},
+              {**_valid_fields(Encoding.INDEX_INT32), "num_values": 1, "num_index": 1}]
+    assert gap.numel() % 4 != 0
+    index = torch.cat([gap, int32.view(torch.uint8)])
+    messages = link._split(1, fields, torch.arange(4.0), index, [gap.numel(), 4])
+    assert messages[0].coordinates.tolist() == [3, 500, 999] and messages[1].index.tolist() == [7]
 
 
 def test_end_is_accepted_only_where_the_rwm_handshake_expects_it():

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from dpsgd.communication import ByteCounters, FailureBoard, describe_peer_error
 from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding, Message,
-                                check_header, check_index, declared_bytes, parse_header, values_dtype)
+                                check_header, declared_bytes, parse_header, read_index, values_dtype)
 from dpsgd.topology import Topology
 
 HEADERS_TAG, VALUES_TAG, INDEX_TAG = 11, 12, 13
@@ -123,6 +123,9 @@ class GroupLink(GroupTransport):
         fields = [parse_header(row) for row in headers]
         for sender, field in zip(self.incoming_from[other], fields):
             self._check(other, sender, field, round_number)
+            if field["values_type"] != fields[0]["values_type"]:  # one values tensor carries the whole batch
+                raise self._rejected(other, sender, "a batch mixes value types (every node must use one "
+                                                    "sharing.values)")
         values = torch.empty(sum(f["num_values"] for f in fields), dtype=values_dtype(fields[0]))
         value_work = self._post(dist.irecv, values, other, VALUES_TAG, round_number)
         index_bytes = [self._index_bytes(f) for f in fields]
@@ -139,11 +142,13 @@ class GroupLink(GroupTransport):
         for sender, field, nbytes in zip(self.incoming_from[other], fields, index_bytes):
             encoding = Encoding(field["encoding"])
             part = values[value_at:value_at + field["num_values"]]
-            own_index = index[index_at:index_at + nbytes].view(INDEX_DTYPES[encoding]) if nbytes else None
-            problem = None if own_index is None else check_index(encoding, own_index, field["num_values"], self.numel)
-            if problem is not None:
-                raise self._rejected(other, sender, problem)
-            messages.append(Message.received(field, part, own_index))
+            own_index, coordinates = None, None
+            if nbytes:  # copied out: an int32 index may start at any byte of the batch, and views need alignment
+                own_index = index[index_at:index_at + nbytes].clone().view(INDEX_DTYPES[encoding])
+                coordinates, problem = read_index(encoding, own_index, field["num_values"], self.numel)
+                if problem is not None:
+                    raise self._rejected(other, sender, problem)
+            messages.append(Message.received(field, part, own_index, coordinates))
             value_at += field["num_values"]
             index_at += nbytes
         return messages

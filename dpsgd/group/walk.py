@@ -27,7 +27,7 @@ import torch.distributed as dist
 from dpsgd.communication import NO_BOUND
 from dpsgd.group.link import GroupTransport
 from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding,
-                                Message, check_header, check_index, parse_header, values_dtype)
+                                Message, check_header, parse_header, read_index, values_dtype)
 
 ROUTE_TAG, HEADER_TAG, VALUES_TAG, INDEX_TAG = 21, 22, 23, 24
 END = -1  # routing pair (END, END): the sending rank will send nothing more
@@ -148,15 +148,16 @@ class GroupWalkLink(GroupTransport):
     def _payload(self, other: int, sender: int, fields: dict[str, int]) -> Message:
         values = torch.empty(fields["num_values"], dtype=values_dtype(fields))
         dist.irecv(values, other, tag=VALUES_TAG).wait(timeout=NO_BOUND)
-        index = None
+        index, coordinates = None, None
         encoding = Encoding(fields["encoding"])
         if encoding in INDEX_DTYPES:
             index = torch.empty(fields["num_index"], dtype=INDEX_DTYPES[encoding])
             dist.irecv(index, other, tag=INDEX_TAG).wait(timeout=NO_BOUND)
-            problem = check_index(encoding, index, fields["num_values"], self.numel)
+            coordinates, problem = read_index(encoding, index, fields["num_values"], self.numel)
             if problem is not None:
                 raise ValueError(problem)
-        return Message.received(fields, values.to(self.device), None if index is None else index.to(self.device))
+        return Message.received(fields, values.to(self.device), None if index is None else index.to(self.device),
+                                None if coordinates is None else coordinates.to(self.device))
 
     def _accept(self, item: tuple) -> None:
         kind, where, payload = item

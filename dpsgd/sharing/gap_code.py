@@ -17,6 +17,8 @@ no loop over indices: the ones of the unary block mark where each gap ends, so o
 
 A received index is checked while it is decoded: a code that does not describe exactly
 k coordinates inside the model raises `GapCodeError`, so nothing is ever written out of range.
+The tensors are CPU tensors: top-k messages travel only between CPU models (a node group on
+a GPU shares whole models).
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def decode_gaps(code: torch.Tensor, k: int, numel: int) -> torch.Tensor:
     # The low parts as one matrix product: exact in float64, whose 53 bits hold any parameter allowed here.
     low_bits = unpack_bits(low_bytes, k * parameter).view(k, parameter).double()
     low = (low_bits @ (2.0 ** torch.arange(parameter, dtype=torch.float64))).long()
+    if (int(ends[-1]) + 1 if k else 0) << parameter >= 2 ** 62:  # coordinates this far out would wrap int64
+        raise GapCodeError(f"the code spans more than 2**62 coordinates; the model has {numel}")
     gaps = ((torch.diff(ends, prepend=torch.tensor([-1])) - 1) << parameter) | low
     indices = torch.cumsum(gaps + 1, 0) - 1
     if k and int(indices[-1]) >= numel:

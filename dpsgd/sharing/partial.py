@@ -54,10 +54,10 @@ class PartialSharing:
         chosen = top_k_indices(score, coordinates_to_send(alpha, self.numel))
         self._accumulated[chosen] = 0.0
         self.last_sent_index = chosen
-        encoding, _ = smallest_encoding(chosen, self.numel)
+        encoding, _, parameter = smallest_encoding(chosen, self.numel)
         return Message(round=round_number, degree=degree, age=age, encoding=encoding,
                        values=torch.index_select(flat, 0, chosen, out=self._values[:chosen.numel()]),
-                       index=encode_indices(chosen, self.numel, encoding))
+                       index=encode_indices(chosen, self.numel, encoding, parameter))
 
     def round_alpha(self) -> float:
         return self.alpha
@@ -70,6 +70,8 @@ class PartialSharing:
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
         if message.encoding == Encoding.FULL:
             return None, message.values
+        if message.coordinates is not None:  # decoded already by the receiver's check of the index
+            return message.coordinates, message.values
         return decode_indices(message.index, self.numel, message.encoding, message.values.numel()), message.values
 
     def after_merge(self, flat: torch.Tensor) -> None:

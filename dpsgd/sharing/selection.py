@@ -35,29 +35,32 @@ def fixed_index_bytes(encoding: Encoding, k: int, numel: int) -> int:
     """Bytes of an INDEX_INT32 or BITMASK index choosing k of numel coordinates (the gap code's
     length depends on which coordinates: `smallest_encoding`)."""
     if encoding == Encoding.INDEX_INT32:
-        return 4 * k
+        return k * INDEX_DTYPES[encoding].itemsize
     if encoding == Encoding.BITMASK:
         return bitmask_bytes(numel)
     raise ValueError(f"{encoding.name} has no length fixed by k and numel")
 
 
-def smallest_encoding(indices: torch.Tensor, numel: int) -> tuple[Encoding, int]:
-    """(encoding, index bytes): the form that names these sorted coordinates in the fewest bytes."""
+def smallest_encoding(indices: torch.Tensor, numel: int) -> tuple[Encoding, int, int | None]:
+    """(encoding, index bytes, Rice parameter): the form that names these sorted coordinates in the
+    fewest bytes; the parameter is the gap code's best (None when there is nothing to code)."""
     k = indices.numel()
     sizes = {Encoding.INDEX_INT32: fixed_index_bytes(Encoding.INDEX_INT32, k, numel),
              Encoding.BITMASK: fixed_index_bytes(Encoding.BITMASK, k, numel)}
+    parameter = None
     if k:
-        sizes[Encoding.GAP_RICE] = best_parameter(gaps_of(indices), numel)[1]
+        parameter, sizes[Encoding.GAP_RICE] = best_parameter(gaps_of(indices), numel)
     encoding = min(sizes, key=sizes.get)  # the first of equals: int32, bitmask, gap code
-    return encoding, sizes[encoding]
+    return encoding, sizes[encoding], parameter
 
 
-def encode_indices(indices: torch.Tensor, numel: int, encoding: Encoding) -> torch.Tensor:
-    """Sorted indices as the index tensor of a message."""
+def encode_indices(indices: torch.Tensor, numel: int, encoding: Encoding,
+                   parameter: int | None = None) -> torch.Tensor:
+    """Sorted indices as the index tensor of a message (`parameter`: the gap code's, else its best)."""
     if encoding == Encoding.INDEX_INT32:
         return indices.to(INDEX_DTYPES[encoding])
     if encoding == Encoding.GAP_RICE:
-        return encode_gaps(indices, numel)
+        return encode_gaps(indices, numel, parameter)
     mask = torch.zeros(numel, dtype=torch.uint8)
     mask[indices] = 1
     return pack_bits(mask)

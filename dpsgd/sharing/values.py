@@ -3,8 +3,8 @@
 Every sharing method packs float32 values; this layer narrows them just before they
 leave and widens what arrives just after it is decoded, so the node's own model, its
 training and every merge stay float32, and only the wire is lighter. float16 keeps 11
-significant bits within +-65504 (model weights fit); bfloat16 keeps float32's range
-with 8 bits. Bytes are counted as sent: 2 per value instead of 4.
+significant bits within +-65504 (a parameter beyond that arrives as inf, which the
+divergence watch then reports); bfloat16 keeps float32's range with 8 bits. Bytes are counted as sent: 2 per value instead of 4.
 
 Both ends must agree: the header says which type a message's values are in, and a
 message in another type than this node's `sharing.values` ends the run naming the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dpsgd.sharing.wire import VALUE_TYPE_CODES, VALUE_TYPES, Message
+from dpsgd.sharing.wire import VALUE_TYPE_CODES, VALUE_TYPES, Message, value_type_name
 
 
 class WireValues:
@@ -26,7 +26,10 @@ class WireValues:
         self.name = inner.name
         self.wire_dtype = VALUE_TYPES[values_type]
         self.values_type = values_type
-        self._narrow: torch.Tensor | None = None  # send buffer, reused: a message is sent before the next pack
+        # Send buffer, reused: each loop completes a message's sends before it packs the next (D-PSGD's
+        # exchange waits for them; RWM's receive and a group walk's ready complete them first; a group's
+        # batches are copies made by torch.cat).
+        self._narrow: torch.Tensor | None = None
 
     @property
     def last_sent_index(self) -> torch.Tensor | None:
@@ -43,12 +46,13 @@ class WireValues:
     def check_header(self, fields: dict[str, int]) -> str | None:
         """A header already through `wire.check_header`: this node's value type, then the method's own check."""
         if fields["values_type"] != VALUE_TYPE_CODES[self.wire_dtype]:
-            sent = list(VALUE_TYPES)[fields["values_type"]]
+            sent = value_type_name(fields["values_type"])
             return (f"values_type={sent}, but this node has sharing.values={self.values_type} "
                     "(every node of a run must use the same sharing.values)")
         return self.inner.check_header(fields)
 
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The method's decode, with the values widened to float32 for merging."""
         index, values = self.inner.decode(message)
         return index, values.float()
 

@@ -33,6 +33,11 @@ VALUE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 VALUE_TYPE_CODES = {dtype: code for code, dtype in enumerate(VALUE_TYPES.values())}
 
 
+def value_type_name(code: int) -> str:
+    """The `sharing.values` name of a header's values_type code (a known one: check_header ran)."""
+    return list(VALUE_TYPES)[code]
+
+
 class Encoding(IntEnum):
     """How the values map to coordinates of the flat model."""
 
@@ -68,16 +73,23 @@ class Message:
     values: torch.Tensor
     index: torch.Tensor | None = None
     seed: int = 0
+    # The coordinates a received gap-coded index names, decoded once by the receiver's check
+    # (`read_index`) so that the sharing method's decode does not decode them again.
+    coordinates: torch.Tensor | None = None
 
     @classmethod
-    def received(cls, fields: dict[str, int], values: torch.Tensor, index: torch.Tensor | None) -> "Message":
+    def received(cls, fields: dict[str, int], values: torch.Tensor, index: torch.Tensor | None,
+                 coordinates: torch.Tensor | None = None) -> "Message":
         """A message as it arrived: the header's fields with the payload received after it."""
         return cls(round=fields["round"], degree=fields["degree"], age=fields["age"],
-                   encoding=Encoding(fields["encoding"]), values=values, index=index, seed=fields["seed"])
+                   encoding=Encoding(fields["encoding"]), values=values, index=index, seed=fields["seed"],
+                   coordinates=coordinates)
 
     def header(self) -> torch.Tensor:
+        """The header tensor. The 63-bit seed travels as two int32, low half first, each the two's
+        complement reading of its 32 bits (`parse_header` joins them back)."""
         num_index = 0 if self.index is None else self.index.numel()
-        seed_low = (self.seed & 0xFFFF_FFFF) - ((self.seed & 0x8000_0000) << 1)  # the low 32 bits, as int32
+        seed_low = (self.seed & 0xFFFF_FFFF) - ((self.seed & 0x8000_0000) << 1)
         fields = [self.round, self.degree, self.age, int(self.encoding), VALUE_TYPE_CODES[self.values.dtype],
                   self.values.numel(), num_index, seed_low, self.seed >> 32]
         return torch.tensor(fields, dtype=HEADER_DTYPE)
@@ -107,13 +119,14 @@ def encoding_problem(fields: dict[str, int], accepted: tuple[Encoding, ...], sha
 
 
 def parse_header(header: torch.Tensor) -> dict[str, int]:
+    """A received header as named fields; the seed's two int32 halves joined (see `Message.header`)."""
     *fields, seed_low, seed_high = header.tolist()
     return {**dict(zip(HEADER_FIELDS, fields)), "seed": (seed_high << 32) | (seed_low & 0xFFFF_FFFF)}
 
 
 def values_dtype(fields: dict[str, int]) -> torch.dtype:
     """The type of the values a checked header announces."""
-    return list(VALUE_TYPES.values())[fields["values_type"]]
+    return VALUE_TYPES[value_type_name(fields["values_type"])]
 
 
 def declared_bytes(fields: dict[str, int]) -> tuple[int, int]:
@@ -189,11 +202,27 @@ def _size_problem(encoding: Encoding, num_values: int, num_index: int, numel: in
 
 
 def check_index(encoding: Encoding, index: torch.Tensor, num_values: int, numel: int) -> str | None:
-    """Why a received index tensor cannot come from a correct peer, or None if it can.
+    """Why a received index tensor cannot come from a correct peer, or None if it can."""
+    return read_index(encoding, index, num_values, numel)[1]
+
+
+def read_index(encoding: Encoding, index: torch.Tensor, num_values: int,
+               numel: int) -> tuple[torch.Tensor | None, str | None]:
+    """(coordinates, problem): a received index checked, and the coordinates it names when checking
+    meant decoding them (the gap code; None otherwise); problem is why no correct peer sends it.
 
     Senders write sorted, distinct coordinates of the model; anything else would address
     coordinates that do not exist (a negative one silently wraps around) or merge twice.
     """
+    if encoding == Encoding.GAP_RICE:
+        try:
+            return decode_gaps(index, num_values, numel), None
+        except GapCodeError as error:
+            return None, f"the GAP_RICE index is corrupt: {error}"
+    return None, _index_problem(encoding, index, num_values, numel)
+
+
+def _index_problem(encoding: Encoding, index: torch.Tensor, num_values: int, numel: int) -> str | None:
     if encoding == Encoding.INDEX_INT32 and index.numel():
         low, high = int(index[0]), int(index[-1])
         if not (index[1:] > index[:-1]).all():
@@ -206,9 +235,4 @@ def check_index(encoding: Encoding, index: torch.Tensor, num_values: int, numel:
         if chosen != num_values or padding_bits:
             return (f"the BITMASK sets {chosen} bits ({'some beyond the model, ' if padding_bits else ''}"
                     f"numel={numel}) for num_values={num_values}")
-    if encoding == Encoding.GAP_RICE:
-        try:
-            decode_gaps(index, num_values, numel)
-        except GapCodeError as error:
-            return f"the GAP_RICE index is corrupt: {error}"
     return None
