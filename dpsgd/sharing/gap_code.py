@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from dpsgd.sharing.bits import pack_bits, packed_length, unpack_bits
+from dpsgd.sharing.bits import pack_bits, packed_length, set_bit_positions, unpack_bits
 
 
 class GapCodeError(ValueError):
@@ -87,18 +87,21 @@ def decode_gaps(code: torch.Tensor, k: int, numel: int) -> torch.Tensor:
     low_bytes, high_bytes = code[1:1 + low_length], code[1 + low_length:]
     if int(unpack_bits(low_bytes)[k * parameter:].sum()):
         raise GapCodeError("the padding after the low bits is not zero")
-    ends = unpack_bits(high_bytes).nonzero().squeeze(1)
+    ends = set_bit_positions(high_bytes)
     if ends.numel() != k:
         raise GapCodeError(f"the unary block ends {ends.numel()} gaps, but the message carries {k} values")
     if k and int(ends[-1]) // 8 != high_bytes.numel() - 1 or not k and high_bytes.numel():
         raise GapCodeError("bytes follow the last gap")
-    # The low parts as one matrix product: exact in float64, whose 53 bits hold any parameter allowed here.
-    low_bits = unpack_bits(low_bytes, k * parameter).view(k, parameter).double()
-    low = (low_bits @ (2.0 ** torch.arange(parameter, dtype=torch.float64))).long()
     if (int(ends[-1]) + 1 if k else 0) << parameter >= 2 ** 62:  # coordinates this far out would wrap int64
         raise GapCodeError(f"the code spans more than 2**62 coordinates; the model has {numel}")
-    gaps = ((torch.diff(ends, prepend=torch.tensor([-1])) - 1) << parameter) | low
-    indices = torch.cumsum(gaps + 1, 0) - 1
+    # Coordinate i is the sum of gaps 0..i plus i. The unary block's ones already sum the high
+    # parts: ends[i] - i zeros come before the i-th one. So only the low parts need a cumsum.
+    position = torch.arange(k)
+    indices = ((ends - position) << parameter) + position
+    if parameter:
+        # The low parts as one matrix product: exact in float64, whose 53 bits hold any parameter allowed here.
+        low_bits = unpack_bits(low_bytes, k * parameter).view(k, parameter).double()
+        indices += torch.cumsum((low_bits @ (2.0 ** torch.arange(parameter, dtype=torch.float64))).long(), 0)
     if k and int(indices[-1]) >= numel:
         raise GapCodeError(f"the code names coordinate {int(indices[-1])}, outside the model's [0, {numel - 1}]")
     return indices

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dpsgd.sharing.bits import pack_bits, unpack_bits
+from dpsgd.sharing.bits import pack_bits, set_bit_positions
 from dpsgd.sharing.gap_code import best_parameter, decode_gaps, encode_gaps, gaps_of
 from dpsgd.sharing.wire import INDEX_DTYPES, Encoding, bitmask_bytes
 
@@ -72,4 +72,4 @@ def decode_indices(index: torch.Tensor, numel: int, encoding: Encoding, k: int |
         return index.long()
     if encoding == Encoding.GAP_RICE:
         return decode_gaps(index, k, numel)
-    return unpack_bits(index, numel).nonzero().squeeze(1)
+    return set_bit_positions(index, numel)
