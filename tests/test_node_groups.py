@@ -24,7 +24,8 @@ SHARING = {
     "partial_renormalize": ("sharing=partial", "alpha=0.3", "sharing.merge=renormalize"),
     "random_alpha": ("sharing=random_alpha",),
     "subsampling": ("sharing=subsampling", "alpha=0.5"),
-    "full_adam": ("sharing=full", "optimizer=adam", "optimizer.lr=0.01"),  # trained node by node
+    "full_adam": ("sharing=full", "optimizer=adam", "optimizer.lr=0.01"),  # stacked gradients, one Adam per row
+    "full_momentum": ("sharing=full", "optimizer.momentum=0.9"),         # stacked gradients, SGD per row
     "full_float16": ("sharing=full", "sharing.values=float16"),           # neighbours on one rank round too
     "partial_bfloat16": ("sharing=partial", "alpha=0.1", "sharing.values=bfloat16"),
 }
@@ -60,8 +61,9 @@ def test_grouped_nodes_log_what_they_log_alone(tmp_path, sharing):
                                                                       rel=1e-5)
 
 
-def test_grouped_checkpoints_resume_exactly(tmp_path):
-    common = (*COMMON[:1], "eval.every=2", "checkpoint.every=3", "nodes_per_rank=4", "log.progress=false")
+@pytest.mark.parametrize("optimizer", [(), ("optimizer=adam", "optimizer.lr=0.01")])  # sparse SGD; dense Adam
+def test_grouped_checkpoints_resume_exactly(tmp_path, optimizer):
+    common = (*COMMON[:1], "eval.every=2", "checkpoint.every=3", "nodes_per_rank=4", "log.progress=false", *optimizer)
     run_train(tmp_path / "whole", *common, "rounds=9")
     run_train(tmp_path / "parts", *common, "rounds=6")
     result = run_train(tmp_path / "parts", *common, "rounds=9", "resume=true")

@@ -26,7 +26,7 @@ from dpsgd.communication import FailureBoard
 from dpsgd.divergence import DivergenceWatch
 from dpsgd.group.link import GroupLink
 from dpsgd.group.walk import GroupWalkLink
-from dpsgd.group.stacked_mf import StackedMFTrainer, stacked_sgd_applies
+from dpsgd.group.stacked_mf import StackedMFTrainer, sparse_sgd_applies, stacked_applies
 from dpsgd.launch import RankContext
 from dpsgd.liveness import Liveness
 from dpsgd.metrics import EvalSchedule, PhaseClock, RoundRecorder
@@ -37,6 +37,7 @@ from dpsgd.run_outputs import NodeLog
 from dpsgd.seeding import numpy_rng
 from dpsgd.sharing import build_sharing
 from dpsgd.topology import Topology
+from dpsgd.training import build_optimizer
 
 
 @dataclass
@@ -134,6 +135,10 @@ def build_group(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, 
 
 def _group_trainer(cfg: DictConfig, rows: torch.Tensor, template, trainers, task) -> "StackedMFTrainer | NodeByNode":
     options = {key: value for key, value in cfg.optimizer.items() if key not in ("name", "lr")}
-    if stacked_sgd_applies(cfg.model.name, cfg.optimizer.name, options):
+    if not stacked_applies(cfg.model.name, cfg.optimizer.name):
+        return NodeByNode(trainers)
+    if sparse_sgd_applies(cfg.optimizer.name, options):
         return StackedMFTrainer(rows, layout(template), trainers, task, cfg.optimizer.lr)
-    return NodeByNode(trainers)
+    return StackedMFTrainer(rows, layout(template), trainers, task, cfg.optimizer.lr,
+                            make_optimizer=lambda params: build_optimizer(cfg.optimizer.name, params,
+                                                                          cfg.optimizer.lr, **options))

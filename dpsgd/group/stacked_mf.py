@@ -1,18 +1,28 @@
-"""Plain SGD for a whole group's matrix factorizations at once, touching only the rows a batch uses.
+"""A whole group's matrix factorizations trained at once: one gradient computation for every node.
 
 A MovieLens step of one node is 8 ratings against a 217,015-parameter model: alone,
-autograd builds a dense gradient and SGD sweeps the whole vector for 8 users and 8
-items. With plain SGD (no momentum, no weight decay) the coordinates outside the batch
-do not move at all, so the group gathers the touched rows of every node's model, takes
-the gradient of exactly the per-node loss (`RatingsTask.example_losses` of
-`mf.predict`), and scatters `-lr * gradient` back (accumulating repeated users or
-items, as the dense gradient does). Each node's batches come from its own stream; a
-node whose batch is short (the end of a pass) steps with the other short ones.
+autograd builds a dense gradient (two full-size zero tensors per factor matrix) for 8
+users and 8 items. The group instead gathers the touched rows of every node's model,
+takes the gradient of exactly the per-node loss (`RatingsTask.example_losses` of
+`mf.predict`) on those rows, and puts it back, accumulating repeated users or items as
+the dense gradient does:
+
+- plain SGD (no momentum, no weight decay): the coordinates outside the batch do not
+  move, so `-lr * gradient` is scattered into the touched rows and nothing else runs;
+- any other optimizer (Adam, AdamW, SGD with momentum: all act coordinate by
+  coordinate) needs the whole gradient, zeros included (Adam's moments decay
+  everywhere): the gradient is scattered into a dense per-node buffer, and the node's own
+  optimizer, built from the same config over its flat row, steps on it. Coordinate by
+  coordinate that is the update the node makes alone, at about a third of the time.
+
+Each node's batches come from its own stream; a node whose batch is short (the end of a
+pass) steps with the other short ones.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
 
@@ -23,20 +33,41 @@ from dpsgd.training import RatingsTask, Trainer
 MF_SLOTS = ("user_factors", "item_factors", "user_bias", "item_bias", "offset")
 
 
-def stacked_sgd_applies(model_name: str, optimizer_name: str, options: dict) -> bool:
-    """Only plain SGD leaves the untouched coordinates alone; anything else trains node by node."""
+# Optimizers that update each coordinate from its own gradient and state only: a flat row
+# stepped by one of them moves exactly as the node's separate parameters would.
+COORDINATEWISE_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def stacked_applies(model_name: str, optimizer_name: str) -> bool:
+    """Matrix factorization with a coordinate-wise optimizer trains stacked; anything else node by node."""
+    return model_name == "mf" and optimizer_name in COORDINATEWISE_OPTIMIZERS
+
+
+def sparse_sgd_applies(optimizer_name: str, options: dict) -> bool:
+    """Only plain SGD leaves the untouched coordinates alone."""
     plain = all(not options.get(key) for key in ("momentum", "weight_decay", "nesterov", "maximize"))
-    return model_name == "mf" and optimizer_name == "sgd" and plain
+    return optimizer_name == "sgd" and plain
 
 
 class StackedMFTrainer:
     """Trains every hosted node's MF for one round; each node's batches and step count are its own."""
 
-    def __init__(self, rows: torch.Tensor, layout: list[Slot], trainers: list[Trainer], task: RatingsTask, lr: float):
+    def __init__(self, rows: torch.Tensor, layout: list[Slot], trainers: list[Trainer], task: RatingsTask, lr: float,
+                 make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None):
+        """`make_optimizer(params)`: the config's optimizer over one node's flat row, for every node
+        (None: plain SGD with `lr` on the touched rows). Each node's Trainer then holds its row's
+        optimizer, so checkpoints save and restore its state as they do alone."""
         self.trainers = trainers
         self.task = task
         self.lr = lr
         self.slots = {slot.name: slot for slot in layout}
+        self.row_params: list[torch.nn.Parameter] = []
+        if make_optimizer is not None:
+            self.gradients = torch.zeros_like(rows)
+            self.row_params = [torch.nn.Parameter(row, requires_grad=False) for row in rows]
+            for trainer, param, gradient in zip(trainers, self.row_params, self.gradients):
+                param.grad = gradient
+                trainer.optimizer = make_optimizer([param])
         self.rebind(rows)
 
     def rebind(self, rows: torch.Tensor) -> None:
@@ -44,6 +75,11 @@ class StackedMFTrainer:
         group, slots = rows.shape[0], self.slots
         self.views = {name: rows[:, slots[name].offset:slots[name].offset + slots[name].numel]
                       .view(group, *slots[name].shape) for name in MF_SLOTS}
+        for param, row in zip(self.row_params, rows):
+            param.data = row  # the same Parameter object: its optimizer state stays keyed to it
+        if self.row_params:
+            self.gradient_views = {name: self.gradients[:, slots[name].offset:slots[name].offset + slots[name].numel]
+                                   .view(group, *slots[name].shape) for name in MF_SLOTS}
 
     def train_round(self, only: list[int] | None = None) -> list[float]:
         """Every node's steps for this round (or only the group positions `only`, e.g. RWM's nodes
@@ -76,6 +112,19 @@ class StackedMFTrainer:
         losses = self.task.example_losses(error, factor_penalty(x, y)).mean(dim=1)
         losses.sum().backward()  # nodes do not share leaves: each gets its own loss's gradient
         with torch.no_grad():
-            for name, where in touched.items():
-                views[name].index_put_(where, leaves[name].grad.mul_(-self.lr), accumulate=True)
+            if not self.row_params:
+                for name, where in touched.items():
+                    views[name].index_put_(where, leaves[name].grad.mul_(-self.lr), accumulate=True)
+            else:
+                self._optimizer_steps(nodes, touched, leaves)
         return losses.detach()
+
+    def _optimizer_steps(self, nodes: torch.Tensor, touched: dict, leaves: dict) -> None:
+        """The touched rows' gradients into the nodes' dense gradient buffers, one optimizer step
+        per node, then the buffers zeroed where they were written (zero elsewhere all along)."""
+        for name, where in touched.items():
+            self.gradient_views[name].index_put_(where, leaves[name].grad, accumulate=True)
+        for g in nodes.tolist():
+            self.trainers[g].optimizer.step()
+        for name, where in touched.items():
+            self.gradient_views[name].index_put_(where, torch.zeros_like(leaves[name].grad))
