@@ -143,8 +143,10 @@ class GroupLink(GroupTransport):
             encoding = Encoding(field["encoding"])
             part = values[value_at:value_at + field["num_values"]]
             own_index, coordinates = None, None
-            if nbytes:  # copied out: an int32 index may start at any byte of the batch, and views need alignment
-                own_index = index[index_at:index_at + nbytes].clone().view(INDEX_DTYPES[encoding])
+            if nbytes:
+                own_index = index[index_at:index_at + nbytes]
+                if INDEX_DTYPES[encoding].itemsize > 1:  # an int32 index may start at any byte: a view needs alignment
+                    own_index = own_index.clone().view(INDEX_DTYPES[encoding])
                 coordinates, problem = read_index(encoding, own_index, field["num_values"], self.numel)
                 if problem is not None:
                     raise self._rejected(other, sender, problem)

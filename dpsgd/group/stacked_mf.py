@@ -13,7 +13,7 @@ the dense gradient does:
   coordinate) needs the whole gradient, zeros included (Adam's moments decay
   everywhere): the gradient is scattered into a dense per-node buffer, and the node's own
   optimizer, built from the same config over its flat row, steps on it. Coordinate by
-  coordinate that is the update the node makes alone, at about a third of the time.
+  coordinate that is the update the node makes alone, in about half the time.
 
 Each node's batches come from its own stream; a node whose batch is short (the end of a
 pass) steps with the other short ones.
@@ -64,6 +64,7 @@ class StackedMFTrainer:
         self.row_params: list[torch.nn.Parameter] = []
         if make_optimizer is not None:
             self.gradients = torch.zeros_like(rows)
+            self._zero = torch.zeros((), device=rows.device)  # written back where a step's gradient was
             self.row_params = [torch.nn.Parameter(row, requires_grad=False) for row in rows]
             for trainer, param, gradient in zip(trainers, self.row_params, self.gradients):
                 param.grad = gradient
@@ -127,4 +128,4 @@ class StackedMFTrainer:
         for g in nodes.tolist():
             self.trainers[g].optimizer.step()
         for name, where in touched.items():
-            self.gradient_views[name].index_put_(where, torch.zeros_like(leaves[name].grad))
+            self.gradient_views[name].index_put_(where, self._zero)

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-BIT_POSITIONS = torch.arange(8, dtype=torch.uint8)
 
 
 def packed_length(count: int) -> int:
@@ -23,12 +22,6 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(packed_length(bits.numel()) * 8, dtype=torch.uint8)
     padded[:bits.numel()] = bits
     return (padded.view(-1, 8) * BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, count: int | None = None) -> torch.Tensor:
-    """The first `count` bits (default: all) of packed bytes, as a uint8 tensor of 0/1 values."""
-    bits = ((packed.unsqueeze(1) >> BIT_POSITIONS) & 1).view(-1)
-    return bits if count is None else bits[:count]
 
 
 def set_bit_positions(packed: torch.Tensor, count: int | None = None) -> torch.Tensor:

@@ -28,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-from dpsgd.sharing.bits import pack_bits, packed_length
+from dpsgd.sharing.bits import pack_bits, packed_length, set_bit_positions
 
 
 class GapCodeError(ValueError):
@@ -85,14 +85,13 @@ def decode_gaps(code: torch.Tensor, k: int, numel: int) -> torch.Tensor:
     low_length = packed_length(k * parameter)
     if code.numel() < 1 + low_length:
         raise GapCodeError(f"{code.numel()} bytes cannot hold the low bits of {k} gaps with parameter {parameter}")
-    code_bytes = code.numpy()
-    low_bytes, high_bytes = code_bytes[1:1 + low_length], code_bytes[1 + low_length:]
+    low_bytes, high_length = code.numpy()[1:1 + low_length], code.numel() - 1 - low_length
     if (k * parameter) % 8 and int(low_bytes[-1]) >> ((k * parameter) % 8):
         raise GapCodeError("the padding after the low bits is not zero")
-    ends = np.flatnonzero(np.unpackbits(high_bytes, bitorder="little").view(bool))
+    ends = set_bit_positions(code[1 + low_length:]).numpy()
     if ends.size != k:
         raise GapCodeError(f"the unary block ends {ends.size} gaps, but the message carries {k} values")
-    if k and int(ends[-1]) // 8 != high_bytes.size - 1 or not k and high_bytes.size:
+    if k and int(ends[-1]) // 8 != high_length - 1 or not k and high_length:
         raise GapCodeError("bytes follow the last gap")
     if (int(ends[-1]) + 1 if k else 0) << parameter >= 2 ** 62:  # coordinates this far out would wrap int64
         raise GapCodeError(f"the code spans more than 2**62 coordinates; the model has {numel}")

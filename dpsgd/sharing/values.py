@@ -4,7 +4,8 @@ Every sharing method packs float32 values; this layer narrows them just before t
 leave and widens what arrives just after it is decoded, so the node's own model, its
 training and every merge stay float32, and only the wire is lighter. float16 keeps 11
 significant bits within +-65504 (a parameter beyond that arrives as inf, which the
-divergence watch then reports); bfloat16 keeps float32's range with 8 bits. Bytes are counted as sent: 2 per value instead of 4.
+divergence watch then reports); bfloat16 keeps float32's range with 8 bits. Bytes are
+counted as sent: 2 per value instead of 4.
 
 Both ends must agree: the header says which type a message's values are in, and a
 message in another type than this node's `sharing.values` ends the run naming the
