@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpsgd.averaging import Contribution, average_full_into, merge_fill_own
+from dpsgd import averaging
+from dpsgd.averaging import Contribution, merge_fill_own, mix_rows_into
 from dpsgd.launch import EXIT_NODE_FAILURE
 from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train, wait_for_rounds
 
@@ -72,18 +73,26 @@ def test_grouped_checkpoints_resume_exactly(tmp_path, optimizer):
         _assert_same(_records(tmp_path / "whole" / "run", node), _records(tmp_path / "parts" / "run", node))
 
 
-def test_average_full_into_is_metropolis_hastings_like_fill_own():
+# the CPU's blocked sparse product, and the loop other devices run
+@pytest.mark.parametrize("mix", [mix_rows_into, averaging._mix_row_by_row], ids=["blocked_sparse", "row_by_row"])
+def test_mixing_rows_is_metropolis_hastings_like_fill_own(mix):
     rng = np.random.default_rng(5)
-    flat = torch.from_numpy(rng.normal(size=1000).astype(np.float32))
-    weights = [0.2, 0.15, 0.25]
-    contributions = [Contribution(w, torch.from_numpy(rng.normal(size=1000).astype(np.float32))) for w in weights]
-    out = torch.empty_like(flat)
-    average_full_into(out, flat, 1 - sum(weights), contributions)
-    reference = (1 - sum(weights)) * flat.double() + sum(c.weight * c.values.double() for c in contributions)
-    np.testing.assert_allclose(out.numpy(), reference.numpy(), atol=1e-6)
-    in_place = flat.clone()
-    merge_fill_own(in_place, 1 - sum(weights), contributions)
-    np.testing.assert_allclose(out.numpy(), in_place.numpy(), atol=1e-6)
+    count, numel = 12, 40_000  # more columns than one block, and a last block cut short
+    rows = torch.from_numpy(rng.normal(size=(count, numel)).astype(np.float32))
+    weights = {target: {source: rng.uniform(0.05, 0.2) for source in rng.choice(count, 4, replace=False)
+                        if source != target} for target in range(count)}
+    entries = [(t, t, 1 - sum(w.values())) for t, w in weights.items()]
+    entries += [(t, s, w) for t, ws in weights.items() for s, w in ws.items()]
+    out = torch.full_like(rows, float("nan"))  # never read: spare rows hold whatever was there
+    mix(out, rows, entries)
+    reference = np.zeros((count, numel))
+    for target, source, weight in entries:
+        reference[target] += weight * rows[source].double().numpy()
+    np.testing.assert_allclose(out.numpy(), reference, atol=1e-6)
+    for target, ws in weights.items():  # the same as the rule a node alone applies
+        alone = rows[target].clone()
+        merge_fill_own(alone, 1 - sum(ws.values()), [Contribution(w, rows[s]) for s, w in ws.items()])
+        np.testing.assert_allclose(out[target].numpy(), alone.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides,words", [

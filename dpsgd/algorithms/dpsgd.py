@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dpsgd.averaging import Contribution, average_full_into, merge_fill_own
+import torch
+
+from dpsgd.averaging import Contribution, merge_fill_own, mix_rows_into
 from dpsgd.node import Node
 from dpsgd.sharing.wire import Encoding, Message
 from dpsgd.topology import mh_weights
@@ -93,16 +95,39 @@ def _merge_group(group: "NodeGroup", outgoing: dict[int, Message], received: dic
         _detached(outgoing, group.rows, group.spare)  # before decoding: decoded values must point at the copy
     decoder = group.nodes[0].sharing  # every node's method decodes alike: once per sender
     decoded = {sender: decoder.decode(message) for messages in received.values() for sender, message in messages.items()}
-    for g, node in enumerate(group.nodes):
-        self_weight, weighed = contributions(node, received[node.rank], decoded)
-        if whole:
-            average_full_into(group.spare[g], node.flat, self_weight, weighed)
-        else:
-            node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
     if whole:
+        _average_whole_models(group, received, decoded)
         group.swap_rows()
+    else:
+        for node in group.nodes:
+            self_weight, weighed = contributions(node, received[node.rank], decoded)
+            node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
     for node in group.nodes:
         node.sharing.after_merge(node.flat)
+
+
+def _average_whole_models(group: "NodeGroup", received: dict[int, dict[int, Message]], decoded: dict) -> None:
+    """Metropolis-Hastings averaging of every hosted node into the spare rows in one sparse product
+    over the rows; a neighbour whose message is not its live row (another rank's, or values
+    rounded to a lighter type on the wire) is added to its reader's row afterwards."""
+    position = {node.rank: g for g, node in enumerate(group.nodes)}
+    from_rows, from_messages = [], []
+    for g, node in enumerate(group.nodes):
+        self_weight, weighed = contributions(node, received[node.rank], decoded)
+        from_rows.append((g, g, self_weight))
+        for sender, contribution in zip(received[node.rank], weighed):
+            row = position.get(sender)
+            if row is not None and _is_row(contribution.values, group.rows[row]):
+                from_rows.append((g, row, contribution.weight))
+            else:
+                from_messages.append((g, contribution))
+    mix_rows_into(group.spare, group.rows, from_rows)
+    for g, contribution in from_messages:
+        group.spare[g].add_(contribution.values, alpha=contribution.weight)
+
+
+def _is_row(values: torch.Tensor, row: torch.Tensor) -> bool:
+    return values.data_ptr() == row.data_ptr() and values.shape == row.shape and values.dtype == row.dtype
 
 
 def _detached(outgoing: dict[int, Message], rows, spare) -> dict[int, Message]:
