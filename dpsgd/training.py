@@ -34,14 +34,20 @@ class BatchStream:
         self._position = 0
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
+        chosen = self.next_positions()
+        if self.tensors[0].device != chosen.device:  # the order is drawn on the CPU generator, the data may be on a GPU
+            chosen = chosen.to(self.tensors[0].device, non_blocking=True)
+        return tuple(t[chosen] for t in self.tensors)
+
+    def next_positions(self) -> torch.Tensor:
+        """Where the next mini-batch's examples are (a CPU tensor): a node group gathers the batches
+        of all its nodes at once from these."""
         if self._position >= len(self._order):
             self._order = torch.randperm(self.num_examples, generator=self.generator)
             self._position = 0
         chosen = self._order[self._position:self._position + self.batch_size]
         self._position += self.batch_size
-        if self.tensors[0].device != chosen.device:  # the order is drawn on the CPU generator, the data may be on a GPU
-            chosen = chosen.to(self.tensors[0].device, non_blocking=True)
-        return tuple(t[chosen] for t in self.tensors)
+        return chosen
 
     def state_dict(self) -> dict:
         """Where the stream is: a resumed run draws exactly the batches it would have."""

@@ -15,8 +15,9 @@ the dense gradient does:
   optimizer, built from the same config over its flat row, steps on it. Coordinate by
   coordinate that is the update the node makes alone, in about half the time.
 
-Each node's batches come from its own stream; a node whose batch is short (the end of a
-pass) steps with the other short ones.
+Each node's batches come from its own stream (the group gathers them all at once from the
+positions the streams draw); a node whose batch is short (the end of a pass) steps with
+the other short ones.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class StackedMFTrainer:
         self.task = task
         self.lr = lr
         self.slots = {slot.name: slot for slot in layout}
+        streams = [trainer.batches for trainer in trainers]  # every node's (user, item, rating), end to end
+        self.examples = tuple(torch.cat([stream.tensors[k] for stream in streams]) for k in range(3))
+        sizes = torch.tensor([0] + [stream.num_examples for stream in streams[:-1]])
+        self.first_example = torch.cumsum(sizes, 0)  # where node g's examples start in `examples`
         self.row_params: list[torch.nn.Parameter] = []
         if make_optimizer is not None:
             self.gradients = torch.zeros_like(rows)
@@ -92,13 +97,14 @@ class StackedMFTrainer:
             by_length = defaultdict(list)
             for node in positions:
                 if step < steps[node]:
-                    batch = self.trainers[node].batches.next_batch()
-                    by_length[len(batch[0])].append((node, batch))
+                    chosen = self.trainers[node].batches.next_positions()
+                    by_length[len(chosen)].append((node, chosen))
             for members in by_length.values():
                 nodes = torch.tensor([node for node, _ in members])
-                stacked = [torch.stack([batch[k] for _, batch in members]) for k in range(3)]
-                device = stacked[0].device
-                totals[nodes] += self._step(nodes.to(device), *stacked).double().cpu()
+                where = torch.stack([chosen for _, chosen in members]) + self.first_example[nodes, None]
+                where = where.to(self.examples[0].device)
+                batch = [examples[where] for examples in self.examples]  # [nodes, batch] each
+                totals[nodes] += self._step(nodes.to(where.device), *batch).double().cpu()
         return [totals[g].item() / max(1, steps[g]) for g in positions]
 
     def _step(self, nodes: torch.Tensor, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
