@@ -69,13 +69,15 @@ def mix_rows_into(out: torch.Tensor, rows: torch.Tensor, weights: list[tuple[int
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # addmm's CSR path is stable
         mixing = torch.sparse_coo_tensor(torch.tensor([targets, sources]), torch.tensor(values, dtype=rows.dtype),
-                                         (out.shape[0], rows.shape[0]), check_invariants=True).coalesce().to_sparse_csr()
+                                         (out.shape[0], rows.shape[0]), check_invariants=True)
+        mixing = mixing.coalesce().to_sparse_csr()
     for start in range(0, rows.shape[1], MIX_BLOCK_COLUMNS):
-        block = slice(start, start + MIX_BLOCK_COLUMNS)
-        torch.addmm(out[:, block], mixing, rows[:, block], beta=0, out=out[:, block])  # beta=0: out's old values unread
+        block = slice(start, start + MIX_BLOCK_COLUMNS)  # beta=0: out's old values are never read (tested with NaN)
+        torch.addmm(out[:, block], mixing, rows[:, block], beta=0, out=out[:, block])
 
 
 def _mix_row_by_row(out: torch.Tensor, rows: torch.Tensor, weights: list[tuple[int, int, float]]) -> None:
+    """The same product one weighted row at a time: a GPU runs each as one kernel over a whole row."""
     started: set[int] = set()
     for target, source, weight in weights:
         if target in started:

@@ -41,6 +41,7 @@ def contributions(node: Node, received: dict[int, Message],
     """Weigh each neighbour's message by Metropolis-Hastings, using the degree it announced.
 
     `decoded`: messages already decoded (a node group decodes each sender's message once).
+    The contributions are in the order of `received`, so they can be zipped with its senders.
     """
     self_weight, weights = mh_weights(node.degree, {peer: message.degree for peer, message in received.items()})
     if decoded is None:
@@ -106,7 +107,8 @@ def _merge_group(group: "NodeGroup", outgoing: dict[int, Message], received: dic
         node.sharing.after_merge(node.flat)
 
 
-def _average_whole_models(group: "NodeGroup", received: dict[int, dict[int, Message]], decoded: dict) -> None:
+def _average_whole_models(group: "NodeGroup", received: dict[int, dict[int, Message]],
+                          decoded: dict[int, tuple]) -> None:
     """Metropolis-Hastings averaging of every hosted node into the spare rows in one sparse product
     over the rows; a neighbour whose message is not its live row (another rank's, or values
     rounded to a lighter type on the wire) is added to its reader's row afterwards."""
@@ -127,7 +129,10 @@ def _average_whole_models(group: "NodeGroup", received: dict[int, dict[int, Mess
 
 
 def _is_row(values: torch.Tensor, row: torch.Tensor) -> bool:
-    return values.data_ptr() == row.data_ptr() and values.shape == row.shape and values.dtype == row.dtype
+    """A message that is the sender's live row is already in the sparse product's input; any
+    other tensor (a copy, a rounded or received buffer) must be added on its own."""
+    return (values.data_ptr() == row.data_ptr() and values.shape == row.shape and values.stride() == row.stride()
+            and values.dtype == row.dtype)
 
 
 def _detached(outgoing: dict[int, Message], rows, spare) -> dict[int, Message]:
