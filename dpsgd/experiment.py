@@ -39,7 +39,7 @@ from dpsgd.run_outputs import (Aggregator, NodeLog, RunInfo, earlier_rounds, pub
 from dpsgd.seeding import numpy_rng, torch_generator
 from dpsgd.settings import check_values
 from dpsgd.sharing import build_sharing, check_sharing
-from dpsgd.topology import Topology, build_topology
+from dpsgd.topology import Topology, build_topology, spectral_gap
 from dpsgd.training import (BatchStream, ClassificationTask, RatingsTask, Task, Trainer, build_optimizer,
                             check_optimizer)
 
@@ -163,14 +163,16 @@ def _build_hosted(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset
                   start_round: int, checkpoints: dict[int, Checkpoints]) -> tuple[list[Node], Callable]:
     """The rank's node(s), and its algorithm as run(rounds, start_round, states) -> {node: rounds completed},
     where `states` maps each node to what its checkpoint kept for the algorithm (RWM's age)."""
+    options = {key: value for key, value in cfg.algorithm.items() if key != "name"}  # e.g. RWM's `every`
     if cfg.nodes_per_rank == 1:
         node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round, checkpoints[ctx.rank])
         run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
-        return [node], lambda rounds, start, states: {node.rank: run_algorithm(node, rounds, start, states[node.rank])}
+        return [node], lambda rounds, start, states: {
+            node.rank: run_algorithm(node, rounds, start, states[node.rank], **options)}
     group = build_group(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints,
                         divergence=_divergence_watch(cfg, topology, store))
     run_group = GROUP_ALGORITHMS[cfg.algorithm.name]
-    return group.nodes, lambda rounds, start, states: run_group(group, rounds, start, states)
+    return group.nodes, lambda rounds, start, states: run_group(group, rounds, start, states, **options)
 
 
 def _check_run_folder(cfg: DictConfig, run_dir: Path, rank: int) -> None:
@@ -312,7 +314,7 @@ def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: P
     store.set("resume/aggregated", str(carried[-1]["round"] if carried else 0))
     info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
                    dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
-                   metric_name=TEST_LOSS_METRIC[task])
+                   metric_name=TEST_LOSS_METRIC[task], spectral_gap=spectral_gap(node.topology))
     return Aggregator(store, run_dir, info, node.schedule.rounds_due(), per_node_tb=cfg.log.per_node_tb,
                       progress=cfg.log.progress, earlier_rounds=carried).start()
 

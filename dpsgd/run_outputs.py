@@ -107,6 +107,7 @@ class RunInfo:
     algorithm: str
     sharing: str
     metric_name: str  # what test_loss means: "rmse" or "cross_entropy"
+    spectral_gap: float  # of the graph's Metropolis-Hastings matrix (`topology.spectral_gap`)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -247,6 +248,7 @@ class Aggregator:
             "rounds_min": rounds_min, "rounds_max": max(rounds_per_node), "rounds_per_node": rounds_per_node,
             "num_parameters": info.num_parameters, "model": info.model, "dataset": info.dataset,
             "algorithm": info.algorithm, "sharing": info.sharing, "test_loss_metric": info.metric_name,
+            "spectral_gap": info.spectral_gap,
             "wall_s": time.monotonic() - self._started, "in_progress": not self._stop.is_set(),
             "final": complete[-1] if complete else None,
             "per_round": self.per_round,

@@ -119,6 +119,7 @@ RULES = (
     Rule("sharing.metadata_cap", "number", low=0, high=1, low_open=True, example="1.0"),
     Rule("sharing.alpha_list", "fractions", low=0, high=1, low_open=True, example="[0.1,0.2,1.0]"),
     Rule("algorithm.name", "text", example="dpsgd"),
+    Rule("algorithm.every", "whole", low=1, example="5"),
     Rule("dataset.name", "text", example="movielens"),
     Rule("dataset.train_fraction", "number", low=0, high=1, low_open=True, high_open=True, example="0.7"),
     Rule("dataset.image_size", "whole", low=1, example="84"),

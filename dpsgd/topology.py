@@ -174,3 +174,14 @@ def mh_matrix(topology: Topology) -> np.ndarray:
         for j, w in weights.items():
             matrix[i, j] = w
     return matrix
+
+
+def spectral_gap(topology: Topology) -> float:
+    """1 - |lambda_2| of the Metropolis-Hastings matrix: how fast averaging on this graph mixes
+    (a node's model approaches the network average by about that fraction per round).
+
+    W is symmetric, so its eigenvalues are real; on a connected graph only the first is 1.
+    """
+    eigenvalues = np.linalg.eigvalsh(mh_matrix(topology))
+    magnitudes = np.sort(np.abs(eigenvalues))
+    return float(1.0 - magnitudes[-2]) if len(magnitudes) > 1 else 1.0

@@ -6,8 +6,10 @@ import json
 import statistics
 
 import pytest
+from omegaconf import OmegaConf
 
 from dpsgd.sharing.wire import HEADER_BYTES
+from dpsgd.topology import build_topology, spectral_gap
 from tests.conftest import no_learning_baseline, read_jsonl, run_train
 
 SMALL_RUN = ("nodes=6", "rounds=30", "eval.every=5", "train.local_steps=20", "log.per_node_tb=true")
@@ -29,6 +31,9 @@ def test_output_contract_is_present_and_consistent(small_run):
                 "wall_s", "per_round"):
         assert key in summary
     assert summary["nodes"] == 6 and summary["rounds_completed"] == 30
+    config = OmegaConf.load(run_dir / "config.yaml")
+    graph = build_topology(config.topology.kind, 6, seed=config.seed, degree=config.topology.degree)
+    assert summary["spectral_gap"] == pytest.approx(spectral_gap(graph), abs=1e-12) and 0 < summary["spectral_gap"] <= 1
     assert [entry["round"] for entry in summary["per_round"]] == [5, 10, 15, 20, 25, 30]
     assert all(entry["nodes_reporting"] == 6 for entry in summary["per_round"])
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))

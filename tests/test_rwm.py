@@ -175,3 +175,28 @@ def test_one_rwm_step_merges_by_age_and_ages_by_max_plus_local_steps():
     assert [age for _, age, _ in link.sent] == [3, 13]
     np.testing.assert_allclose(flat.numpy(), ((3 * own + 10 * incoming) / 13).numpy(), atol=1e-6)
     assert all(peer in (4, 9) for peer, _, _ in link.sent) and link.closed_at == 2
+
+
+@pytest.mark.parametrize("nodes_per_rank", [1, 4])
+def test_periodic_rwm_sends_only_after_every_kth_round(tmp_path, nodes_per_rank):
+    """algorithm.every=3: a node trains three rounds per model it holds and sends after rounds 3, 6, 9;
+    each message goes to the neighbour its seeded stream draws, as in plain RWM."""
+    run_train(tmp_path, "algorithm=rwm", "algorithm.every=3", "nodes=8", f"nodes_per_rank={nodes_per_rank}",
+              "rounds=9", "eval.every=3", "dataset.num_users=80", "dataset.num_items=100", "train.local_steps=2",
+              "checkpoint.every=0", "comm.timeout_s=30")
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_max"] == 9 and summary["rounds_min"] >= 3
+    message_bytes = HEADER_BYTES + 4 * summary["num_parameters"]
+    config = compose_config("nodes=8")
+    topology = check_config(config, 8)
+    for node in range(8):
+        records = read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
+        assert [r["round"] for r in records] == list(range(1, len(records) + 1))
+        assert [r["round"] for r in records if "sent_to" in r] == [r["round"] for r in records if r["round"] % 3 == 0]
+        assert all(r["bytes_sent"] == (r["round"] // 3) * message_bytes for r in records)
+        assert [r["age"] for r in records] == sorted(r["age"] for r in records)
+        neighbours = topology.neighbours(node)
+        rng = numpy_rng(config.seed, "neighbour_choice", node)
+        sent = [r["sent_to"] for r in records if "sent_to" in r]
+        assert sent == [neighbours[rng.integers(len(neighbours))] for _ in sent]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dpsgd.errors import ConfigError
-from dpsgd.topology import Topology, build_topology, mh_matrix, mh_weights
+from dpsgd.topology import Topology, build_topology, mh_matrix, mh_weights, spectral_gap
 
 SIZES = (2, 5, 8, 16)
 
@@ -244,3 +244,19 @@ def test_file_disconnected_counts_components(tmp_path):
     path = write(tmp_path, "5\n0 1\n2 3\n")
     message = assert_config_error("3 disconnected components", "file", 5, path=path)
     assert "topology.path" in message and path in message
+
+
+@pytest.mark.parametrize("n", (5, 8, 16, 96))
+def test_spectral_gap_of_ring_and_full_graph_by_hand(n):
+    """Ring: every MH weight is 1/3, so W's eigenvalues are 1/3 + 2/3 cos(2 pi k / n); full graph: W = J / n."""
+    assert spectral_gap(build_topology("ring", n)) == pytest.approx(2 / 3 * (1 - np.cos(2 * np.pi / n)), abs=1e-12)
+    assert spectral_gap(build_topology("full", n)) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", (5, 16, 24))
+def test_spectral_gap_is_how_much_one_round_shrinks_disagreement_at_worst(n):
+    """|lambda_2| is the largest factor by which one round of averaging can shrink a vector's
+    distance to its mean: the 2-norm (an SVD, not an eigensolver) of W minus the averaging matrix."""
+    for topology in topologies_for(n):
+        worst_shrink = np.linalg.norm(reference_mh(topology.graph) - np.full((n, n), 1.0 / n), ord=2)
+        assert spectral_gap(topology) == pytest.approx(1.0 - worst_shrink, abs=1e-10)

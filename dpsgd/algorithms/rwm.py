@@ -5,6 +5,10 @@ then, repeatedly: wait for a model from any neighbour, merge it by age-weighted
 averaging, train one round, send to one random neighbour. The run ends when the first
 node completes its rounds; the stop floods the graph through END messages (see
 `RandomWalkLink`).
+
+Periodic RWM (`algorithm.every=k`): a node that holds a model trains k rounds alone and
+sends only after rounds k, 2k, ...; it waits for a model only before rounds k+1, 2k+1, ....
+Every node still sends exactly once for each model it takes, so n models keep walking.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ if TYPE_CHECKING:
     from dpsgd.group.compose import NodeGroup
 
 
-def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = None) -> int:
+def sends_after(round_number: int, every: int) -> bool:
+    """Whether a node sends its model after this round (and so waits for one before the next)."""
+    return round_number % every == 0
+
+
+def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = None, every: int = 1) -> int:
     """Run until this node completes `rounds` or a neighbour stops; return the rounds completed.
 
     A resumed run (start_round > 0) starts its walk afresh from the saved model and age.
@@ -28,7 +37,7 @@ def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = 
     completed = start_round
     for round_number in range(start_round + 1, rounds + 1):
         clock = node.clock()
-        if round_number > start_round + 1:
+        if round_number > start_round + 1 and sends_after(round_number - 1, every):
             with clock.phase("comm"):
                 message = node.link.receive()
                 if message is None:
@@ -40,13 +49,15 @@ def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = 
         with clock.phase("train"):
             batch_loss = node.trainer.train_round()
             age += node.trainer.steps_per_round
-        with clock.phase("comm"):
-            peer = node.neighbours[node.rng.integers(len(node.neighbours))]
-            node.link.send(peer, node.sharing.pack(node.flat, round_number, node.degree, age))
+        sent = {}
+        if sends_after(round_number, every):
+            with clock.phase("comm"):
+                peer = node.neighbours[node.rng.integers(len(node.neighbours))]
+                node.link.send(peer, node.sharing.pack(node.flat, round_number, node.degree, age))
+                sent = {"sent_to": peer}
         with clock.phase("eval"):
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
-        node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=age,
-                             sent_to=peer, **metrics)
+        node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=age, **sent, **metrics)
         completed = round_number
         if node.stops_after(round_number, batch_loss):
             break  # training diverged somewhere: END messages stop the rest of the walk
@@ -56,13 +67,14 @@ def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = 
 
 
 def run_rwm_group(group: "NodeGroup", rounds: int, start_round: int = 0,
-                  state: dict | None = None) -> dict[int, int]:
+                  state: dict | None = None, every: int = 1) -> dict[int, int]:
     """RWM for every node a rank hosts; return each node's rounds completed.
 
     A node still moves only when a model reaches it: each pass takes, for every hosted
     node that has a model waiting, the oldest one, merges it by age, and trains those
-    nodes together, then each sends to one random neighbour. The walk ends when the first
-    node anywhere completes its rounds. `state`: per node, what its checkpoint kept (age).
+    nodes together until each reaches its next sending round (one round unless periodic),
+    then each sends to one random neighbour. The walk ends when the first node anywhere
+    completes its rounds. `state`: per node, what its checkpoint kept (age).
     """
     link = group.link
     link.start()
@@ -85,27 +97,42 @@ def run_rwm_group(group: "NodeGroup", rounds: int, start_round: int = 0,
                     ages[node.rank] = max(ages[node.rank], message.age)
                     node.sharing.after_merge(node.flat)
         first_pass = False
+        if _train_until_sent(group, moving, clock, rounds, every, completed, ages):
+            break
+    link.close()
+    return completed
+
+
+def _train_until_sent(group: "NodeGroup", moving: list[Node], clock, rounds: int, every: int,
+                      completed: dict[int, int], ages: dict[int, int]) -> bool:
+    """Rounds of the moving nodes, trained together, each until it has sent; True when the walk must end."""
+    while moving:
         with clock.phase("train"):
             batch_losses = group.train_round(_positions(group, moving))
         finished = False
         for node, batch_loss in zip(moving, batch_losses):
             round_number = completed[node.rank] + 1
             ages[node.rank] += node.trainer.steps_per_round
-            with clock.phase("comm"):
-                peer = node.neighbours[node.rng.integers(len(node.neighbours))]
-                link.send(node.rank, peer, node.sharing.pack(node.flat, round_number, node.degree, ages[node.rank]))
+            sent = {}
+            if sends_after(round_number, every):
+                with clock.phase("comm"):
+                    peer = node.neighbours[node.rng.integers(len(node.neighbours))]
+                    group.link.send(node.rank, peer,
+                                    node.sharing.pack(node.flat, round_number, node.degree, ages[node.rank]))
+                    sent = {"sent_to": peer}
             with clock.phase("eval"):
                 metrics = node.evaluate() if node.schedule.due(round_number) else {}
             node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=ages[node.rank],
-                                 sent_to=peer, **metrics)
+                                 **sent, **metrics)
             completed[node.rank] = round_number
             node.note_divergence(round_number, batch_loss)
             node.checkpoint(round_number, {"age": ages[node.rank]})
             finished |= round_number >= rounds
         if finished or group.nodes[0].divergence.must_stop(max(completed.values())):
-            break
-    link.close()
-    return completed
+            return True
+        moving = [node for node in moving if not sends_after(completed[node.rank], every)]
+        clock = group.clock()
+    return False
 
 
 def _positions(group: "NodeGroup", nodes: list[Node]) -> list[int]:
