@@ -66,7 +66,7 @@ class StackedMFTrainer:
         self.examples = tuple(torch.cat([stream.tensors[k] for stream in streams]) for k in range(3))
         sizes = torch.tensor([0] + [stream.num_examples for stream in streams[:-1]])
         self.first_example = torch.cumsum(sizes, 0)  # where node g's examples start in `examples`
-        for stream, start in zip(streams, self.first_example.tolist()):  # one copy of the data, never two that drift
+        for stream, start in zip(streams, self.first_example.tolist()):  # streams and group read the same tensors
             stream.tensors = tuple(examples[start:start + stream.num_examples] for examples in self.examples)
         self.row_params: list[torch.nn.Parameter] = []
         if make_optimizer is not None:
