@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch.distributed as dist
 
-from dpsgd.across_nodes import across_nodes
+from dpsgd.across_nodes import across_nodes, is_finite_number
 from dpsgd.run_folder import write_atomic
 
 if TYPE_CHECKING:
@@ -200,6 +201,9 @@ class Aggregator:
             for key in ("test_loss", "test_acc", "train_loss"):
                 if key in stats:
                     self._bytes_writer.add_scalar(f"vs_bytes/{key}", stats[key]["mean"], step)
+        ages = [record["age"] for record in records if is_finite_number(record.get("age"))]
+        if ages:  # RWM: how unevenly the walking models have been trained
+            self._writer.add_histogram("age", np.asarray(ages, dtype=np.float64), round_number)
         if self.per_node_tb:
             self._log_nodes(round_number, records)
         self._writer.flush()

@@ -200,3 +200,20 @@ def test_periodic_rwm_sends_only_after_every_kth_round(tmp_path, nodes_per_rank)
         rng = numpy_rng(config.seed, "neighbour_choice", node)
         sent = [r["sent_to"] for r in records if "sent_to" in r]
         assert sent == [neighbours[rng.integers(len(neighbours))] for _ in sent]
+
+
+def test_tensorboard_has_a_histogram_of_model_ages_per_evaluated_round(tmp_path):
+    """Each evaluated round's histogram holds exactly the ages the nodes logged for that round."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(tmp_path, "algorithm=rwm", "nodes=6", "rounds=8", "eval.every=2", "dataset.num_users=60",
+              "dataset.num_items=80", "train.local_steps=2", "checkpoint.every=0", "comm.timeout_s=30")
+    run_dir = tmp_path / "run"
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0}).Reload().Histograms("age")
+    logs = [read_jsonl(run_dir / "nodes" / f"{node}.jsonl") for node in range(6)]
+    assert [event.step for event in events] == [2, 4, 6, 8]
+    for event in events:
+        ages = [record["age"] for log in logs for record in log if record["round"] == event.step]
+        histogram = event.histogram_value
+        assert histogram.num == len(ages) >= 1
+        assert (histogram.sum, histogram.min, histogram.max) == (sum(ages), min(ages), max(ages))
