@@ -13,10 +13,11 @@ Every node still sends exactly once for each model it takes, so n models keep wa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from dpsgd.averaging import merge_by_age
 from dpsgd.node import Node
+from dpsgd.sharing.wire import Message
 
 if TYPE_CHECKING:
     from dpsgd.group.compose import NodeGroup
@@ -52,9 +53,7 @@ def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = 
         sent = {}
         if sends_after(round_number, every):
             with clock.phase("comm"):
-                peer = node.neighbours[node.rng.integers(len(node.neighbours))]
-                node.link.send(peer, node.sharing.pack(node.flat, round_number, node.degree, age))
-                sent = {"sent_to": peer}
+                sent = _send_to_random_neighbour(node, round_number, age, node.link.send)
         with clock.phase("eval"):
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
         node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=age, **sent, **metrics)
@@ -116,10 +115,8 @@ def _train_until_sent(group: "NodeGroup", moving: list[Node], clock, rounds: int
             sent = {}
             if sends_after(round_number, every):
                 with clock.phase("comm"):
-                    peer = node.neighbours[node.rng.integers(len(node.neighbours))]
-                    group.link.send(node.rank, peer,
-                                    node.sharing.pack(node.flat, round_number, node.degree, ages[node.rank]))
-                    sent = {"sent_to": peer}
+                    sent = _send_to_random_neighbour(node, round_number, ages[node.rank],
+                                                     lambda peer, message: group.link.send(node.rank, peer, message))
             with clock.phase("eval"):
                 metrics = node.evaluate() if node.schedule.due(round_number) else {}
             node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=ages[node.rank],
@@ -133,6 +130,14 @@ def _train_until_sent(group: "NodeGroup", moving: list[Node], clock, rounds: int
         moving = [node for node in moving if not sends_after(completed[node.rank], every)]
         clock = group.clock()
     return False
+
+
+def _send_to_random_neighbour(node: Node, round_number: int, age: int, send: Callable[[int, Message], None]) -> dict:
+    """The model and its age to one uniformly random neighbour (the node's seeded stream draws it);
+    returns what the round's record says of it."""
+    peer = node.neighbours[node.rng.integers(len(node.neighbours))]
+    send(peer, node.sharing.pack(node.flat, round_number, node.degree, age))
+    return {"sent_to": peer}
 
 
 def _positions(group: "NodeGroup", nodes: list[Node]) -> list[int]:

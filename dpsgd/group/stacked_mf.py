@@ -76,18 +76,19 @@ class StackedMFTrainer:
             for trainer, param, gradient in zip(trainers, self.row_params, self.gradients):
                 param.grad = gradient
                 trainer.optimizer = make_optimizer([param])
+            self.gradient_views = self._slot_views(self.gradients)  # the buffers never move: viewed once
         self.rebind(rows)
 
     def rebind(self, rows: torch.Tensor) -> None:
         """Work on `rows` from now on (a node group swaps its rows after averaging)."""
-        group, slots = rows.shape[0], self.slots
-        self.views = {name: rows[:, slots[name].offset:slots[name].offset + slots[name].numel]
-                      .view(group, *slots[name].shape) for name in MF_SLOTS}
+        self.views = self._slot_views(rows)
         for param, row in zip(self.row_params, rows):
             param.data = row  # the same Parameter object: its optimizer state stays keyed to it
-        if self.row_params:
-            self.gradient_views = {name: self.gradients[:, slots[name].offset:slots[name].offset + slots[name].numel]
-                                   .view(group, *slots[name].shape) for name in MF_SLOTS}
+
+    def _slot_views(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each MF parameter of every node as a [group, *shape] view into a [group, P] tensor."""
+        return {name: stacked[:, self.slots[name].offset:self.slots[name].offset + self.slots[name].numel]
+                .view(stacked.shape[0], *self.slots[name].shape) for name in MF_SLOTS}
 
     def train_round(self, only: list[int] | None = None) -> list[float]:
         """Every node's steps for this round (or only the group positions `only`, e.g. RWM's nodes
