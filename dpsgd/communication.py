@@ -67,7 +67,7 @@ class ByteCounters:
 
 @dataclass
 class _ReceiveBuffers:
-    """Allocated once per neighbour (values: per value type, at the model's size) and reused every round."""
+    """One receive slot's buffers (values: per value type, at the model's size), reused every round."""
 
     header: torch.Tensor
     values: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
@@ -172,9 +172,12 @@ class _Link:
             self.liveness.end("failed")
         return failure
 
-    def _check_header(self, peer: int, fields: dict[str, int], **round_rule) -> None:
-        """Raise the NodeFailure naming `peer` unless its header can come from a correct node."""
-        expected_degree = None if self.peer_degrees is None else self.peer_degrees[peer]
+    def _check_header(self, peer: int, fields: dict[str, int], expected_degree: int | None = None,
+                      **round_rule) -> None:
+        """Raise the NodeFailure naming `peer` unless its header can come from a correct node
+        (`expected_degree`: what the sender must announce; by default its degree in the topology)."""
+        if expected_degree is None and self.peer_degrees is not None:
+            expected_degree = self.peer_degrees[peer]
         problem = check_header(fields, self.numel, expected_degree, **round_rule)
         if problem is None and self.header_check is not None and fields["encoding"] != Encoding.END:
             problem = self.header_check(fields)
@@ -201,26 +204,40 @@ class NeighbourLink(_Link):
                  *, peer_degrees: dict[int, int] | None = None, header_check: HeaderCheck | None = None,
                  liveness: Liveness | None = None):
         super().__init__(rank, neighbours, numel, timeout_s, failures, peer_degrees, header_check, liveness)
-        self._buffers = {
-            peer: _ReceiveBuffers(header=torch.empty(HEADER_LENGTH, dtype=HEADER_DTYPE))
-            for peer in self.neighbours
-        }
+        self._slots: list[_ReceiveBuffers] = []  # slot k holds the k-th sender's message of the round
 
-    def exchange(self, outgoing: Message) -> dict[int, Message]:
-        """Send `outgoing` to every neighbour and receive one message from each (D-PSGD)."""
+    def exchange(self, outgoing: Message, send_to: list[int] | None = None,
+                 receive_from: dict[int, int] | None = None) -> dict[int, Message]:
+        """Send `outgoing` to `send_to` and receive one message from each sender of `receive_from`
+        (sender -> the degree it must announce); by default both are the graph neighbours (D-PSGD).
+
+        Buffers belong to positions in the round's sender list, not to peers: a node that hears
+        from different peers every round (Epidemic Learning) keeps as many model-sized buffers
+        as it has senders in one round, not one per peer it ever heard from.
+        """
         round_number = outgoing.round
-        header_receives = {peer: self._post(dist.irecv, self._buffers[peer].header, peer, HEADER_TAG, round_number)
-                           for peer in self.neighbours}
-        sends = [(peer, work) for peer in self.neighbours for work in self._post_send(outgoing, peer)]
+        send_to = self.neighbours if send_to is None else send_to
+        if receive_from is None:
+            receive_from = {peer: None if self.peer_degrees is None else self.peer_degrees[peer]
+                            for peer in self.neighbours}
+        slots = self._slots_for(len(receive_from))
+        header_receives = {peer: (self._post(dist.irecv, slot.header, peer, HEADER_TAG, round_number), slot)
+                           for peer, slot in zip(receive_from, slots)}
+        sends = [(peer, work) for peer in send_to for work in self._post_send(outgoing, peer)]
         received = {}
-        for peer, work in header_receives.items():
+        for peer, (work, slot) in header_receives.items():
             self._wait(work, peer, round_number, "header")
-            fields = parse_header(self._buffers[peer].header)
-            self._check_header(peer, fields, expected_round=round_number)
-            received[peer] = self._receive_body(peer, fields, round_number)
+            fields = parse_header(slot.header)
+            self._check_header(peer, fields, expected_round=round_number, expected_degree=receive_from[peer])
+            received[peer] = self._receive_body(peer, slot, fields, round_number)
         for peer, work in sends:
             self._wait(work, peer, round_number, "send")
         return received
+
+    def _slots_for(self, count: int) -> list[_ReceiveBuffers]:
+        while len(self._slots) < count:
+            self._slots.append(_ReceiveBuffers(header=torch.empty(HEADER_LENGTH, dtype=HEADER_DTYPE)))
+        return self._slots[:count]
 
     def _post_send(self, message: Message, peer: int) -> list[dist.Work]:
         works = [self._post(dist.isend, tensor, peer, tag, message.round)
@@ -228,8 +245,8 @@ class NeighbourLink(_Link):
         self.bytes.count_sent(message)
         return works
 
-    def _receive_body(self, peer: int, header: dict[str, int], expected_round: int) -> Message:
-        buffers = self._buffers[peer]
+    def _receive_body(self, peer: int, buffers: _ReceiveBuffers, header: dict[str, int],
+                      expected_round: int) -> Message:
         encoding = Encoding(header["encoding"])
         dtype = values_dtype(header)
         if dtype not in buffers.values:

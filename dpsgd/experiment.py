@@ -19,6 +19,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from dpsgd.algorithms.dpsgd import run_dpsgd, run_dpsgd_group
+from dpsgd.algorithms.hybrid import run_hybrid, run_hybrid_group
+from dpsgd.algorithms.peers import EpidemicDraws, FixedGraph, ResampledGraph, RoundPeers
 from dpsgd.algorithms.rwm import run_rwm, run_rwm_group
 from dpsgd.averaging import MERGE_RULES
 from dpsgd.checkpoint import Checkpoints, agree_on_start_round, check_resumable
@@ -26,7 +28,9 @@ from dpsgd.communication import FailureBoard, NeighbourLink, RandomWalkLink
 from dpsgd.data.datasets import DATASETS, NodeData, prepare_dataset
 from dpsgd.divergence import DivergenceWatch, describe, divergence_report
 from dpsgd.errors import ConfigError, NodeFailure
-from dpsgd.group.compose import build_group, hosted_nodes
+from dpsgd.consensus import ModelSketch
+from dpsgd.group.compose import build_group, group_link, hosted_nodes
+from dpsgd.group.link import GroupLink
 from dpsgd.launch import RankContext
 from dpsgd.liveness import Liveness
 from dpsgd.metrics import EvalSchedule, RoundRecorder
@@ -36,17 +40,19 @@ from dpsgd.node import Node
 from dpsgd.run_folder import check_fresh_node, write_atomic
 from dpsgd.run_outputs import (Aggregator, NodeLog, RunInfo, earlier_rounds, publish_rounds_completed,
                                republish_kept_rounds)
-from dpsgd.seeding import numpy_rng, torch_generator
+from dpsgd.seeding import numpy_rng, stream_key, torch_generator
 from dpsgd.settings import check_values
 from dpsgd.sharing import build_sharing, check_sharing
-from dpsgd.topology import Topology, build_topology, spectral_gap
+from dpsgd.topology import Topology, build_topology
 from dpsgd.training import (BatchStream, ClassificationTask, RatingsTask, Task, Trainer, build_optimizer,
                             check_optimizer)
 
-# Each communication pattern: its loop, and the transport that loop needs.
-ALGORITHMS = {"dpsgd": (run_dpsgd, NeighbourLink), "rwm": (run_rwm, RandomWalkLink)}
-# The same patterns for a rank hosting a group of nodes (dpsgd.group).
-GROUP_ALGORITHMS = {"dpsgd": run_dpsgd_group, "rwm": run_rwm_group}
+# Each communication pattern: its loop for a rank hosting one node, and for a rank hosting a group (dpsgd.group).
+ALGORITHMS = {"dpsgd": (run_dpsgd, run_dpsgd_group), "epidemic": (run_dpsgd, run_dpsgd_group),
+              "rwm": (run_rwm, run_rwm_group), "hybrid": (run_hybrid, run_hybrid_group)}
+WALKING = ("rwm", "hybrid")  # patterns that start with a random walk (RandomWalkLink, GroupWalkLink)
+# Topologies drawn from the seed, which `topology.resample_every` can draw anew.
+RANDOM_TOPOLOGIES = ("regular", "smallworld")
 # What test_loss means, per task.
 TEST_LOSS_METRIC = {"ratings": "rmse", "classification": "cross_entropy"}
 
@@ -70,9 +76,33 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> Topology:
                           "neighbours' messages; RWM merges each arriving model by age on the coordinates it "
                           "carries (SPEC §5), so it has no merge rule to choose. Drop sharing.merge, or use "
                           "`algorithm=dpsgd`.")
+    _check_pattern(cfg)
     # No torch computation here: the standalone parent runs this before forking the ranks.
     check_optimizer(cfg.optimizer.name, cfg.optimizer.lr)
     return _topology(cfg)
+
+
+def _check_pattern(cfg: DictConfig) -> None:
+    """The keys of the patterns beyond the study: epidemic's fanout, hybrid's switch, graph resampling."""
+    name, nodes = cfg.algorithm.name, cfg.nodes
+    if name == "epidemic" and cfg.algorithm.fanout >= nodes:
+        raise ConfigError(f"algorithm.fanout={cfg.algorithm.fanout} with nodes={nodes}: each node sends to fanout "
+                          f"other nodes, so fanout must be below nodes, e.g. `algorithm.fanout={min(4, nodes - 1)}`.")
+    if name == "hybrid":
+        switch_round, byte_budget = cfg.algorithm.switch_round, cfg.algorithm.byte_budget
+        if switch_round is None and byte_budget is None:
+            raise ConfigError("algorithm=hybrid walks until a switch condition, but neither algorithm.switch_round "
+                              "nor algorithm.byte_budget is set; set one, e.g. `algorithm.switch_round=100`.")
+        if switch_round is not None and switch_round >= cfg.rounds:
+            raise ConfigError(f"algorithm.switch_round={switch_round} with rounds={cfg.rounds} leaves no round for "
+                              f"D-PSGD; set it below rounds, e.g. `algorithm.switch_round={cfg.rounds // 5 or 1}`, "
+                              "or use `algorithm=rwm`.")
+    every = OmegaConf.select(cfg, "topology.resample_every", default=None)
+    if every is not None and (name != "dpsgd" or cfg.topology.kind not in RANDOM_TOPOLOGIES):
+        raise ConfigError(f"topology.resample_every={every} draws a new random graph for D-PSGD, but this run has "
+                          f"algorithm={name} and topology.kind={cfg.topology.kind}. It needs `algorithm=dpsgd` and "
+                          f"a random graph (topology.kind one of {list(RANDOM_TOPOLOGIES)}); epidemic draws its own "
+                          "peers each round, and RWM walks one fixed graph. Otherwise drop topology.resample_every.")
 
 
 def ranks_for(cfg: DictConfig) -> int:
@@ -163,16 +193,40 @@ def _build_hosted(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset
                   start_round: int, checkpoints: dict[int, Checkpoints]) -> tuple[list[Node], Callable]:
     """The rank's node(s), and its algorithm as run(rounds, start_round, states) -> {node: rounds completed},
     where `states` maps each node to what its checkpoint kept for the algorithm (RWM's age)."""
-    options = {key: value for key, value in cfg.algorithm.items() if key != "name"}  # e.g. RWM's `every`
+    peers = round_peers(cfg, topology)
+    run_alone, run_grouped = ALGORITHMS[cfg.algorithm.name]
     if cfg.nodes_per_rank == 1:
-        node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round, checkpoints[ctx.rank])
-        run_algorithm, _ = ALGORITHMS[cfg.algorithm.name]
-        return [node], lambda rounds, start, states: {
-            node.rank: run_algorithm(node, rounds, start, states[node.rank], **options)}
+        node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round, checkpoints[ctx.rank], peers)
+        options = _loop_options(cfg, peers, lambda: _neighbour_link(cfg, node.rank, topology, node.flat.numel(), store,
+                                                                    node.sharing.check_header, node.liveness))
+        return [node], lambda rounds, start, states: {node.rank: run_alone(node, rounds, start, states[node.rank],
+                                                                            **options)}
     group = build_group(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints,
-                        divergence=_divergence_watch(cfg, topology, store))
-    run_group = GROUP_ALGORITHMS[cfg.algorithm.name]
-    return group.nodes, lambda rounds, start, states: run_group(group, rounds, start, states, **options)
+                        divergence=_divergence_watch(cfg, peers, store), walking=cfg.algorithm.name in WALKING)
+    options = _loop_options(cfg, peers, lambda: group_link(GroupLink, cfg, ctx, topology, group.rows, store,
+                                                           group.nodes[0].sharing.check_header, group.liveness))
+    return group.nodes, lambda rounds, start, states: run_grouped(group, rounds, start, states, **options)
+
+
+def round_peers(cfg: DictConfig, topology: Topology) -> RoundPeers:
+    """Who sends to whom each round in the synchronous patterns (`dpsgd.algorithms.peers`)."""
+    if cfg.algorithm.name == "epidemic":
+        return EpidemicDraws(cfg.nodes, cfg.algorithm.fanout, cfg.seed)
+    every = OmegaConf.select(cfg, "topology.resample_every", default=None)
+    if every is not None:
+        return ResampledGraph(lambda period: _topology(cfg, period), every, cfg.nodes)
+    return FixedGraph(topology)
+
+
+def _loop_options(cfg: DictConfig, peers: RoundPeers, averaging_link: Callable) -> dict:
+    """What the pattern's loop takes besides the nodes: its keys from `algorithm.*`, and its plan of peers."""
+    algorithm = cfg.algorithm
+    if algorithm.name == "rwm":
+        return {"every": algorithm.every}
+    if algorithm.name == "hybrid":
+        return {"every": algorithm.every, "switch_round": algorithm.switch_round,
+                "byte_budget": algorithm.byte_budget, "peers": peers, "averaging_link": averaging_link()}
+    return {"peers": peers}
 
 
 def _check_run_folder(cfg: DictConfig, run_dir: Path, rank: int) -> None:
@@ -214,27 +268,48 @@ def run_key(run_dir: Path) -> str:
 
 
 def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: dist.Store, run_dir: Path,
-               start_round: int = 0, checkpoints: Checkpoints | None = None) -> Node:
+               start_round: int = 0, checkpoints: Checkpoints | None = None, peers: RoundPeers | None = None) -> Node:
+    peers = peers or round_peers(cfg, topology)
     data = dataset.node_data(rank, cfg.nodes, cfg.seed, cfg.eval.test_samples)
     trainer, flat = build_trainer(cfg, dataset, data, rank)
     sharing = build_sharing(cfg.sharing.name, flat, cfg.alpha, _options(cfg.sharing), cfg.seed, rank)
     liveness = Liveness(store, rank, cfg.nodes, slow_after_s=cfg.comm.timeout_s / 2).start()
-    _, link_class = ALGORITHMS[cfg.algorithm.name]
-    link = link_class(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store),
-                      peer_degrees={peer: topology.degree(peer) for peer in topology.neighbours(rank)},
-                      header_check=sharing.check_header, liveness=liveness)
+    if cfg.algorithm.name in WALKING:
+        link = RandomWalkLink(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store),
+                              peer_degrees={peer: topology.degree(peer) for peer in topology.neighbours(rank)},
+                              header_check=sharing.check_header, liveness=liveness)
+    else:
+        link = _neighbour_link(cfg, rank, topology, flat.numel(), store, sharing.check_header, liveness)
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
-    recorder = RoundRecorder(rank, NodeLog(run_dir, rank, keep_through_round=start_round), store, schedule)
+    recorder = RoundRecorder(rank, NodeLog(run_dir, rank, keep_through_round=start_round), store, schedule,
+                             sketch=model_sketch(cfg, flat.numel()))
     node = Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=sharing,
                 merge=MERGE_RULES[cfg.sharing.merge], link=link, recorder=recorder, schedule=schedule,
                 evaluate=lambda: _evaluate(cfg, trainer, data), rng=numpy_rng(cfg.seed, "neighbour_choice", rank),
-                checkpoints=checkpoints, divergence=_divergence_watch(cfg, topology, store), liveness=liveness)
+                checkpoints=checkpoints, divergence=_divergence_watch(cfg, peers, store), liveness=liveness)
     return node
 
 
-def _divergence_watch(cfg: DictConfig, topology: Topology, store: dist.Store) -> DivergenceWatch:
-    """D-PSGD nodes stop together, diameter + 1 rounds after the first divergence; RWM nodes at once."""
-    margin = topology.diameter + 1 if cfg.algorithm.name == "dpsgd" else None
+def _neighbour_link(cfg: DictConfig, rank: int, topology: Topology, numel: int, store: dist.Store, header_check,
+                    liveness: Liveness) -> NeighbourLink:
+    """The synchronous transport of one node: its graph neighbours, or under Epidemic Learning (whose
+    peers change every round; the loop names them) every other node, degrees checked per round."""
+    if cfg.algorithm.name == "epidemic" or OmegaConf.select(cfg, "topology.resample_every", default=None):
+        return NeighbourLink(rank, [peer for peer in range(cfg.nodes) if peer != rank], numel, cfg.comm.timeout_s,
+                             FailureBoard(store), header_check=header_check, liveness=liveness)
+    return NeighbourLink(rank, topology.neighbours(rank), numel, cfg.comm.timeout_s, FailureBoard(store),
+                         peer_degrees={peer: topology.degree(peer) for peer in topology.neighbours(rank)},
+                         header_check=header_check, liveness=liveness)
+
+
+def model_sketch(cfg: DictConfig, numel: int) -> ModelSketch | None:
+    """What each node publishes of its model for the consensus distance (`eval.consensus_sketch`; 0: nothing)."""
+    return ModelSketch(numel, cfg.eval.consensus_sketch, cfg.seed) if cfg.eval.consensus_sketch else None
+
+
+def _divergence_watch(cfg: DictConfig, peers: RoundPeers, store: dist.Store) -> DivergenceWatch:
+    """Synchronous nodes stop together, a drift margin after the first divergence; RWM nodes at once."""
+    margin = None if cfg.algorithm.name == "rwm" else peers.stop_margin
     return DivergenceWatch(store, cfg.train.stop_on_divergence, margin)
 
 
@@ -302,9 +377,11 @@ def _options(group: DictConfig) -> dict:
     return options
 
 
-def _topology(cfg: DictConfig) -> Topology:
+def _topology(cfg: DictConfig, period: int = 0) -> Topology:
+    """The run's graph; with `topology.resample_every`, the graph of that period (period 0: the run's graph)."""
     t = cfg.topology
-    return build_topology(t.kind, cfg.nodes, seed=cfg.seed, degree=t.degree, path=t.path, rewire_p=t.rewire_p)
+    seed = cfg.seed if period == 0 else stream_key(cfg.seed, "resampled_topology", period)
+    return build_topology(t.kind, cfg.nodes, seed=seed, degree=t.degree, path=t.path, rewire_p=t.rewire_p)
 
 
 def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, task: str,
@@ -314,7 +391,7 @@ def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: P
     store.set("resume/aggregated", str(carried[-1]["round"] if carried else 0))
     info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
                    dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
-                   metric_name=TEST_LOSS_METRIC[task], spectral_gap=spectral_gap(node.topology))
+                   metric_name=TEST_LOSS_METRIC[task], spectral_gap=round_peers(cfg, node.topology).mixing_gap())
     return Aggregator(store, run_dir, info, node.schedule.rounds_due(), per_node_tb=cfg.log.per_node_tb,
                       progress=cfg.log.progress, earlier_rounds=carried).start()
 

@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
+from dpsgd.consensus import ModelSketch
 from dpsgd.divergence import finite_or_none
-from dpsgd.run_outputs import NodeLog, publish
+from dpsgd.run_outputs import NodeLog, publish, publish_sketch
 
 @dataclass(frozen=True)
 class EvalSchedule:
@@ -56,11 +58,14 @@ class _Phase:
 class RoundRecorder:
     """Turns one round's numbers into a JSONL line, and publishes evaluated rounds."""
 
-    def __init__(self, node: int, log: NodeLog, store: dist.Store, schedule: EvalSchedule):
+    def __init__(self, node: int, log: NodeLog, store: dist.Store, schedule: EvalSchedule,
+                 sketch: ModelSketch | None = None):
+        """`sketch`: what an evaluated round publishes of the model for the consensus distance (None: nothing)."""
         self.node = node
         self.log = log
         self.store = store
         self.schedule = schedule
+        self.sketch = sketch
         self.started = time.monotonic()
 
     def start_clock(self, offset_s: float = 0.0) -> None:
@@ -70,7 +75,8 @@ class RoundRecorder:
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
-    def record(self, round_number: int, clock: PhaseClock, byte_counts, **metrics) -> dict:
+    def record(self, round_number: int, clock: PhaseClock, byte_counts, model: torch.Tensor | None = None,
+               **metrics) -> dict:
         record = {"node": self.node, "round": round_number, "time_s": time.monotonic() - self.started,
                   **clock.seconds, "bytes_sent": byte_counts.sent, "bytes_sent_data": byte_counts.sent_data,
                   "bytes_sent_meta": byte_counts.sent_meta, "bytes_recv": byte_counts.recv,
@@ -78,5 +84,7 @@ class RoundRecorder:
                   **{k: finite_or_none(v) for k, v in metrics.items()}}
         self.log.write(record)
         if self.schedule.due(round_number):
+            if self.sketch is not None and model is not None:  # first: the aggregator reads it with the record
+                publish_sketch(self.store, self.node, round_number, self.sketch(model))
             publish(self.store, self.node, record)
         return record

@@ -37,10 +37,18 @@ class Node:
     checkpoints: "Checkpoints | None" = None  # saves this node's state every checkpoint.every rounds
     divergence: DivergenceWatch | None = None  # notes non-finite training; says when to stop
     liveness: Liveness | None = None          # heartbeat: what this node is doing, for failure verdicts
+    phase: str | None = None                  # hybrid runs: the pattern the node is in, written in each record
 
     def clock(self) -> PhaseClock:
         """This round's phase timer; entering a phase also tells the heartbeat (dpsgd.liveness)."""
         return PhaseClock(on_enter=None if self.liveness is None else self.liveness.enter)
+
+    def record(self, round_number: int, clock: PhaseClock, **metrics) -> None:
+        """After a round: its JSONL line, and on evaluated rounds what rank 0 aggregates (with a
+        sketch of the model, for the consensus distance)."""
+        if self.phase is not None:
+            metrics["phase"] = self.phase
+        self.recorder.record(round_number, clock, self.link.bytes, model=self.flat, **metrics)
 
     def note_divergence(self, round_number: int, batch_loss: float) -> None:
         """After a round: tell the run's divergence watch how this node's round ended."""

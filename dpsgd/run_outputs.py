@@ -24,17 +24,18 @@ import numpy as np
 import torch.distributed as dist
 
 from dpsgd.across_nodes import across_nodes, is_finite_number
+from dpsgd.consensus import consensus_distance
+from dpsgd.divergence import finite_or_none
 from dpsgd.run_folder import write_atomic
 
 if TYPE_CHECKING:
     from dpsgd.metrics import EvalSchedule
 
 METRICS_PREFIX = "metrics"
-
-
+SKETCH_PREFIX = "sketch"          # a node's model sketch per evaluated round (`dpsgd.consensus`)
 DONE_PREFIX = "done"
-
-
+SWITCH_KEY = "hybrid/switch_round"  # the round after which a hybrid run's nodes switched to D-PSGD
+CONSENSUS_FILE = "consensus.jsonl"  # per evaluated round: the consensus distance of the nodes' models
 POLL_INTERVAL_S = 0.2
 
 
@@ -91,6 +92,18 @@ def publish(store: dist.Store, node: int, record: dict) -> None:
     store.set(f"{METRICS_PREFIX}/{record['round']}/{node}", json.dumps(record, allow_nan=False))
 
 
+def publish_sketch(store: dist.Store, node: int, round_number: int, sketch: np.ndarray) -> None:
+    """The node's model sketch for an evaluated round, published before its record."""
+    store.set(f"{SKETCH_PREFIX}/{round_number}/{node}", np.asarray(sketch, dtype=np.float64).tobytes())
+
+
+def publish_skipped(store: dist.Store, node: int, round_number: int) -> None:
+    """An evaluated round this node never ran (a hybrid run's walk stopped before it), so the
+    aggregator does not wait for it."""
+    store.set(f"{METRICS_PREFIX}/{round_number}/{node}", json.dumps({"node": node, "round": round_number,
+                                                                      "skipped": True}))
+
+
 def publish_rounds_completed(store: dist.Store, node: int, rounds_completed: int) -> None:
     """How far this node got (RWM nodes stop at different rounds)."""
     store.set(f"{DONE_PREFIX}/{node}", str(rounds_completed))
@@ -108,7 +121,7 @@ class RunInfo:
     algorithm: str
     sharing: str
     metric_name: str  # what test_loss means: "rmse" or "cross_entropy"
-    spectral_gap: float  # of the graph's Metropolis-Hastings matrix (`topology.spectral_gap`)
+    spectral_gap: float | None  # of the graph's Metropolis-Hastings matrix (None: the mixing changes)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -161,6 +174,8 @@ class Aggregator:
         done_keys = [f"{DONE_PREFIX}/{node}" for node in range(self.info.nodes)]
         summary = self._summary([int(raw) for raw in self.store.multi_get(done_keys)])
         summary["diverged"] = diverged
+        if self.store.check([SWITCH_KEY]):
+            summary["switch_round"] = int(self.store.get(SWITCH_KEY))
         self._write_summary(summary)
         self._writer.close()
         self._bytes_writer.close()
@@ -185,17 +200,31 @@ class Aggregator:
                     self.pending.pop(0)
                     continue
             records = [json.loads(raw) for raw in self.store.multi_get(keys)]
+            records = [record for record in records if not record.get("skipped")]
             for key in keys:
                 self.store.delete_key(key)
             self.pending.pop(0)
-            self._log_round(round_number, records)
+            if records:
+                self._log_round(round_number, records, self._consensus(round_number, records))
 
-    def _log_round(self, round_number: int, records: list[dict]) -> None:
+    def _consensus(self, round_number: int, records: list[dict]) -> float | None:
+        """The consensus distance of the reporting nodes' models, from their sketches (None: not sketched,
+        or one node alone, as at the end of an RWM run)."""
+        keys = [f"{SKETCH_PREFIX}/{round_number}/{record['node']}" for record in records]
+        present = [key for key in keys if self.store.check([key])]
+        sketches = [np.frombuffer(raw, dtype=np.float64) for raw in self.store.multi_get(present)] if present else []
+        for key in present:
+            self.store.delete_key(key)
+        return finite_or_none(consensus_distance(sketches)) if len(sketches) > 1 else None
+
+    def _log_round(self, round_number: int, records: list[dict], consensus: float | None = None) -> None:
         stats = summarize(records)
-        self.per_round.append({"round": round_number, **stats})
+        self.per_round.append({"round": round_number, **stats, "consensus_distance": consensus})
         for key in CURVE_KEYS:
             if key in stats:
                 self._writer.add_scalar(f"{key}/mean", stats[key]["mean"], round_number)
+        if consensus is not None:
+            self._writer.add_scalar("consensus_distance", consensus, round_number)
         if "bytes_sent" in stats:
             step = int(stats["bytes_sent"]["mean"])
             for key in ("test_loss", "test_acc", "train_loss"):
@@ -204,13 +233,23 @@ class Aggregator:
         ages = [record["age"] for record in records if is_finite_number(record.get("age"))]
         if ages:  # RWM: how unevenly the walking models have been trained
             self._writer.add_histogram("age", np.asarray(ages, dtype=np.float64), round_number)
+        phases = [record["phase"] for record in records if "phase" in record]
+        if phases:  # hybrid: 0 while the nodes walk, 1 once they all average with every neighbour
+            self._writer.add_scalar("phase", phases.count("dpsgd") / len(phases), round_number)
         if self.per_node_tb:
             self._log_nodes(round_number, records)
         self._writer.flush()
         self._bytes_writer.flush()
+        self._write_consensus()
         self._write_summary(self._summary(None))  # an interrupted run keeps its aggregates so far
         if self.progress and len(records) == self.info.nodes:
             self._print_progress(round_number, stats)
+
+    def _write_consensus(self) -> None:
+        """consensus.jsonl, rewritten whole from the aggregates (so a resumed run continues it)."""
+        lines = [json.dumps({"round": entry["round"], "consensus_distance": entry.get("consensus_distance"),
+                             "nodes_reporting": entry["nodes_reporting"]}) for entry in self.per_round]
+        write_atomic(self.run_dir / CONSENSUS_FILE, "".join(line + "\n" for line in lines))
 
     def _log_nodes(self, round_number: int, records: list[dict]) -> None:
         for record in records:

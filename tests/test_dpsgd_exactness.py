@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import numpy as np
@@ -20,8 +21,9 @@ def _random_model(rank: int, numel: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(1000 + rank).normal(size=numel).astype(np.float32))
 
 
-def _one_round_from_random_models(cfg, nodes, tmp_path):
-    """Real ranks, each starting from its own random model, run one D-PSGD round; models saved after."""
+def _rounds_from_random_models(cfg, nodes, tmp_path, rounds=1, peers=None):
+    """Real ranks, each starting from its own random model, run D-PSGD rounds (by default one, on the
+    config's graph; `peers` for another plan); each rank saves its model and byte counts after."""
     topology = check_config(cfg, nodes)
     dataset = prepare_data(cfg)
 
@@ -31,8 +33,9 @@ def _one_round_from_random_models(cfg, nodes, tmp_path):
                                 timeout=timedelta(seconds=60))
         node = build_node(cfg, ctx.rank, topology, dataset, store, tmp_path)
         node.flat.copy_(_random_model(ctx.rank, node.flat.numel()))
-        run_dpsgd(node, 1)
+        run_dpsgd(node, rounds, peers=peers)
         np.save(tmp_path / f"after_{ctx.rank}.npy", node.flat.numpy())
+        (tmp_path / f"bytes_{ctx.rank}.json").write_text(json.dumps(vars(node.link.bytes)))
         dist.barrier()
         dist.destroy_process_group()
 
@@ -45,7 +48,7 @@ def test_one_round_without_training_is_w_times_x(tmp_path, nodes, topology):
     degree = "topology.degree=3" if nodes == 8 else "topology.degree=2"
     cfg = compose_config(f"nodes={nodes}", "rounds=1", "optimizer.lr=0", "eval.every=1", "log.progress=false",
                          f"topology={topology}", degree, "dataset.num_users=40", "dataset.num_items=90")
-    topology_graph = _one_round_from_random_models(cfg, nodes, tmp_path)
+    topology_graph = _rounds_from_random_models(cfg, nodes, tmp_path)
     numel = np.load(tmp_path / "after_0.npy").size
     before = np.stack([_random_model(r, numel).numpy().astype(np.float64) for r in range(nodes)])
     after = np.stack([np.load(tmp_path / f"after_{r}.npy") for r in range(nodes)])
@@ -66,7 +69,7 @@ def test_one_round_of_partial_messages_follows_the_configured_merge_rule(tmp_pat
     cfg = compose_config(f"nodes={nodes}", "rounds=1", "optimizer.lr=0", "eval.every=1", "log.progress=false",
                          "sharing=subsampling", f"alpha={alpha}", f"sharing.merge={merge}", "topology.degree=3",
                          "dataset.num_users=40", "dataset.num_items=90")
-    topology = _one_round_from_random_models(cfg, nodes, tmp_path)
+    topology = _rounds_from_random_models(cfg, nodes, tmp_path)
     numel = np.load(tmp_path / "after_0.npy").size
     models = [_random_model(r, numel).numpy().astype(np.float64) for r in range(nodes)]
     masks = [subsampling_mask(stream_key(cfg.seed, "subsampling", r, 1), numel, alpha).numpy() for r in range(nodes)]

@@ -33,7 +33,7 @@ REAL_RUNS = {  # job directory -> overrides; the directory names mimic a Hydra s
 REAL_LABELS = {"0": "dpsgd full", "1": "rwm full", "2": "dpsgd partial a=0.2"}
 FIGURES = ["test_metric_vs_rounds.png", "test_metric_vs_time.png", "test_metric_vs_bytes.png",
            "train_loss_vs_rounds.png", "train_loss_vs_time.png", "train_loss_vs_bytes.png",
-           "equal_time.png", "equal_bytes.png", "bytes_data_vs_meta.png"]
+           "equal_time.png", "equal_bytes.png", "bytes_data_vs_meta.png", "consensus_distance.png"]
 TABLES = ["final_metrics.csv", "curves.csv", "equal_time.csv", "equal_bytes.csv"]
 MEAN_COLUMNS = ["test_loss", "test_acc", "train_loss", "bytes_sent", "bytes_sent_data", "bytes_sent_meta"]
 
@@ -285,6 +285,37 @@ def test_equal_time_cut_on_hand_made_runs(tmp_path: Path):
     # gossip's round 2 sits exactly on the cut (mean time 2.0): reached. partial's first evaluation is at 2.5 s.
     assert reached_by_label(cuts) == {"dpsgd full": (2, 1.0), "rwm full": (4, pytest.approx(0.4)),
                                       "dpsgd partial a=0.1": None}
+
+
+def test_the_first_round_reaching_a_target_on_hand_made_runs(tmp_path: Path):
+    """RMSE target 0.85 (means as in hand_made_sweep): walk at round 2 (0.8), gossip at round 4 (1.0, then
+    0.6), partial at round 4 (0.95, then 0.5)."""
+    out = tmp_path / "out"
+    report.write_report(report.load_runs([hand_made_sweep(tmp_path / "runs")]), out, target=0.85)
+    rows = {row["label"]: row for row in read_csv(out / "final_metrics.csv")}
+    assert (rows["rwm full"]["target_round"], rows["rwm full"]["target_bytes_sent"]) == ("2", "400.0")
+    assert rows["dpsgd full"]["target_round"] == "4" and rows["dpsgd partial a=0.1"]["target_round"] == "4"
+    runs = {run.label: run for run in report.load_runs([tmp_path / "runs"])}
+    assert report.compare.first_reaching(runs["dpsgd full"], 0.55) is None  # 0.6 at best
+    assert report.compare.first_reaching(runs["dpsgd partial a=0.1"], 0.5).round == 4  # at the target counts
+
+
+def test_consensus_distance_in_the_report_is_the_runs_own(sweep: Path, written: Path):
+    """The table's and curves.csv's consensus distances are those summary.json holds for each run."""
+    rows = {Path(row["run_dir"]).name: row for row in read_csv(written / "final_metrics.csv")}
+    curves = read_csv(written / "curves.csv")
+    for job in REAL_RUNS:
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        expected = [(entry["round"], entry["consensus_distance"]) for entry in summary["per_round"]
+                    if entry["consensus_distance"] is not None]
+        assert all(distance > 0 for _, distance in expected)
+        assert {entry["round"] for entry in summary["per_round"] if entry["nodes_reporting"] > 1} == {
+            round_number for round_number, _ in expected}  # one node alone has no distance to speak of
+        got = [(int(row["round"]), float(row["mean"])) for row in curves
+               if Path(row["run_dir"]).name == job and row["quantity"] == "consensus"]
+        assert got == expected
+        final = summary["final"]
+        assert float(rows[job]["consensus_distance"]) == final["consensus_distance"]
 
 
 def test_equal_bytes_cut_on_hand_made_runs(tmp_path: Path):

@@ -168,8 +168,7 @@ def test_one_rwm_step_merges_by_age_and_ages_by_max_plus_local_steps():
         trainer=SimpleNamespace(train_round=lambda: 0.0, steps_per_round=3),  # training leaves x unchanged
         schedule=EvalSchedule(every=100, rounds=5), evaluate=lambda: {}, rng=numpy_rng(0, "test", 0),
         checkpoint=lambda round_number, state: None, stops_after=lambda round_number, batch_loss: False,
-        clock=PhaseClock,
-        recorder=SimpleNamespace(record=lambda round_number, clock, byte_counts, **m: records.append(m)))
+        clock=PhaseClock, record=lambda round_number, clock, **m: records.append(m))
     assert run_rwm(node, rounds=5) == 2  # the scripted neighbour stops the walk before round 3
     assert [r["age"] for r in records] == [3, 10 + 3]  # max(3, 10), then 3 more local steps
     assert [age for _, age, _ in link.sent] == [3, 13]

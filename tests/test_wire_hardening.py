@@ -93,14 +93,14 @@ def test_a_grouped_batch_reads_an_int32_index_at_any_byte_offset():
     """Index forms of several senders share one byte tensor; an int32 index after a 5-byte gap code starts at
     an offset no int32 view may start at."""
     link = GroupLink.__new__(GroupLink)
-    link.numel, link.incoming_from = NUMEL, {1: [4, 5]}
+    link.numel = NUMEL
     gap = encode_indices(torch.tensor([3, 500, 999]), NUMEL, Encoding.GAP_RICE)
     int32 = torch.tensor([7], dtype=torch.int32)
     fields = [{**_valid_fields(Encoding.GAP_RICE), "num_values": 3, "num_index": gap.numel()},
               {**_valid_fields(Encoding.INDEX_INT32), "num_values": 1, "num_index": 1}]
     assert gap.numel() % 4 != 0
     index = torch.cat([gap, int32.view(torch.uint8)])
-    messages = link._split(1, fields, torch.arange(4.0), index, [gap.numel(), 4])
+    messages = link._split(1, [4, 5], fields, torch.arange(4.0), index, [gap.numel(), 4])
     assert messages[0].coordinates.tolist() == [3, 500, 999] and messages[1].index.tolist() == [7]
 
 

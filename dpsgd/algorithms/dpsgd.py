@@ -1,4 +1,9 @@
-"""D-PSGD: every round, train, then average with all neighbours (Metropolis-Hastings)."""
+"""D-PSGD: every round, train, then average with all neighbours (Metropolis-Hastings).
+
+The same synchronous loop runs every pattern whose peers are known per round
+(`dpsgd.algorithms.peers`): the study's fixed graph, a graph resampled every r rounds,
+and Epidemic Learning's random receivers with equal weights.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +11,54 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dpsgd.algorithms.peers import FixedGraph, RoundPeers
 from dpsgd.averaging import Contribution, merge_fill_own, mix_rows_into
 from dpsgd.node import Node
 from dpsgd.sharing.wire import Encoding, Message
-from dpsgd.topology import mh_weights
 
 if TYPE_CHECKING:
     from dpsgd.group.compose import NodeGroup
 
 
-def run_dpsgd(node: Node, rounds: int, start_round: int = 0, state: dict | None = None) -> int:
-    """Run synchronous rounds start_round+1 .. rounds; return the number completed."""
+def run_dpsgd(node: Node, rounds: int, start_round: int = 0, state: dict | None = None,
+              peers: RoundPeers | None = None, keep: dict | None = None) -> int:
+    """Run synchronous rounds start_round+1 .. rounds; return the number completed.
+
+    `peers`: who sends to whom each round and how merges weigh (default: the node's fixed graph);
+    `keep`: what each checkpoint keeps for the algorithm (a hybrid run's switch round).
+    """
+    peers = peers or FixedGraph(node.topology)
     for round_number in range(start_round + 1, rounds + 1):
         clock = node.clock()
         with clock.phase("train"):
             batch_loss = node.trainer.train_round()
         with clock.phase("comm"):
-            message = node.sharing.pack(node.flat, round_number, node.degree)
-            received = node.link.exchange(message)
-            self_weight, weighed = contributions(node, received)
+            targets, senders = peers.targets(round_number), peers.senders(round_number)
+            message = node.sharing.pack(node.flat, round_number, len(targets[node.rank]))
+            received = node.link.exchange(message, targets[node.rank],
+                                          {sender: len(targets[sender]) for sender in senders[node.rank]})
+            self_weight, weighed = contributions(node, peers, round_number, received)
             node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
             node.sharing.after_merge(node.flat)
         with clock.phase("eval"):
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
-        node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, **metrics)
+        node.record(round_number, clock, batch_loss=batch_loss, **metrics)
         if node.stops_after(round_number, batch_loss):
             return round_number  # every node stops after this same round (dpsgd.divergence)
-        node.checkpoint(round_number, {})
+        node.checkpoint(round_number, keep or {})
     return rounds
 
 
-def contributions(node: Node, received: dict[int, Message],
+def contributions(node: Node, peers: RoundPeers, round_number: int, received: dict[int, Message],
                   decoded: dict[int, tuple] | None = None) -> tuple[float, list[Contribution]]:
-    """Weigh each neighbour's message by Metropolis-Hastings, using the degree it announced.
+    """Weigh each sender's message as the pattern says (Metropolis-Hastings on a graph, using the
+    degree each sender announced; equal weights for Epidemic Learning).
 
     `decoded`: messages already decoded (a node group decodes each sender's message once).
     The contributions are in the order of `received`, so they can be zipped with its senders.
     """
-    self_weight, weights = mh_weights(node.degree, {peer: message.degree for peer, message in received.items()})
+    own_degree = len(peers.targets(round_number)[node.rank])
+    self_weight, weights = peers.weigh(own_degree, {peer: message.degree for peer, message in received.items()})
     if decoded is None:
         decoded = {peer: node.sharing.decode(message) for peer, message in received.items()}
     return self_weight, [Contribution(weight=weights[peer], values=decoded[peer][1], index=decoded[peer][0],
@@ -51,31 +66,34 @@ def contributions(node: Node, received: dict[int, Message],
                          for peer in received]
 
 
-def run_dpsgd_group(group: "NodeGroup", rounds: int, start_round: int = 0,
-                    state: dict | None = None) -> dict[int, int]:
+def run_dpsgd_group(group: "NodeGroup", rounds: int, start_round: int = 0, state: dict | None = None,
+                    peers: RoundPeers | None = None, keep: dict | None = None) -> dict[int, int]:
     """D-PSGD for every node a rank hosts: the same rounds, node for node, as `run_dpsgd`;
     returns each node's rounds completed (all equal: D-PSGD rounds are synchronous).
 
     Phase times are the group's: every hosted node reports the seconds its rank spent
     training all of them, exchanging and merging all of them, evaluating all of them.
     """
+    peers = peers or FixedGraph(group.nodes[0].topology)
     for round_number in range(start_round + 1, rounds + 1):
         clock = group.clock()
         with clock.phase("train"):
             batch_losses = group.train_round()
         with clock.phase("comm"):
-            outgoing = {node.rank: node.sharing.pack(node.flat, round_number, node.degree) for node in group.nodes}
-            received = group.link.exchange(outgoing)
-            _merge_group(group, outgoing, received)
+            targets = peers.targets(round_number)
+            outgoing = {node.rank: node.sharing.pack(node.flat, round_number, len(targets[node.rank]))
+                        for node in group.nodes}
+            received = group.link.exchange(outgoing, targets)
+            _merge_group(group, peers, round_number, outgoing, received)
         with clock.phase("eval"):
             metrics = [node.evaluate() if node.schedule.due(round_number) else {} for node in group.nodes]
         for node, batch_loss, measured in zip(group.nodes, batch_losses, metrics):
-            node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, **measured)
+            node.record(round_number, clock, batch_loss=batch_loss, **measured)
             node.note_divergence(round_number, batch_loss)
         if group.nodes[0].divergence.must_stop(round_number):
             return _every_node(group, round_number)  # every node of every rank stops after this same round
         for node in group.nodes:
-            node.checkpoint(round_number, {})
+            node.checkpoint(round_number, keep or {})
     return _every_node(group, rounds)
 
 
@@ -83,7 +101,8 @@ def _every_node(group: "NodeGroup", completed: int) -> dict[int, int]:
     return {node.rank: completed for node in group.nodes}
 
 
-def _merge_group(group: "NodeGroup", outgoing: dict[int, Message], received: dict[int, dict[int, Message]]) -> None:
+def _merge_group(group: "NodeGroup", peers: RoundPeers, round_number: int, outgoing: dict[int, Message],
+                 received: dict[int, dict[int, Message]]) -> None:
     """Every hosted node merges what its neighbours sent, each exactly as it would alone.
 
     Whole models under fill_own are averaged out of place into the group's spare rows,
@@ -97,25 +116,25 @@ def _merge_group(group: "NodeGroup", outgoing: dict[int, Message], received: dic
     decoder = group.nodes[0].sharing  # every node's method decodes alike: once per sender
     decoded = {sender: decoder.decode(message) for messages in received.values() for sender, message in messages.items()}
     if whole:
-        _average_whole_models(group, received, decoded)
+        _average_whole_models(group, peers, round_number, received, decoded)
         group.swap_rows()
     else:
         for node in group.nodes:
-            self_weight, weighed = contributions(node, received[node.rank], decoded)
+            self_weight, weighed = contributions(node, peers, round_number, received[node.rank], decoded)
             node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
     for node in group.nodes:
         node.sharing.after_merge(node.flat)
 
 
-def _average_whole_models(group: "NodeGroup", received: dict[int, dict[int, Message]],
-                          decoded: dict[int, tuple]) -> None:
-    """Metropolis-Hastings averaging of every hosted node into the spare rows in one sparse product
+def _average_whole_models(group: "NodeGroup", peers: RoundPeers, round_number: int,
+                          received: dict[int, dict[int, Message]], decoded: dict[int, tuple]) -> None:
+    """Averaging of every hosted node (weights as the pattern says) into the spare rows in one sparse product
     over the rows; a neighbour whose message is not its live row (another rank's, or values
     rounded to a lighter type on the wire) is added to its reader's row afterwards."""
     position = {node.rank: g for g, node in enumerate(group.nodes)}
     from_rows, from_messages = [], []
     for g, node in enumerate(group.nodes):
-        self_weight, weighed = contributions(node, received[node.rank], decoded)
+        self_weight, weighed = contributions(node, peers, round_number, received[node.rank], decoded)
         from_rows.append((g, g, self_weight))
         for sender, contribution in zip(received[node.rank], weighed):
             row = position.get(sender)

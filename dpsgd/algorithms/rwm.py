@@ -28,8 +28,10 @@ def sends_after(round_number: int, every: int) -> bool:
     return round_number % every == 0
 
 
-def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = None, every: int = 1) -> int:
-    """Run until this node completes `rounds` or a neighbour stops; return the rounds completed.
+def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = None, every: int = 1,
+            byte_budget: int | None = None) -> int:
+    """Run until this node completes `rounds` (or has sent `byte_budget` bytes) or a neighbour stops;
+    return the rounds completed.
 
     A resumed run (start_round > 0) starts its walk afresh from the saved model and age.
     """
@@ -56,17 +58,19 @@ def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = 
                 sent = _send_to_random_neighbour(node, round_number, age, node.link.send)
         with clock.phase("eval"):
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
-        node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=age, **sent, **metrics)
+        node.record(round_number, clock, batch_loss=batch_loss, age=age, **sent, **metrics)
         completed = round_number
         if node.stops_after(round_number, batch_loss):
             break  # training diverged somewhere: END messages stop the rest of the walk
         node.checkpoint(round_number, {"age": age})
+        if over_budget(node, byte_budget):
+            break  # as if its rounds were done: END messages stop the rest of the walk
     node.link.close(completed)
     return completed
 
 
 def run_rwm_group(group: "NodeGroup", rounds: int, start_round: int = 0,
-                  state: dict | None = None, every: int = 1) -> dict[int, int]:
+                  state: dict | None = None, every: int = 1, byte_budget: int | None = None) -> dict[int, int]:
     """RWM for every node a rank hosts; return each node's rounds completed.
 
     A node still moves only when a model reaches it: each pass takes, for every hosted
@@ -96,14 +100,14 @@ def run_rwm_group(group: "NodeGroup", rounds: int, start_round: int = 0,
                     ages[node.rank] = max(ages[node.rank], message.age)
                     node.sharing.after_merge(node.flat)
         first_pass = False
-        if _train_until_sent(group, moving, clock, rounds, every, completed, ages):
+        if _train_until_sent(group, moving, clock, rounds, every, completed, ages, byte_budget):
             break
     link.close()
     return completed
 
 
 def _train_until_sent(group: "NodeGroup", moving: list[Node], clock, rounds: int, every: int,
-                      completed: dict[int, int], ages: dict[int, int]) -> bool:
+                      completed: dict[int, int], ages: dict[int, int], byte_budget: int | None) -> bool:
     """Rounds of the moving nodes, trained together, each until it has sent; True when the walk must end."""
     while moving:
         with clock.phase("train"):
@@ -119,17 +123,21 @@ def _train_until_sent(group: "NodeGroup", moving: list[Node], clock, rounds: int
                                                      lambda peer, message: group.link.send(node.rank, peer, message))
             with clock.phase("eval"):
                 metrics = node.evaluate() if node.schedule.due(round_number) else {}
-            node.recorder.record(round_number, clock, node.link.bytes, batch_loss=batch_loss, age=ages[node.rank],
-                                 **sent, **metrics)
+            node.record(round_number, clock, batch_loss=batch_loss, age=ages[node.rank], **sent, **metrics)
             completed[node.rank] = round_number
             node.note_divergence(round_number, batch_loss)
             node.checkpoint(round_number, {"age": ages[node.rank]})
-            finished |= round_number >= rounds
+            finished |= round_number >= rounds or over_budget(node, byte_budget)
         if finished or group.nodes[0].divergence.must_stop(max(completed.values())):
             return True
         moving = [node for node in moving if not sends_after(completed[node.rank], every)]
         clock = group.clock()
     return False
+
+
+def over_budget(node: Node, byte_budget: int | None) -> bool:
+    """Whether the node has sent its byte budget (a hybrid run's walk ends when the first node has)."""
+    return byte_budget is not None and node.link.bytes.sent >= byte_budget
 
 
 def _send_to_random_neighbour(node: Node, round_number: int, age: int, send: Callable[[int, Message], None]) -> dict:

@@ -98,9 +98,10 @@ def rank_label(nodes_per_rank: int) -> Callable[[int], str]:
 
 
 def build_group(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, store: dist.Store, run_dir: Path,
-                start_round: int, checkpoints: dict[int, Checkpoints], divergence: DivergenceWatch) -> NodeGroup:
-    """Every hosted node, bound to its row, and the group's trainer and link."""
-    from dpsgd.experiment import _evaluate, _options, build_task, build_trainer  # composition helpers
+                start_round: int, checkpoints: dict[int, Checkpoints], divergence: DivergenceWatch,
+                walking: bool) -> NodeGroup:
+    """Every hosted node, bound to its row, and the group's trainer and link (`walking`: RWM's)."""
+    from dpsgd.experiment import _evaluate, _options, build_task, build_trainer, model_sketch  # composition helpers
 
     per_rank = cfg.nodes_per_rank
     hosted = hosted_nodes(ctx.rank, per_rank)
@@ -110,12 +111,14 @@ def build_group(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, 
     label = rank_label(per_rank)
     liveness = Liveness(store, ctx.rank, ctx.world_size, slow_after_s=cfg.comm.timeout_s / 2, label=label).start()
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
+    sketch = model_sketch(cfg, rows.shape[1])  # one per rank: its hash is drawn once
     nodes, trainers = [], []
     for g, node_id in enumerate(hosted):
         data = dataset.node_data(node_id, cfg.nodes, cfg.seed, cfg.eval.test_samples).to(device)
         trainer, flat = build_trainer(cfg, dataset, data, node_id, row=rows[g])
         trainers.append(trainer)
-        recorder = RoundRecorder(node_id, NodeLog(run_dir, node_id, keep_through_round=start_round), store, schedule)
+        recorder = RoundRecorder(node_id, NodeLog(run_dir, node_id, keep_through_round=start_round), store, schedule,
+                                 sketch=sketch)
         nodes.append(Node(rank=node_id, topology=topology, flat=flat, trainer=trainer,
                           sharing=build_sharing(cfg.sharing.name, flat, cfg.alpha, _options(cfg.sharing), cfg.seed,
                                                 node_id),
@@ -123,14 +126,22 @@ def build_group(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, 
                           evaluate=(lambda t=trainer, d=data: _evaluate(cfg, t, d)),
                           rng=numpy_rng(cfg.seed, "neighbour_choice", node_id),
                           checkpoints=checkpoints[node_id], divergence=divergence, liveness=liveness))
-    rank_of = [node // per_rank for node in range(cfg.nodes)]
-    link_class = GroupLink if cfg.algorithm.name == "dpsgd" else GroupWalkLink
-    link = link_class(ctx.rank, rank_of, topology, rows.shape[1], cfg.comm.timeout_s, FailureBoard(store, label),
-                      header_check=nodes[0].sharing.check_header, liveness=liveness, device=device)
+    link = group_link(GroupWalkLink if walking else GroupLink, cfg, ctx, topology, rows, store,
+                      nodes[0].sharing.check_header, liveness)
     for node in nodes:
         node.link = link.ports[node.rank]
     trainer = _group_trainer(cfg, rows, template, trainers, build_task(cfg, dataset.task))
     return NodeGroup(nodes, rows, torch.empty_like(rows), link, trainer, liveness)
+
+
+def group_link(link_class: type, cfg: DictConfig, ctx: RankContext, topology: Topology, rows: torch.Tensor,
+               store: dist.Store, header_check, liveness: Liveness) -> "GroupLink | GroupWalkLink":
+    """A transport for the rank's group (`link_class`: GroupLink to average, GroupWalkLink to walk)."""
+    per_rank = cfg.nodes_per_rank
+    rank_of = [node // per_rank for node in range(cfg.nodes)]
+    return link_class(ctx.rank, rank_of, topology, rows.shape[1], cfg.comm.timeout_s,
+                      FailureBoard(store, rank_label(per_rank)), header_check=header_check, liveness=liveness,
+                      device=rows.device)
 
 
 def _group_trainer(cfg: DictConfig, rows: torch.Tensor, template, trainers, task) -> "StackedMFTrainer | NodeByNode":

@@ -4,8 +4,8 @@ Between two nodes of the same rank a message is handed over in memory. Between r
 the messages of every hosted node that has a neighbour on the other rank travel as one
 batch per pair of ranks and round: a header block (one wire header per message, the
 same fields as alone), then all values, then all indices, each one gloo isend/irecv.
-Both sides know from the topology which senders a batch holds and in what order, so
-nothing else needs to travel. A sender's message goes once to a rank however many of
+Both sides know from the round's plan (`dpsgd.algorithms.peers`) which senders a batch holds
+and in what order, so nothing else needs to travel. A sender's message goes once to a rank however many of
 its neighbours live there, but each node's byte counters say exactly what it would have
 put on the wire and received alone (one message per neighbour), so bytes compare
 across groupings. Headers are checked before anything is allocated, as `NeighbourLink`
@@ -56,56 +56,54 @@ class GroupTransport:
 
 
 class GroupLink(GroupTransport):
-    """Exchange one round's messages of all hosted nodes with all their neighbours."""
+    """Exchange one round's messages of all hosted nodes with the nodes each sends to.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.outgoing_to = self._outgoing()
-        self.incoming_from = self._incoming()
+    Who sends to whom is given per round (`targets`: for every node of the run, its receivers),
+    so the same batches serve a fixed graph, a resampled one, and Epidemic Learning's draws;
+    every rank derives the same plan of batches from the same targets.
+    """
 
-    def _outgoing(self) -> dict[int, list[int]]:
-        """Per remote rank, our nodes that have a neighbour there, in node order."""
-        by_rank: dict[int, list[int]] = {}
-        for node in self.hosted:
-            for other in sorted({self.rank_of[peer] for peer in self.topology.neighbours(node)} - {self.rank}):
-                by_rank.setdefault(other, []).append(node)
-        return by_rank
+    def _routes(self, targets: list[list[int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """Per remote rank: our nodes that send there, and its nodes that send to us, in node order."""
+        outgoing_to: dict[int, list[int]] = {}
+        incoming_from: dict[int, list[int]] = {}
+        for sender, receivers in enumerate(targets):
+            ranks = {self.rank_of[receiver] for receiver in receivers}
+            if self.rank_of[sender] == self.rank:
+                for other in sorted(ranks - {self.rank}):
+                    outgoing_to.setdefault(other, []).append(sender)
+            elif self.rank in ranks:
+                incoming_from.setdefault(self.rank_of[sender], []).append(sender)
+        return outgoing_to, incoming_from
 
-    def _incoming(self) -> dict[int, list[int]]:
-        """Per remote rank, the nodes it hosts that neighbour a node of ours, in node order."""
-        by_rank: dict[int, set[int]] = {}
-        for node in self.hosted:
-            for peer in self.topology.neighbours(node):
-                if self.rank_of[peer] != self.rank:
-                    by_rank.setdefault(self.rank_of[peer], set()).add(peer)
-        return {other: sorted(nodes) for other, nodes in by_rank.items()}
-
-    def exchange(self, outgoing: dict[int, Message]) -> dict[int, dict[int, Message]]:
-        """Every hosted node's message to each neighbour; returns, per hosted node, what each neighbour sent."""
+    def exchange(self, outgoing: dict[int, Message], targets: list[list[int]]) -> dict[int, dict[int, Message]]:
+        """Every hosted node's message to each of its receivers; returns, per hosted node, what each
+        of its senders sent."""
         round_number = next(iter(outgoing.values())).round
+        outgoing_to, incoming_from = self._routes(targets)
         received: dict[int, dict[int, Message]] = {node: {} for node in self.hosted}
         header_blocks = {other: torch.empty(len(senders), HEADER_LENGTH, dtype=HEADER_DTYPE)
-                         for other, senders in self.incoming_from.items()}
+                         for other, senders in incoming_from.items()}
         header_works = {other: (self._post(dist.irecv, block, other, HEADERS_TAG, round_number), block)
                         for other, block in header_blocks.items()}
-        send_works = [work for other, senders in self.outgoing_to.items()
+        send_works = [work for other, senders in outgoing_to.items()
                       for work in self._send_batch(other, [outgoing[node] for node in senders], round_number)]
         for node, message in outgoing.items():
-            self._count_sent(node, message)
-            for peer in self.topology.neighbours(node):
-                if self.rank_of[peer] == self.rank:
-                    received[peer][node] = message
+            self._count_sent(node, message, len(targets[node]))
+            for receiver in targets[node]:
+                if self.rank_of[receiver] == self.rank:
+                    received[receiver][node] = message
         for other, (work, headers) in header_works.items():
             self._wait(work, other, round_number, "headers")
-            for sender, message in zip(self.incoming_from[other],
-                                       self._receive_batch(other, headers, round_number)):
-                for peer in self.topology.neighbours(sender):
-                    if self.rank_of[peer] == self.rank:
-                        received[peer][sender] = message
+            senders = incoming_from[other]
+            for sender, message in zip(senders, self._receive_batch(other, senders, headers, targets, round_number)):
+                for receiver in targets[sender]:
+                    if self.rank_of[receiver] == self.rank:
+                        received[receiver][sender] = message
         for other, work in send_works:
             self._wait(work, other, round_number, "send")
         self._count_received(received)
-        return received
+        return {node: dict(sorted(messages.items())) for node, messages in received.items()}
 
     def _send_batch(self, other: int, messages: list[Message], round_number: int) -> list[tuple[int, dist.Work]]:
         headers = torch.stack([message.header() for message in messages])
@@ -118,11 +116,12 @@ class GroupLink(GroupTransport):
             works.append((other, self._post(dist.isend, index, other, INDEX_TAG, round_number)))
         return works
 
-    def _receive_batch(self, other: int, headers: torch.Tensor, round_number: int) -> list[Message]:
+    def _receive_batch(self, other: int, senders: list[int], headers: torch.Tensor, targets: list[list[int]],
+                       round_number: int) -> list[Message]:
         """The messages of a batch whose header block arrived: checked, then received into exact buffers."""
         fields = [parse_header(row) for row in headers]
-        for sender, field in zip(self.incoming_from[other], fields):
-            self._check(other, sender, field, round_number)
+        for sender, field in zip(senders, fields):
+            self._check(other, sender, field, len(targets[sender]), round_number)
             if field["values_type"] != fields[0]["values_type"]:  # one values tensor carries the whole batch
                 raise self._rejected(other, sender, "a batch mixes value types (every node must use one "
                                                     "sharing.values)")
@@ -134,12 +133,12 @@ class GroupLink(GroupTransport):
         self._wait(value_work, other, round_number, "values")
         if index_work is not None:
             self._wait(index_work, other, round_number, "index")
-        return self._split(other, fields, values.to(self.device), index.to(self.device), index_bytes)
+        return self._split(other, senders, fields, values.to(self.device), index.to(self.device), index_bytes)
 
-    def _split(self, other: int, fields: list[dict], values: torch.Tensor, index: torch.Tensor,
+    def _split(self, other: int, senders: list[int], fields: list[dict], values: torch.Tensor, index: torch.Tensor,
                index_bytes: list[int]) -> list[Message]:
         messages, value_at, index_at = [], 0, 0
-        for sender, field, nbytes in zip(self.incoming_from[other], fields, index_bytes):
+        for sender, field, nbytes in zip(senders, fields, index_bytes):
             encoding = Encoding(field["encoding"])
             part = values[value_at:value_at + field["num_values"]]
             own_index, coordinates = None, None
@@ -160,15 +159,16 @@ class GroupLink(GroupTransport):
         """Bytes of the index a checked header announces: its meta bytes less the header's."""
         return declared_bytes(fields)[1] - HEADER_BYTES
 
-    def _check(self, other: int, sender: int, fields: dict[str, int], round_number: int) -> None:
-        problem = check_header(fields, self.numel, self.topology.degree(sender), expected_round=round_number)
+    def _check(self, other: int, sender: int, fields: dict[str, int], degree: int, round_number: int) -> None:
+        """`degree`: what the sender must announce, its number of receivers this round."""
+        problem = check_header(fields, self.numel, degree, expected_round=round_number)
         if problem is None and self.header_check is not None:
             problem = self.header_check(fields)
         if problem is not None:
             raise self._rejected(other, sender, problem)
 
-    def _count_sent(self, node: int, message: Message) -> None:
-        for _ in self.topology.neighbours(node):  # alone, a node sends its message once per neighbour
+    def _count_sent(self, node: int, message: Message, receivers: int) -> None:
+        for _ in range(receivers):  # alone, a node sends its message once per receiver
             self.ports[node].bytes.count_sent(message)
 
     def _count_received(self, received: dict[int, dict[int, Message]]) -> None:

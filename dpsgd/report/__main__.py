@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run directories, sweep directories, or folders holding either")
     parser.add_argument("--out", type=Path, default=Path("report"),
                         help="folder for the PNG figures and CSV tables (default: ./report)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="a test metric value (e.g. 0.95 for RMSE, 0.8 for accuracy): the table adds the "
+                             "first round, time and bytes at which each run reached it")
     return parser.parse_args(argv)
 
 
@@ -33,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as error:
         print(f"dpsgd.report: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    written = write_report(runs, args.out)
-    print(format_table([final_metrics(run) for run in runs]))
+    written = write_report(runs, args.out, args.target)
+    print(format_table([final_metrics(run, args.target) for run in runs]))
     for run in runs:
         if run.source == "summary":
             print(f"note: {run.label}: no node logs for every node in {run.path}/nodes; "

@@ -16,7 +16,8 @@ Axis = Literal["round", "time_s", "bytes_sent"]
 AXES: tuple[Axis, ...] = ("round", "time_s", "bytes_sent")
 FINAL_COLUMNS = ("label", "run_dir", "algorithm", "sharing", "alpha", "dataset", "nodes", "rounds_min",
                  "rounds_max", "wall_s", "final_round", "test_loss", "test_acc", "train_loss", "bytes_sent",
-                 "bytes_sent_data", "bytes_sent_meta", "test_loss_metric")
+                 "bytes_sent_data", "bytes_sent_meta", "test_loss_metric", "consensus_distance", "target",
+                 "target_round", "target_time_s", "target_bytes_sent")
 FINAL_MEANS = ("test_loss", "test_acc", "train_loss", "bytes_sent", "bytes_sent_data", "bytes_sent_meta")
 
 
@@ -98,6 +99,19 @@ def equal_bytes(runs: list[Run]) -> list[Cut]:
     return equal_cut(runs, "bytes_sent")
 
 
+def consensus_curve(run: Run) -> list[tuple[int, float]]:
+    """(round, consensus distance) of every evaluated round that has one (summary.json; `dpsgd.consensus`)."""
+    return [(int(entry["round"]), float(entry["consensus_distance"])) for entry in run.summary.get("per_round", [])
+            if entry.get("consensus_distance") is not None]
+
+
+def first_reaching(run: Run, target: float) -> Point | None:
+    """The first evaluated round whose mean test metric is at or beyond `target` (RMSE at or below it,
+    accuracy at or above it), among rounds every node reached; None when the run never got there."""
+    better = (lambda mean: mean >= target) if run.metric.higher_is_better else (lambda mean: mean <= target)
+    return next((point for point in test_curve(run) if point.nodes >= run.nodes and better(point.mean)), None)
+
+
 def reached(points: list[Point], axis: Axis, limit: float) -> Point | None:
     """The last evaluated round at or below `limit` on `axis`."""
     within = [point for point in points if point.at(axis) <= limit]
@@ -111,8 +125,9 @@ def final_round(run: Run) -> int | None:
     return complete[-1] if complete else None
 
 
-def final_metrics(run: Run) -> dict:
-    """One row of final_metrics.csv: the run's identity and its means at the final round."""
+def final_metrics(run: Run, target: float | None = None) -> dict:
+    """One row of final_metrics.csv: the run's identity, its means at the final round, and with a
+    `target` (e.g. RMSE 0.95) when it first reached it."""
     number = final_round(run)
     stats = run.rounds.get(number, {}) if number is not None else {}
     summary = run.summary
@@ -122,4 +137,9 @@ def final_metrics(run: Run) -> dict:
            "wall_s": summary.get("wall_s"), "final_round": number,
            "test_loss_metric": summary.get("test_loss_metric")}
     row.update({key: stats[key].mean if key in stats else None for key in FINAL_MEANS})
+    consensus = dict(consensus_curve(run))
+    row["consensus_distance"] = consensus.get(number)
+    hit = first_reaching(run, target) if target is not None else None
+    row.update(target=target, target_round=hit and hit.round, target_time_s=hit and hit.time_s,
+               target_bytes_sent=hit and hit.bytes_sent)
     return {column: row[column] for column in FINAL_COLUMNS}

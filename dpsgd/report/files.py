@@ -10,9 +10,9 @@ import csv
 from pathlib import Path
 from typing import Iterable
 
-from dpsgd.report.compare import (AXES, FINAL_COLUMNS, Cut, equal_bytes, equal_time, final_metrics,
+from dpsgd.report.compare import (AXES, FINAL_COLUMNS, Cut, consensus_curve, equal_bytes, equal_time, final_metrics,
                                   test_curve, train_curve)
-from dpsgd.report.plots import bytes_split_figure, curve_figure, cut_figure
+from dpsgd.report.plots import bytes_split_figure, consensus_figure, curve_figure, cut_figure
 from dpsgd.report.runs import Run
 
 AXIS_NAMES = {"round": "rounds", "time_s": "time", "bytes_sent": "bytes"}
@@ -20,11 +20,14 @@ CURVE_COLUMNS = ("label", "run_dir", "quantity", "key", "round", "time_s", "byte
 FIGURE_DPI = 120
 
 
-def write_report(runs: list[Run], out: Path) -> list[Path]:
-    """Every figure and table of the report into `out`; returns the files written, in order."""
+def write_report(runs: list[Run], out: Path, target: float | None = None) -> list[Path]:
+    """Every figure and table of the report into `out`; returns the files written, in order.
+
+    `target`: a test metric value (e.g. RMSE 0.95) whose first round, time and bytes the table gives.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_csv(out / "final_metrics.csv", FINAL_COLUMNS, [final_metrics(run) for run in runs]),
+    written = [write_csv(out / "final_metrics.csv", FINAL_COLUMNS, [final_metrics(run, target) for run in runs]),
                write_csv(out / "curves.csv", CURVE_COLUMNS, curve_rows(runs))]
     for quantity, stem in (("test", "test_metric"), ("train", "train_loss")):
         for axis in AXES:
@@ -33,6 +36,8 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
         written.append(write_csv(out / f"{name}.csv", cut_columns(cuts[0].axis), cut_rows(cuts)))
         written.append(save(cut_figure(cuts, runs), out / f"{name}.png"))
     written.append(save(bytes_split_figure(runs), out / "bytes_data_vs_meta.png"))
+    if any(consensus_curve(run) for run in runs):
+        written.append(save(consensus_figure(runs), out / "consensus_distance.png"))
     return written
 
 
@@ -78,6 +83,9 @@ def curve_rows(runs: list[Run]) -> list[dict]:
             rows.extend({"label": run.label, "run_dir": str(run.path), "quantity": quantity, "key": key,
                          "round": p.round, "time_s": p.time_s, "bytes_sent": p.bytes_sent, "mean": p.mean,
                          "std": p.std, "nodes": p.nodes} for p in points)
+        rows.extend({"label": run.label, "run_dir": str(run.path), "quantity": "consensus",
+                     "key": "consensus_distance", "round": number, "mean": distance}
+                    for number, distance in consensus_curve(run))
     return rows
 
 

@@ -16,7 +16,7 @@ except ImportError as error:  # matplotlib is the optional `plot` extra
     raise ImportError("dpsgd.report draws with matplotlib, which is not installed: "
                       "pip install matplotlib (or pip install -e '.[plot]')") from error
 
-from dpsgd.report.compare import Axis, Cut, Point, by_metric, final_metrics, test_curve, train_curve
+from dpsgd.report.compare import Axis, Cut, Point, by_metric, consensus_curve, final_metrics, test_curve, train_curve
 from dpsgd.report.runs import Run
 
 Quantity = Literal["test", "train"]
@@ -77,6 +77,23 @@ def bytes_split_figure(runs: list[Run]) -> Figure:
     panel.set_ylabel("bytes sent per node at the final round (mean)")
     panel.legend(fontsize=8)
     _tilt(panel)
+    return figure
+
+
+def consensus_figure(runs: list[Run]) -> Figure:
+    """The consensus distance (mean squared distance of the models to their average) against rounds,
+    on a log scale: how well each pattern mixes the models it trains."""
+    figure, panels = _panels(1)
+    panel = panels[0]
+    for run in runs:
+        points = consensus_curve(run)
+        if points:
+            panel.plot([r for r, _ in points], [d for _, d in points], marker="o" if len(points) < 30 else None,
+                       markersize=3, label=run.label, color=_colour(runs, run))
+    panel.set_yscale("log")
+    panel.set_xlabel("round")
+    panel.set_ylabel("consensus distance (mean ||x_i - x_mean||^2)")
+    _finish(panel)
     return figure
 
 

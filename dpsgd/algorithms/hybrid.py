@@ -1,0 +1,112 @@
+"""Hybrid: random walks first (few bytes per round), then D-PSGD on the same graph, in one run.
+
+The study's open question: RWM reaches a given accuracy with far fewer bytes, D-PSGD gets
+further per round. Here the walk (`dpsgd.algorithms.rwm`) runs until the first node completes
+`algorithm.switch_round` rounds or has sent `algorithm.byte_budget` bytes; as in any RWM run,
+its END messages then stop every other node wherever it is. The nodes agree on the switch
+round S, the most rounds any node walked (an all-reduce of one number: after the walk every
+node is idle, so this wait is short), and all continue with synchronous D-PSGD from round
+S + 1 to `rounds`. A node that walked fewer than S rounds has no records between its last
+walked round and S; the aggregator is told it skipped them. Every record says its `phase`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from dpsgd.algorithms.dpsgd import run_dpsgd, run_dpsgd_group
+from dpsgd.algorithms.peers import RoundPeers
+from dpsgd.algorithms.rwm import run_rwm, run_rwm_group
+from dpsgd.errors import NodeFailure
+from dpsgd.node import Node
+from dpsgd.run_outputs import SWITCH_KEY, publish_skipped
+
+if TYPE_CHECKING:
+    from dpsgd.communication import NeighbourLink
+    from dpsgd.group.compose import NodeGroup
+    from dpsgd.group.link import GroupLink
+
+WALK, AVERAGE = "rwm", "dpsgd"  # the `phase` of a record
+SWITCHED = "switched_after"     # what a checkpoint after the switch keeps: the switch round
+
+
+def run_hybrid(node: Node, rounds: int, start_round: int = 0, state: dict | None = None, *,
+               switch_round: int | None, byte_budget: int | None, every: int, peers: RoundPeers,
+               averaging_link: "NeighbourLink") -> int:
+    """The walk, the agreed switch, then D-PSGD with `averaging_link` (it takes over the byte counts).
+
+    A run resumed after the switch goes straight on with D-PSGD (its checkpoints keep the switch
+    round); one resumed before it walks afresh from the saved models, as RWM does.
+    """
+    switch = (state or {}).get(SWITCHED)
+    node.phase = WALK
+    if switch is None:
+        walked = run_rwm(node, _walk_rounds(rounds, switch_round), start_round, state, every=every,
+                         byte_budget=byte_budget)
+        switch = agree_on_switch(walked, node.recorder.store)
+        _skip(node, walked, switch)
+        if switch >= rounds or node.divergence is not None and node.divergence.must_stop(switch):
+            return walked
+    else:
+        _announce(switch, node.recorder.store)
+    averaging_link.bytes = node.link.bytes
+    node.link, node.phase = averaging_link, AVERAGE
+    return run_dpsgd(node, rounds, max(switch, start_round), peers=peers, keep={SWITCHED: switch})
+
+
+def run_hybrid_group(group: "NodeGroup", rounds: int, start_round: int = 0, state: dict | None = None, *,
+                     switch_round: int | None, byte_budget: int | None, every: int, peers: RoundPeers,
+                     averaging_link: "GroupLink") -> dict[int, int]:
+    """`run_hybrid` for every node a rank hosts: the group walks, then averages with `averaging_link`."""
+    first = group.nodes[0]
+    switch = ((state or {}).get(first.rank) or {}).get(SWITCHED)
+    for node in group.nodes:
+        node.phase = WALK
+    if switch is None:
+        walked = run_rwm_group(group, _walk_rounds(rounds, switch_round), start_round, state, every=every,
+                               byte_budget=byte_budget)
+        switch = agree_on_switch(max(walked.values()), first.recorder.store)
+        for node in group.nodes:
+            _skip(node, walked[node.rank], switch)
+        if switch >= rounds or first.divergence.must_stop(switch):
+            return walked
+    else:
+        _announce(switch, first.recorder.store)
+    averaging_link.ports = group.link.ports  # each node's byte counters go on from the walk's
+    group.link = averaging_link
+    for node in group.nodes:
+        node.link, node.phase = averaging_link.ports[node.rank], AVERAGE
+    return run_dpsgd_group(group, rounds, max(switch, start_round), peers=peers, keep={SWITCHED: switch})
+
+
+def _walk_rounds(rounds: int, switch_round: int | None) -> int:
+    return rounds if switch_round is None else min(switch_round, rounds)
+
+
+def agree_on_switch(walked: int, store: dist.Store) -> int:
+    """The most rounds any node walked: every rank's D-PSGD starts after it (bounded by comm.timeout_s)."""
+    most = torch.tensor([walked], dtype=torch.int64)
+    try:
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
+        raise NodeFailure(f"rank {dist.get_rank()} stops: not every rank reached the switch from RWM to D-PSGD "
+                          f"({error})") from None
+    switch = int(most.item())
+    _announce(switch, store)
+    return switch
+
+
+def _announce(switch: int, store: dist.Store) -> None:
+    """summary.json's `switch_round` (rank 0 tells its aggregator)."""
+    if dist.get_rank() == 0:
+        store.set(SWITCH_KEY, str(switch))
+
+
+def _skip(node: Node, walked: int, switch: int) -> None:
+    """Tell the aggregator which evaluated rounds this node never ran (it walked fewer than the switch)."""
+    for round_number in range(walked + 1, switch + 1):
+        if node.schedule.due(round_number):
+            publish_skipped(node.recorder.store, node.rank, round_number)
