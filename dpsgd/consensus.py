@@ -10,10 +10,11 @@ are. Instead each node publishes, with its evaluated round's record, a count ske
 model: `size` numbers, where coordinate c of the model is added, with a random sign s(c), to
 bucket h(c). The sketch is linear and E ||S y||^2 = ||y||^2 for every y, so the mean squared
 distance of the sketches to their mean estimates the consensus distance without bias; its
-relative error is at most sqrt(2 / size) for one difference vector and shrinks further when
-the nodes' differences point in many directions (96 nodes: a fraction of a percent at the
-default 2,048). A model of at most `size` parameters is sketched as itself, so the number is
-exact. Every rank draws the same h and s from the run seed.
+relative standard error is at most sqrt(2 / size) (3% at the default 2,048) and smaller when
+the nodes' differences point in many directions (on the 96-node MovieLens sweep of
+`benchmarks/patterns.py` it was within 2% of the exact value at every checked round). A model
+of at most `size` parameters is sketched as itself, so the number is exact. Every rank draws
+the same h and s from the run seed.
 """
 
 from __future__ import annotations

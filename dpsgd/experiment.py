@@ -296,7 +296,7 @@ def _neighbour_link(cfg: DictConfig, rank: int, topology: Topology, numel: int, 
     peers change every round; the loop names them) every other node, degrees checked per round."""
     if cfg.algorithm.name == "epidemic" or OmegaConf.select(cfg, "topology.resample_every", default=None):
         return NeighbourLink(rank, [peer for peer in range(cfg.nodes) if peer != rank], numel, cfg.comm.timeout_s,
-                             FailureBoard(store), header_check=header_check, liveness=liveness)
+                             FailureBoard(store), header_check=header_check, liveness=liveness)  # degrees per round
     return NeighbourLink(rank, topology.neighbours(rank), numel, cfg.comm.timeout_s, FailureBoard(store),
                          peer_degrees={peer: topology.degree(peer) for peer in topology.neighbours(rank)},
                          header_check=header_check, liveness=liveness)
@@ -378,8 +378,14 @@ def _options(group: DictConfig) -> dict:
 
 
 def _topology(cfg: DictConfig, period: int = 0) -> Topology:
-    """The run's graph; with `topology.resample_every`, the graph of that period (period 0: the run's graph)."""
+    """The run's graph; with `topology.resample_every`, the graph of that period (period 0: the run's graph).
+
+    Epidemic Learning draws its peers from all nodes, so its graph is the complete one whatever
+    `topology.*` says.
+    """
     t = cfg.topology
+    if cfg.algorithm.name == "epidemic":
+        return build_topology("full", cfg.nodes)
     seed = cfg.seed if period == 0 else stream_key(cfg.seed, "resampled_topology", period)
     return build_topology(t.kind, cfg.nodes, seed=seed, degree=t.degree, path=t.path, rewire_p=t.rewire_p)
 

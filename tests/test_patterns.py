@@ -254,6 +254,12 @@ def test_consensus_distance_of_a_run_is_the_distance_of_its_gathered_models(tmp_
     assert [entry["round"] for entry in summary["per_round"]] == [2, 4]
 
 
+def test_epidemic_ignores_the_topology_keys():
+    """Peers come from all nodes: a degree that no 4-node regular graph has is no error."""
+    graph = check_config(compose_config("nodes=4", "algorithm=epidemic", "algorithm.fanout=2", "topology.degree=4"))
+    assert [graph.neighbours(node) for node in range(4)] == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+
+
 # ---- Configuration ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,words", [

@@ -75,3 +75,21 @@ def test_two_agents_host_groups_when_nodes_is_given(tmp_path):
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(run_dirs) == 1, run_dirs
     _assert_complete_run(run_dirs[0], nodes=8, rounds=6)
+
+
+def test_two_agents_run_epidemic_learning_and_a_hybrid_run(tmp_path):
+    """The patterns beyond the study under torchrun: Epidemic draws across machines, and a hybrid run
+    whose ranks host groups (the walk's transport, then the averaging one, over real process groups)."""
+    for name in ("epidemic", "hybrid"):
+        (tmp_path / name).mkdir()
+    _two_agents(tmp_path / "epidemic", "algorithm=epidemic", "algorithm.fanout=2", "rounds=6", "eval.every=3",
+                "log.progress=false")
+    _two_agents(tmp_path / "hybrid", "algorithm=hybrid", "algorithm.switch_round=3", "nodes=8", "rounds=6",
+                "eval.every=3", "log.progress=false")
+    epidemic, = [p for p in (tmp_path / "epidemic" / "outputs").glob("*/*") if p.is_dir()]
+    _assert_complete_run(epidemic, nodes=4, rounds=6)
+    hybrid, = [p for p in (tmp_path / "hybrid" / "outputs").glob("*/*") if p.is_dir()]
+    assert json.loads((hybrid / "summary.json").read_text())["switch_round"] == 3
+    for node in range(8):
+        records = read_jsonl(hybrid / "nodes" / f"{node}.jsonl")
+        assert [r["round"] for r in records if r["phase"] == "dpsgd"] == [4, 5, 6]
