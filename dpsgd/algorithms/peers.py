@@ -40,7 +40,11 @@ class FixedGraph:
     def __init__(self, topology: Topology):
         self.topology = topology
         self._neighbours = [topology.neighbours(node) for node in range(topology.num_nodes)]
-        self.stop_margin = topology.diameter + 1  # nodes drift at most one round per hop
+
+    @property
+    def stop_margin(self) -> int:
+        """Nodes drift at most one round per hop (computed on demand: a resampled graph never asks)."""
+        return self.topology.diameter + 1
 
     def targets(self, round_number: int) -> list[list[int]]:
         return self._neighbours
