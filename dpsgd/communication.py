@@ -1,4 +1,4 @@
-"""Moving messages between graph neighbours with gloo point-to-point, never waiting forever.
+"""Moving messages between nodes with gloo point-to-point, never waiting forever.
 
 Rules that keep gloo from hanging (see PITFALLS.md): receives are posted before we
 wait on sends; every posted operation is waited on; each pair has at most one header,
@@ -8,7 +8,8 @@ closes the pair), so it ends the run with the peer's name rather than a retry.
 
 A peer's header is checked (`wire.check_header`, then the sharing method's own check)
 before anything is allocated or received on its word: sizes beyond what the model
-allows, a degree other than the sender's in the topology, or a round out of order end
+allows, a degree other than the sender's (its degree in the topology, or under a plan that
+changes per round its number of receivers that round), or a round out of order end
 the run with a NodeFailure naming the sender, like a peer that died.
 """
 
@@ -198,7 +199,8 @@ class _Link:
 
 
 class NeighbourLink(_Link):
-    """Point-to-point exchange of Messages with this node's graph neighbours."""
+    """Synchronous point-to-point exchange of Messages: by default with this node's graph neighbours,
+    or with the senders and receivers a round's plan names (`dpsgd.algorithms.peers`)."""
 
     def __init__(self, rank: int, neighbours: list[int], numel: int, timeout_s: float, failures: FailureBoard,
                  *, peer_degrees: dict[int, int] | None = None, header_check: HeaderCheck | None = None,

@@ -4,12 +4,14 @@ A learning-rate sweep meets runs that blow up. Such a run should say once where 
 wrong ("training diverged at round N on nodes ...") and, if the user asks for it
 (`train.stop_on_divergence`), stop early, with every node stopping cleanly.
 
-Nodes record their first non-finite round in the rendezvous store. D-PSGD nodes must all
-stop after the same round or their neighbours would wait for messages that never come:
-in a synchronous run no node is more than the graph's diameter rounds ahead of another,
-so the first diverging node fixes the stop at its round + diameter + 1, which every
-node reads before it gets there. RWM nodes stop as soon as they see the key; the END
-handshake stops the rest of the walk.
+Nodes record their first non-finite round in the rendezvous store. Synchronous nodes
+(D-PSGD, Epidemic Learning, a hybrid run once it averages) must all stop after the same
+round or their peers would wait for messages that never come: on a fixed graph no node is
+more than the graph's diameter rounds ahead of another, so the first diverging node fixes
+the stop at its round + diameter + 1, which every node reads before it gets there (where
+the peers change every round the margin is the node count: `dpsgd.algorithms.peers`). RWM
+nodes, and a hybrid run's walk, stop as soon as they see the key; the END handshake stops
+the rest of the walk.
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ from dpsgd.models import build_model
 from dpsgd.models.flat import bind_model_to, flatten_model
 from dpsgd.node import Node
 from dpsgd.run_folder import check_fresh_node, write_atomic
-from dpsgd.run_outputs import (Aggregator, NodeLog, RunInfo, earlier_rounds, publish_rounds_completed,
-                               republish_kept_rounds)
+from dpsgd.run_outputs import (RESUME_AGGREGATED_KEY, Aggregator, NodeLog, RunInfo, earlier_rounds,
+                               publish_rounds_completed, republish_kept_rounds)
 from dpsgd.seeding import numpy_rng, stream_key, torch_generator
 from dpsgd.settings import check_values
 from dpsgd.sharing import build_sharing, check_sharing
@@ -53,6 +53,9 @@ ALGORITHMS = {"dpsgd": (run_dpsgd, run_dpsgd_group), "epidemic": (run_dpsgd, run
 WALKING = ("rwm", "hybrid")  # patterns that start with a random walk (RandomWalkLink, GroupWalkLink)
 # Topologies drawn from the seed, which `topology.resample_every` can draw anew.
 RANDOM_TOPOLOGIES = ("regular", "smallworld")
+# The `algorithm.*` keys each pattern's loop reads (its config group declares them).
+PATTERN_KEYS = {"rwm": ("every",), "epidemic": ("fanout",), "hybrid": ("every", "switch_round", "byte_budget")}
+_ABSENT = object()
 # What test_loss means, per task.
 TEST_LOSS_METRIC = {"ratings": "rmse", "classification": "cross_entropy"}
 
@@ -85,6 +88,11 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> Topology:
 def _check_pattern(cfg: DictConfig) -> None:
     """The keys of the patterns beyond the study: epidemic's fanout, hybrid's switch, graph resampling."""
     name, nodes = cfg.algorithm.name, cfg.nodes
+    missing = [key for key in PATTERN_KEYS.get(name, ()) if OmegaConf.select(cfg, f"algorithm.{key}",
+                                                                              default=_ABSENT) is _ABSENT]
+    if missing:
+        raise ConfigError(f"algorithm.name={name} needs the keys {missing} of its config group; choose the "
+                          f"pattern with `algorithm={name}` (which brings them) rather than `algorithm.name={name}`.")
     if name == "epidemic" and cfg.algorithm.fanout >= nodes:
         raise ConfigError(f"algorithm.fanout={cfg.algorithm.fanout} with nodes={nodes}: each node sends to fanout "
                           f"other nodes, so fanout must be below nodes, e.g. `algorithm.fanout={min(4, nodes - 1)}`.")
@@ -97,12 +105,21 @@ def _check_pattern(cfg: DictConfig) -> None:
             raise ConfigError(f"algorithm.switch_round={switch_round} with rounds={cfg.rounds} leaves no round for "
                               f"D-PSGD; set it below rounds, e.g. `algorithm.switch_round={cfg.rounds // 5 or 1}`, "
                               "or use `algorithm=rwm`.")
-    every = OmegaConf.select(cfg, "topology.resample_every", default=None)
+    every = resample_every(cfg)
     if every is not None and (name != "dpsgd" or cfg.topology.kind not in RANDOM_TOPOLOGIES):
         raise ConfigError(f"topology.resample_every={every} draws a new random graph for D-PSGD, but this run has "
                           f"algorithm={name} and topology.kind={cfg.topology.kind}. It needs `algorithm=dpsgd` and "
                           f"a random graph (topology.kind one of {list(RANDOM_TOPOLOGIES)}); epidemic draws its own "
                           "peers each round, and RWM walks one fixed graph. Otherwise drop topology.resample_every.")
+    if every is not None and cfg.topology.degree < 3:
+        raise ConfigError(f"topology.resample_every={every} with topology.degree={cfg.topology.degree}: every period "
+                          "draws a new graph during the run, and graphs of degree below 3 are often disconnected, "
+                          "which would stop the run midway. Use `topology.degree=3` or more.")
+
+
+def resample_every(cfg: DictConfig) -> int | None:
+    """`topology.resample_every`: rounds per graph when D-PSGD draws a new one (None: one graph)."""
+    return OmegaConf.select(cfg, "topology.resample_every", default=None)
 
 
 def ranks_for(cfg: DictConfig) -> int:
@@ -165,7 +182,7 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     elapsed_s = restored[nodes[0].rank][0]
     aggregator = _start_aggregator(cfg, nodes[0], store, run_dir, dataset.task, start_round) if ctx.rank == 0 else None
     if start_round:  # rank 0 may not have aggregated every round the nodes had logged
-        aggregated = int(store.get("resume/aggregated"))
+        aggregated = int(store.get(RESUME_AGGREGATED_KEY))
         for node in nodes:
             republish_kept_rounds(store, node.rank, node.recorder.log, aggregated, node.schedule)
     _barrier(ctx.rank)
@@ -212,7 +229,7 @@ def round_peers(cfg: DictConfig, topology: Topology) -> RoundPeers:
     """Who sends to whom each round in the synchronous patterns (`dpsgd.algorithms.peers`)."""
     if cfg.algorithm.name == "epidemic":
         return EpidemicDraws(cfg.nodes, cfg.algorithm.fanout, cfg.seed)
-    every = OmegaConf.select(cfg, "topology.resample_every", default=None)
+    every = resample_every(cfg)
     if every is not None:
         return ResampledGraph(lambda period: _topology(cfg, period), every, cfg.nodes)
     return FixedGraph(topology)
@@ -222,7 +239,7 @@ def _loop_options(cfg: DictConfig, peers: RoundPeers, averaging_link: Callable) 
     """What the pattern's loop takes besides the nodes: its keys from `algorithm.*`, and its plan of peers."""
     algorithm = cfg.algorithm
     if algorithm.name == "rwm":
-        return {"every": algorithm.every}
+        return {"every": algorithm.every}  # present: check_config requires each pattern's keys
     if algorithm.name == "hybrid":
         return {"every": algorithm.every, "switch_round": algorithm.switch_round,
                 "byte_budget": algorithm.byte_budget, "peers": peers, "averaging_link": averaging_link()}
@@ -276,8 +293,8 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: d
     liveness = Liveness(store, rank, cfg.nodes, slow_after_s=cfg.comm.timeout_s / 2).start()
     if cfg.algorithm.name in WALKING:
         link = RandomWalkLink(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store),
-                              peer_degrees={peer: topology.degree(peer) for peer in topology.neighbours(rank)},
-                              header_check=sharing.check_header, liveness=liveness)
+                              peer_degrees=_peer_degrees(topology, rank), header_check=sharing.check_header,
+                              liveness=liveness)
     else:
         link = _neighbour_link(cfg, rank, topology, flat.numel(), store, sharing.check_header, liveness)
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
@@ -294,12 +311,16 @@ def _neighbour_link(cfg: DictConfig, rank: int, topology: Topology, numel: int, 
                     liveness: Liveness) -> NeighbourLink:
     """The synchronous transport of one node: its graph neighbours, or under Epidemic Learning (whose
     peers change every round; the loop names them) every other node, degrees checked per round."""
-    if cfg.algorithm.name == "epidemic" or OmegaConf.select(cfg, "topology.resample_every", default=None):
+    if cfg.algorithm.name == "epidemic" or resample_every(cfg) is not None:
         return NeighbourLink(rank, [peer for peer in range(cfg.nodes) if peer != rank], numel, cfg.comm.timeout_s,
                              FailureBoard(store), header_check=header_check, liveness=liveness)  # degrees per round
     return NeighbourLink(rank, topology.neighbours(rank), numel, cfg.comm.timeout_s, FailureBoard(store),
-                         peer_degrees={peer: topology.degree(peer) for peer in topology.neighbours(rank)},
-                         header_check=header_check, liveness=liveness)
+                         peer_degrees=_peer_degrees(topology, rank), header_check=header_check, liveness=liveness)
+
+
+def _peer_degrees(topology: Topology, rank: int) -> dict[int, int]:
+    """What each neighbour must announce as its degree: its degree in the graph."""
+    return {peer: topology.degree(peer) for peer in topology.neighbours(rank)}
 
 
 def model_sketch(cfg: DictConfig, numel: int) -> ModelSketch | None:
@@ -308,7 +329,8 @@ def model_sketch(cfg: DictConfig, numel: int) -> ModelSketch | None:
 
 
 def _divergence_watch(cfg: DictConfig, peers: RoundPeers, store: dist.Store) -> DivergenceWatch:
-    """Synchronous nodes stop together, a drift margin after the first divergence; RWM nodes at once."""
+    """Synchronous nodes stop together, a drift margin after the first divergence; RWM nodes at once
+    (a hybrid run's walk too: `dpsgd.algorithms.hybrid` lifts the margin while it walks)."""
     margin = None if cfg.algorithm.name == "rwm" else peers.stop_margin
     return DivergenceWatch(store, cfg.train.stop_on_divergence, margin)
 
@@ -394,7 +416,7 @@ def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: P
                       start_round: int) -> Aggregator:
     """Rank 0's aggregator, carrying over on resume the aggregates written before the interruption."""
     carried = earlier_rounds(run_dir, start_round)
-    store.set("resume/aggregated", str(carried[-1]["round"] if carried else 0))
+    store.set(RESUME_AGGREGATED_KEY, str(carried[-1]["round"] if carried else 0))
     info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
                    dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
                    metric_name=TEST_LOSS_METRIC[task], spectral_gap=round_peers(cfg, node.topology).mixing_gap())

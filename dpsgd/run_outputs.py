@@ -35,6 +35,7 @@ METRICS_PREFIX = "metrics"
 SKETCH_PREFIX = "sketch"          # a node's model sketch per evaluated round (`dpsgd.consensus`)
 DONE_PREFIX = "done"
 SWITCH_KEY = "hybrid/switch_round"  # the round after which a hybrid run's nodes switched to D-PSGD
+RESUME_AGGREGATED_KEY = "resume/aggregated"  # on resume: the last round rank 0 had aggregated before
 CONSENSUS_FILE = "consensus.jsonl"  # per evaluated round: the consensus distance of the nodes' models
 POLL_INTERVAL_S = 0.2
 
@@ -89,7 +90,11 @@ def _round_of(line: str) -> int | None:
 
 def publish(store: dist.Store, node: int, record: dict) -> None:
     """Make an evaluated round's record visible to rank 0's aggregator."""
-    store.set(f"{METRICS_PREFIX}/{record['round']}/{node}", json.dumps(record, allow_nan=False))
+    store.set(_metrics_key(record["round"], node), json.dumps(record, allow_nan=False))
+
+
+def _metrics_key(round_number: int, node: int) -> str:
+    return f"{METRICS_PREFIX}/{round_number}/{node}"
 
 
 def publish_sketch(store: dist.Store, node: int, round_number: int, sketch: np.ndarray) -> None:
@@ -100,8 +105,7 @@ def publish_sketch(store: dist.Store, node: int, round_number: int, sketch: np.n
 def publish_skipped(store: dist.Store, node: int, round_number: int) -> None:
     """An evaluated round this node never ran (a hybrid run's walk stopped before it), so the
     aggregator does not wait for it."""
-    store.set(f"{METRICS_PREFIX}/{round_number}/{node}", json.dumps({"node": node, "round": round_number,
-                                                                      "skipped": True}))
+    store.set(_metrics_key(round_number, node), json.dumps({"node": node, "round": round_number, "skipped": True}))
 
 
 def publish_rounds_completed(store: dist.Store, node: int, rounds_completed: int) -> None:
@@ -191,7 +195,7 @@ class Aggregator:
         """Aggregate, in order, every pending round whose records are all present."""
         while self.pending:
             round_number = self.pending[0]
-            keys = [f"{METRICS_PREFIX}/{round_number}/{node}" for node in range(self.info.nodes)]
+            keys = [_metrics_key(round_number, node) for node in range(self.info.nodes)]
             if not self.store.check(keys):
                 if not final:
                     return

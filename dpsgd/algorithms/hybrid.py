@@ -12,6 +12,7 @@ walked round and S; the aggregator is told it skipped them. Every record says it
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +23,8 @@ from dpsgd.algorithms.peers import RoundPeers
 from dpsgd.algorithms.rwm import run_rwm, run_rwm_group
 from dpsgd.errors import NodeFailure
 from dpsgd.node import Node
-from dpsgd.run_outputs import SWITCH_KEY, publish_skipped
+from dpsgd.divergence import DivergenceWatch
+from dpsgd.run_outputs import RESUME_AGGREGATED_KEY, SWITCH_KEY, publish_skipped
 
 if TYPE_CHECKING:
     from dpsgd.communication import NeighbourLink
@@ -44,14 +46,15 @@ def run_hybrid(node: Node, rounds: int, start_round: int = 0, state: dict | None
     switch = (state or {}).get(SWITCHED)
     node.phase = WALK
     if switch is None:
-        walked = run_rwm(node, _walk_rounds(rounds, switch_round), start_round, state, every=every,
-                         byte_budget=byte_budget)
+        with _stopping_at_once(node.divergence):
+            walked = run_rwm(node, _walk_rounds(rounds, switch_round), start_round, state, every=every,
+                             byte_budget=byte_budget)
         switch = agree_on_switch(walked, node.recorder.store)
-        _skip(node, walked, switch)
+        _skip(node, range(walked + 1, switch + 1))
         if switch >= rounds or node.divergence is not None and node.divergence.must_stop(switch):
             return walked
     else:
-        _announce(switch, node.recorder.store)
+        _resumed_after(switch, [node])
     averaging_link.bytes = node.link.bytes
     node.link, node.phase = averaging_link, AVERAGE
     return run_dpsgd(node, rounds, max(switch, start_round), peers=peers, keep={SWITCHED: switch})
@@ -66,15 +69,16 @@ def run_hybrid_group(group: "NodeGroup", rounds: int, start_round: int = 0, stat
     for node in group.nodes:
         node.phase = WALK
     if switch is None:
-        walked = run_rwm_group(group, _walk_rounds(rounds, switch_round), start_round, state, every=every,
-                               byte_budget=byte_budget)
+        with _stopping_at_once(first.divergence):
+            walked = run_rwm_group(group, _walk_rounds(rounds, switch_round), start_round, state, every=every,
+                                   byte_budget=byte_budget)
         switch = agree_on_switch(max(walked.values()), first.recorder.store)
         for node in group.nodes:
-            _skip(node, walked[node.rank], switch)
+            _skip(node, range(walked[node.rank] + 1, switch + 1))
         if switch >= rounds or first.divergence.must_stop(switch):
             return walked
     else:
-        _announce(switch, first.recorder.store)
+        _resumed_after(switch, group.nodes)
     averaging_link.ports = group.link.ports  # each node's byte counters go on from the walk's
     group.link = averaging_link
     for node in group.nodes:
@@ -105,8 +109,38 @@ def _announce(switch: int, store: dist.Store) -> None:
         store.set(SWITCH_KEY, str(switch))
 
 
-def _skip(node: Node, walked: int, switch: int) -> None:
-    """Tell the aggregator which evaluated rounds this node never ran (it walked fewer than the switch)."""
-    for round_number in range(walked + 1, switch + 1):
+def _skip(node: Node, rounds) -> None:
+    """Tell the aggregator which evaluated rounds among `rounds` this node never ran (it walked fewer
+    rounds than the switch)."""
+    for round_number in rounds:
         if node.schedule.due(round_number):
             publish_skipped(node.recorder.store, node.rank, round_number)
+
+
+def _resumed_after(switch: int, nodes: list[Node]) -> None:
+    """A run resumed after the switch: summary.json's switch round again, and the walk's skipped rounds
+    that rank 0 had not aggregated yet said again (the JSONL holds only the rounds a node ran)."""
+    _announce(switch, nodes[0].recorder.store)
+    skip_unaggregated(nodes, switch)
+
+
+def skip_unaggregated(nodes: list[Node], switch: int) -> None:
+    """The skipped rounds up to the switch that rank 0 had not aggregated when the run stopped."""
+    aggregated = int(nodes[0].recorder.store.get(RESUME_AGGREGATED_KEY))
+    for node in nodes:
+        logged = {record["round"] for record in node.recorder.log.kept_records}
+        _skip(node, [r for r in range(aggregated + 1, switch + 1) if r not in logged])
+
+
+@contextmanager
+def _stopping_at_once(watch: DivergenceWatch | None):
+    """While walking, a divergence stops the walk at once, as in RWM (its END messages stop everyone);
+    the averaging phase needs the drift margin of synchronous rounds again."""
+    if watch is None:
+        yield
+        return
+    margin, watch.stop_margin = watch.stop_margin, None
+    try:
+        yield
+    finally:
+        watch.stop_margin = margin

@@ -52,8 +52,7 @@ class FixedGraph:
     def senders(self, round_number: int) -> list[list[int]]:
         return self._neighbours  # undirected: a node hears from whom it sends to
 
-    def weigh(self, own_degree: int, sender_degrees: dict[int, int]) -> tuple[float, dict[int, float]]:
-        return mh_weights(own_degree, sender_degrees)
+    weigh = staticmethod(mh_weights)
 
     def mixing_gap(self) -> float | None:
         return spectral_gap(self.topology)
@@ -86,8 +85,7 @@ class ResampledGraph:
     def senders(self, round_number: int) -> list[list[int]]:
         return self.graph(round_number).senders(round_number)
 
-    def weigh(self, own_degree: int, sender_degrees: dict[int, int]) -> tuple[float, dict[int, float]]:
-        return mh_weights(own_degree, sender_degrees)
+    weigh = staticmethod(mh_weights)
 
     def mixing_gap(self) -> float | None:
         return None
@@ -106,8 +104,10 @@ class EpidemicDraws:
         self.nodes = nodes
         self.fanout = fanout
         self.seed = seed
-        # Who waits on whom changes every round, so drift has no graph bound; dependence spreads to
-        # every node within O(log n) rounds, and n rounds is far beyond any drift seen.
+        # Who waits on whom changes every round, so drift has no graph bound, only a probabilistic one:
+        # a node waits for its receivers (a send completes when they receive) and its senders, and that
+        # dependence reaches every node within O(log n) rounds with high probability; n rounds is far
+        # beyond any drift seen (a node past the common stop would end the run with a timeout).
         self.stop_margin = nodes
         self._round: int | None = None
         self._plan: tuple[list[list[int]], list[list[int]]] = ([], [])

@@ -1,14 +1,14 @@
 """D-PSGD messages for a group of nodes hosted by one rank.
 
 Between two nodes of the same rank a message is handed over in memory. Between ranks,
-the messages of every hosted node that has a neighbour on the other rank travel as one
+the messages of every hosted node that sends to a node of the other rank travel as one
 batch per pair of ranks and round: a header block (one wire header per message, the
 same fields as alone), then all values, then all indices, each one gloo isend/irecv.
-Both sides know from the round's plan (`dpsgd.algorithms.peers`) which senders a batch holds
-and in what order, so nothing else needs to travel. A sender's message goes once to a rank however many of
-its neighbours live there, but each node's byte counters say exactly what it would have
-put on the wire and received alone (one message per neighbour), so bytes compare
-across groupings. Headers are checked before anything is allocated, as `NeighbourLink`
+Both sides know from the round's plan (`dpsgd.algorithms.peers`: a graph's neighbours, or
+Epidemic Learning's draws) which senders a batch holds and in what order, so nothing else
+needs to travel. A sender's message goes once to a rank however many of its receivers live
+there, but each node's byte counters say exactly what it would have put on the wire and
+received alone (one message per receiver), so bytes compare across groupings. Headers are checked before anything is allocated, as `NeighbourLink`
 does, and a bad one ends the run naming the rank that sent it.
 """
 
@@ -63,8 +63,12 @@ class GroupLink(GroupTransport):
     every rank derives the same plan of batches from the same targets.
     """
 
+    _planned: tuple = (None, None)  # the last targets and their routes (a fixed graph's never change)
+
     def _routes(self, targets: list[list[int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
         """Per remote rank: our nodes that send there, and its nodes that send to us, in node order."""
+        if self._planned[0] is targets:
+            return self._planned[1]
         outgoing_to: dict[int, list[int]] = {}
         incoming_from: dict[int, list[int]] = {}
         for sender, receivers in enumerate(targets):
@@ -74,6 +78,7 @@ class GroupLink(GroupTransport):
                     outgoing_to.setdefault(other, []).append(sender)
             elif self.rank in ranks:
                 incoming_from.setdefault(self.rank_of[sender], []).append(sender)
+        self._planned = (targets, (outgoing_to, incoming_from))
         return outgoing_to, incoming_from
 
     def exchange(self, outgoing: dict[int, Message], targets: list[list[int]]) -> dict[int, dict[int, Message]]:
