@@ -55,7 +55,6 @@ WALKING = ("rwm", "hybrid")  # patterns that start with a random walk (RandomWal
 RANDOM_TOPOLOGIES = ("regular", "smallworld")
 # The `algorithm.*` keys each pattern's loop reads (its config group declares them).
 PATTERN_KEYS = {"rwm": ("every",), "epidemic": ("fanout",), "hybrid": ("every", "switch_round", "byte_budget")}
-_ABSENT = object()
 # What test_loss means, per task.
 TEST_LOSS_METRIC = {"ratings": "rmse", "classification": "cross_entropy"}
 
@@ -88,8 +87,7 @@ def check_config(cfg: DictConfig, world_size: int | None = None) -> Topology:
 def _check_pattern(cfg: DictConfig) -> None:
     """The keys of the patterns beyond the study: epidemic's fanout, hybrid's switch, graph resampling."""
     name, nodes = cfg.algorithm.name, cfg.nodes
-    missing = [key for key in PATTERN_KEYS.get(name, ()) if OmegaConf.select(cfg, f"algorithm.{key}",
-                                                                              default=_ABSENT) is _ABSENT]
+    missing = [key for key in PATTERN_KEYS.get(name, ()) if key not in cfg.algorithm]
     if missing:
         raise ConfigError(f"algorithm.name={name} needs the keys {missing} of its config group; choose the "
                           f"pattern with `algorithm={name}` (which brings them) rather than `algorithm.name={name}`.")
@@ -309,11 +307,8 @@ def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: d
 
 def _neighbour_link(cfg: DictConfig, rank: int, topology: Topology, numel: int, store: dist.Store, header_check,
                     liveness: Liveness) -> NeighbourLink:
-    """The synchronous transport of one node: its graph neighbours, or under Epidemic Learning (whose
-    peers change every round; the loop names them) every other node, degrees checked per round."""
-    if cfg.algorithm.name == "epidemic" or resample_every(cfg) is not None:
-        return NeighbourLink(rank, [peer for peer in range(cfg.nodes) if peer != rank], numel, cfg.comm.timeout_s,
-                             FailureBoard(store), header_check=header_check, liveness=liveness)  # degrees per round
+    """The synchronous transport of one node. Its graph neighbours are only its defaults: the loop
+    names each round's senders, receivers and their degrees (`dpsgd.algorithms.peers`)."""
     return NeighbourLink(rank, topology.neighbours(rank), numel, cfg.comm.timeout_s, FailureBoard(store),
                          peer_degrees=_peer_degrees(topology, rank), header_check=header_check, liveness=liveness)
 

@@ -215,7 +215,9 @@ class Aggregator:
         """The consensus distance of the reporting nodes' models, from their sketches (None: not sketched,
         or one node alone, as at the end of an RWM run)."""
         keys = [f"{SKETCH_PREFIX}/{round_number}/{record['node']}" for record in records]
-        present = [key for key in keys if self.store.check([key])]
+        # Every record's sketch is there (published before it), unless sketching is off or a resumed
+        # run republished records it had logged: then ask key by key.
+        present = keys if self.store.check(keys) else [key for key in keys if self.store.check([key])]
         sketches = [np.frombuffer(raw, dtype=np.float64) for raw in self.store.multi_get(present)] if present else []
         for key in present:
             self.store.delete_key(key)

@@ -49,9 +49,8 @@ def run_hybrid(node: Node, rounds: int, start_round: int = 0, state: dict | None
         with _stopping_at_once(node.divergence):
             walked = run_rwm(node, _walk_rounds(rounds, switch_round), start_round, state, every=every,
                              byte_budget=byte_budget)
-        switch = agree_on_switch(walked, node.recorder.store)
-        _skip(node, range(walked + 1, switch + 1))
-        if switch >= rounds or node.divergence is not None and node.divergence.must_stop(switch):
+        switch = _after_walk([node], {node.rank: walked}, rounds)
+        if switch is None:
             return walked
     else:
         _resumed_after(switch, [node])
@@ -72,10 +71,8 @@ def run_hybrid_group(group: "NodeGroup", rounds: int, start_round: int = 0, stat
         with _stopping_at_once(first.divergence):
             walked = run_rwm_group(group, _walk_rounds(rounds, switch_round), start_round, state, every=every,
                                    byte_budget=byte_budget)
-        switch = agree_on_switch(max(walked.values()), first.recorder.store)
-        for node in group.nodes:
-            _skip(node, range(walked[node.rank] + 1, switch + 1))
-        if switch >= rounds or first.divergence.must_stop(switch):
+        switch = _after_walk(group.nodes, walked, rounds)
+        if switch is None:
             return walked
     else:
         _resumed_after(switch, group.nodes)
@@ -84,6 +81,19 @@ def run_hybrid_group(group: "NodeGroup", rounds: int, start_round: int = 0, stat
     for node in group.nodes:
         node.link, node.phase = averaging_link.ports[node.rank], AVERAGE
     return run_dpsgd_group(group, rounds, max(switch, start_round), peers=peers, keep={SWITCHED: switch})
+
+
+def _after_walk(nodes: list[Node], walked: dict[int, int], rounds: int) -> int | None:
+    """The agreed switch round, once this rank's nodes have walked (`walked`: rounds per node), with
+    the rounds each skipped said to the aggregator; None when no averaging follows (the walk used
+    every round, or training diverged)."""
+    first = nodes[0]
+    switch = agree_on_switch(max(walked.values()), first.recorder.store)
+    for node in nodes:
+        _skip(node, range(walked[node.rank] + 1, switch + 1))
+    if switch >= rounds or first.divergence is not None and first.divergence.must_stop(switch):
+        return None
+    return switch
 
 
 def _walk_rounds(rounds: int, switch_round: int | None) -> int:
