@@ -44,3 +44,26 @@ class Interrupted(BaseException):
 def raise_interrupted(signal_number: int, frame=None) -> None:
     """A signal handler: unwind the stack (closing files, killing ranks) as an Interrupted."""
     raise Interrupted(signal_number)
+
+
+def write_torchrun_error_file(message: str) -> bool:
+    """Hand `message` to torchrun as this worker's cause of failure; False when not under torchrun.
+
+    torchrun gives each worker a file to write in TORCHELASTIC_ERROR_FILE (the format of
+    torch.distributed.elastic's error handler); its failure report then shows the message
+    where it would otherwise say "To enable traceback see ...".
+    """
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    record = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as file:
+            json.dump(record, file)
+    except OSError:
+        return False
+    return True

@@ -19,6 +19,7 @@ from dpsgd.errors import ConfigError
 from dpsgd.seeding import stream_key
 
 KINDS = ("regular", "ring", "smallworld", "full", "star", "file")
+DEFAULT_DEGREE = 4  # the study's degree; `topology.degree` left unset takes the largest valid one up to this
 REGULAR_ATTEMPTS = 20  # d >= 3 is almost surely connected; d = 2 often is not at large n
 
 
@@ -45,9 +46,27 @@ class Topology:
         return nx.diameter(self.graph)
 
 
-def build_topology(kind: str, nodes: int, *, seed: int = 0, degree: int = 4,
+def default_degree(kind: str, nodes: int) -> int:
+    """The degree of a graph whose degree the user did not set: the largest valid one up to 4.
+
+    So that `torchrun --nproc_per_node 4 train.py` runs on a 3-regular graph instead of
+    stopping because no 4-regular graph on 4 nodes exists; a degree the user sets is
+    checked as given (`_regular`, `_smallworld`).
+    """
+    if kind == "smallworld":  # even, 2 <= d < nodes
+        return max([d for d in range(2, DEFAULT_DEGREE + 1, 2) if d < nodes], default=DEFAULT_DEGREE)
+    valid = [d for d in range(1, DEFAULT_DEGREE + 1) if d < nodes and (nodes * d) % 2 == 0]
+    return max(valid, default=DEFAULT_DEGREE)  # none valid (nodes < 2): build_topology says why
+
+
+def build_topology(kind: str, nodes: int, *, seed: int = 0, degree: int | None = None,
                    path: str | None = None, rewire_p: float = 0.1) -> Topology:
-    """Build and validate the graph named by `topology.kind` for `nodes` ranks."""
+    """Build and validate the graph named by `topology.kind` for `nodes` ranks.
+
+    `degree` None: `default_degree` (the largest valid degree up to 4).
+    """
+    if degree is None:
+        degree = default_degree(kind, nodes)
     if kind not in KINDS:
         raise ConfigError(f"topology.kind is {kind!r}, which is not a known topology; "
                           f"set it to one of: {', '.join(KINDS)}.")
@@ -74,7 +93,8 @@ def _regular(nodes: int, degree: int, seed: int) -> nx.Graph:
     if degree < 1 or degree >= nodes or (nodes * degree) % 2:
         raise ConfigError(f"topology.degree is {degree} with nodes={nodes}, but a d-regular "
                           "graph needs 1 <= d < nodes and nodes * d even; choose another "
-                          "topology.degree or number of nodes.")
+                          f"topology.degree (e.g. `topology.degree={default_degree('regular', nodes)}`), leave it "
+                          "unset for the largest valid degree up to 4, or change the number of nodes.")
     for attempt in range(REGULAR_ATTEMPTS):
         keys = (attempt,) if attempt else ()  # first try uses the plain topology stream
         graph = nx.random_regular_graph(degree, nodes, seed=stream_key(seed, "topology", *keys))

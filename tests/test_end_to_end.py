@@ -105,7 +105,7 @@ def test_real_movielens_run_learns(tmp_path, movielens_csv):
 
 
 @pytest.mark.parametrize("overrides,named", [
-    (("nodes=3",), "topology.degree"),
+    (("nodes=3", "topology.degree=4"), "topology.degree"),
     (("topology=ring", "nodes=1"), "nodes"),
     (("dataset=movielens", "data_dir=/nonexistent/place"), "/nonexistent/place/ml-latest-small/ratings.csv"),
     (("optimizer.name=lbfgs2",), "optimizer.name"),

@@ -173,7 +173,6 @@ def test_a_healthy_run_reports_no_divergence(tmp_path):
 @pytest.mark.parametrize("overrides,key", [
     (("sharing=partial", "alpha=abc"), "alpha"),
     (("sharing=partial", "alpha=1.5"), "alpha"),
-    (("alpha=0.5",), "alpha"),  # full sharing ignores alpha: say so
     (("nodes=abc",), "nodes"),
     (("comm.timeout_s=abc",), "comm.timeout_s"),
     (("optimizer.lr=abc",), "optimizer.lr"),

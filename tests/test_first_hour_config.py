@@ -1,0 +1,170 @@
+"""Issue 21, a researcher's first hour with the configuration: the README's sweep runs to its
+end, small torchrun worlds get a graph that fits, config mistakes exit 2 as one paragraph
+(under torchrun: torchrun's one reported cause), `--help` explains every key and metric, and
+the run folder holds nothing unexplained."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from dpsgd import config_help
+from dpsgd.errors import ConfigError
+from dpsgd.experiment import check_config, config_notes
+from dpsgd.launch import EXIT_CONFIG_ERROR
+from dpsgd.settings import check_known_keys
+from dpsgd.topology import default_degree
+from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, compose_config, run_train
+
+README = (REPO / "README.md").read_text()
+
+
+def _compose_with_choices(*overrides: str):
+    """The config as train.py composes it, and Hydra's runtime choices (group -> option)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        full = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    choices = dict(full.hydra.runtime.choices)
+    with open_dict(full):
+        del full["hydra"]
+    return full, choices
+
+
+def _torchrun(tmp_path: Path, ranks: int, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "DPSGD_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               str(REPO / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RANK_TEST_TIMEOUT_S,
+                          check=False)
+
+
+# ---------------------------------------------------------------- 1. the README's sweep
+
+
+@pytest.mark.parametrize("sharing", ["full", "random_alpha"])
+def test_alpha_with_a_method_it_does_not_apply_to_is_accepted_and_noted(sharing):
+    cfg = compose_config(f"sharing={sharing}", "alpha=0.1")
+    check_config(cfg, 16)  # before: "alpha=0.1 has no effect with sharing=full"
+    assert any(f"alpha=0.1 does not apply to sharing={sharing}" in note for note in config_notes(cfg))
+    assert config_notes(compose_config("sharing=partial", "alpha=0.1")) == []
+
+
+def test_a_sweep_runs_every_job_and_lists_the_failed_ones_at_its_end(tmp_path):
+    """Job 0 fails (a typed degree that no 4-node graph has); job 1 (alpha with full sharing) still runs."""
+    sweep = tmp_path / "sweep"
+    result = run_train(tmp_path, "-m", "nodes=4", "rounds=2", "log.progress=false", "topology.degree=4,3",
+                       "sharing=full", "alpha=0.1", f"hydra.sweep.dir={sweep}", check=False)
+    assert result.returncode == EXIT_CONFIG_ERROR, result.stderr
+    assert json.loads((sweep / "1" / "summary.json").read_text())["rounds_completed"] == 2
+    assert "1 of 2 sweep jobs failed" in result.stderr
+    assert re.search(r"job 0 \(.*topology\.degree=4.*\): topology\.degree is 4 with nodes=4", result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "alpha=0.1 does not apply to sharing=full" in (sweep / "1" / "config.yaml").read_text()
+    # Point 7: no 0-byte train.log from Hydra's job logging; .hydra/ is documented.
+    assert not (sweep / "1" / "train.log").exists() and (sweep / "1" / ".hydra" / "overrides.yaml").exists()
+    left_behind = README.split("## What a run leaves behind")[1].split("\n## ")[0]
+    assert "`.hydra/`" in left_behind and "overrides.yaml" in left_behind
+
+
+# ---------------------------------------------------------------- 3. small torchrun worlds
+
+
+def test_the_default_degree_fits_small_worlds_and_a_typed_one_is_checked():
+    assert [default_degree("regular", n) for n in (2, 3, 4, 5, 6, 96)] == [1, 2, 3, 4, 4, 4]
+    assert [default_degree("smallworld", n) for n in (3, 4, 5)] == [2, 2, 4]
+    topology = check_config(compose_config("nodes=4"), 4)  # before: no 4-regular graph on 4 nodes
+    assert {topology.degree(node) for node in range(4)} == {3}
+    assert config_notes(compose_config("nodes=4")) == [
+        "topology.degree=3: the largest valid degree up to 4 for 4 nodes (set topology.degree to choose one)"]
+    assert config_notes(compose_config("nodes=16")) == []
+    with pytest.raises(ConfigError, match="topology.degree is 4 with nodes=4"):
+        check_config(compose_config("nodes=4", "topology.degree=4"), 4)
+
+
+def test_plain_torchrun_with_four_ranks_runs_the_default_graph(tmp_path):
+    result = _torchrun(tmp_path, 4, "rounds=2", "eval.every=1", "log.progress=false")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("topology.degree=3: the largest valid degree up to 4 for 4 nodes") == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds_completed"] == 2
+
+
+def test_a_config_error_under_torchrun_is_its_one_reported_cause(tmp_path):
+    result = _torchrun(tmp_path, 4, "topology.degree=4", "rounds=2")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    paragraph = "topology.degree is 4 with nodes=4, but a d-regular graph needs"
+    assert output.count(paragraph) == 1, output
+    assert "<NO_OTHER_FAILURES>" in output and "To enable traceback" not in output, output
+    root_cause = output.split("Root Cause (first observed failure):")[1]
+    assert paragraph in root_cause  # the last thing torchrun prints, not buried above its traceback
+
+
+# ---------------------------------------------------------------- unknown and undeclared keys
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (("foo=1",), "`foo` is not a key of the configuration"),
+    (("rond=5",), "Did you mean `rounds`?"),
+    (("optimizer=adam", "optimizer.momentum=0.9"), "`optimizer.momentum` belongs to optimizer=sgd"),
+    (("dataset=foo",), "the config group dataset has no option foo"),
+])
+def test_an_unknown_key_or_option_exits_2_with_one_paragraph(tmp_path, overrides, says):
+    result = run_train(tmp_path, *overrides, check=False, timeout_s=60)
+    assert result.returncode == EXIT_CONFIG_ERROR, result.stderr  # before: 1, Hydra's message
+    assert says in result.stderr
+    assert result.stderr.strip().startswith("dpsgd: ") and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "HYDRA_FULL_ERROR" not in result.stderr
+
+
+def test_a_key_no_config_file_declares_is_refused():
+    cfg, choices = _compose_with_choices("+train.bogus=1")
+    with pytest.raises(ConfigError) as error:
+        check_config(cfg, 16, choices=choices)  # before: accepted and silently ignored
+    message = str(error.value)
+    assert message.startswith("train.bogus=1 is not a key") and "\n" not in message
+
+
+def test_every_group_option_and_preset_declares_the_keys_it_composes():
+    for group in config_help.GROUPS:
+        for option in config_help.group_options(group):
+            check_known_keys(*_compose_with_choices(f"{group}={option}"))
+    check_known_keys(*_compose_with_choices("experiment=celeba", "model=mf"))  # a preset's keys on another model
+
+
+# ---------------------------------------------------------------- 6. --help
+
+
+def test_help_gives_every_key_its_doc_and_every_metric_its_meaning():
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
+                            timeout=60, cwd=REPO, check=False)
+    assert result.returncode == 0
+    assert re.search(r"train\.local_steps=20 +optimizer steps per round", result.stdout)
+    assert re.search(r"sharing\.accumulation=true +score = training changes", result.stdout)
+    assert "rounding it to the nearest half star" in result.stdout
+    for metric in config_help.METRICS:
+        assert re.search(rf"^  {metric} ", result.stdout, re.MULTILINE), metric
+
+
+def test_every_key_of_every_conf_file_has_a_doc_comment():
+    """The comments are the one source of --help: a key without one would be listed unexplained."""
+    files = [Path("config.yaml")] + [Path(group) / f"{option}.yaml" for group in config_help.GROUPS
+                                     if group != "experiment" for option in config_help.group_options(group)]
+    for path in files:
+        conf = config_help.read_conf(str(path))
+        body = yaml.safe_load((config_help.CONF_DIR / path).read_text())
+        written = config_help.leaf_keys({k: v for k, v in body.items() if k not in ("defaults", "hydra")})
+        documented = {k.key for k in conf.keys if k.doc}
+        assert written - {"name"} <= documented, (path, sorted(written - documented))
+
+
+def test_the_readme_says_what_test_acc_means_for_ratings():
+    metrics = README.split("## What a run leaves behind")[1]
+    assert re.search(r"`test_acc`[^.]*half star", metrics)
