@@ -26,6 +26,7 @@ from dpsgd import run_folder
 from dpsgd.errors import ConfigError, Interrupted, NodeFailure, raise_interrupted
 from dpsgd.experiment import check_config, prepare_data, ranks_for, run_node
 from dpsgd.group.compose import rank_label
+from dpsgd.progress import startup_step
 
 START_TIME_KEY = "dpsgd/start_time"
 RANK_CONTEXT: launch.RankContext | None = None
@@ -54,6 +55,7 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
 
 
 def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
+    startup_step("config composed")  # imports and Hydra are done (benchmarks/startup.py)
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN and not cfg.resume:
             run_folder.claim(run_dir)  # a single run's folder was claimed by the Hydra callback
@@ -66,12 +68,17 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
         if not cfg.resume:
             run_folder.release(run_dir)  # nothing was written: the same folder may be used again
         _exit(str(error), launch.EXIT_CONFIG_ERROR)
-    print(f"[dpsgd] {cfg.dataset.name}: {dataset.describe()}", flush=True)
-    grouping = f" in {ranks_for(cfg)} ranks of {cfg.nodes_per_rank}" if cfg.nodes_per_rank > 1 else ""
-    print(f"[dpsgd] {cfg.nodes} nodes{grouping} on this machine, results in {run_dir}", flush=True)
+    startup_step("data ready", f"{cfg.dataset.name}: {dataset.describe()}")
+    ranks = ranks_for(cfg)
+    grouping = f" in {ranks} rank{'s' if ranks > 1 else ''} of {cfg.nodes_per_rank}" if cfg.nodes_per_rank > 1 else ""
+    startup_step("spawn", f"{cfg.nodes} nodes{grouping} on this machine, results in {run_dir}")
+    if ranks > 1:
+        # torch.optim's step imports it (2 s of CPU): imported once here, every forked rank shares it.
+        import torch._dynamo  # noqa: F401
     try:
-        launch.spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), ranks_for(cfg),
-                     grace_s=cfg.comm.timeout_s + 30, quiet_failures=True, label=rank_label(cfg.nodes_per_rank))
+        launch.spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), ranks,
+                     grace_s=cfg.comm.timeout_s + 30, quiet_failures=True, label=rank_label(cfg.nodes_per_rank),
+                     announce_ranks=True)
     except launch.RankFailure as failure:
         details = failure.errors.get(failure.first_failed, "")
         _exit(f"{failure}\n{details}" if "crashed" in details else str(failure), launch.EXIT_NODE_FAILURE)
@@ -112,6 +119,7 @@ def _add_overrides(overrides: list[str]) -> None:
 
 def main() -> None:
     global RANK_CONTEXT
+    startup_step("imported")  # benchmarks/startup.py: the imports above are done
     if launch.under_torchrun():
         RANK_CONTEXT = launch.context_from_env()
         given = {arg.split("=")[0] for arg in sys.argv[1:] if "=" in arg}

@@ -37,6 +37,7 @@ from dpsgd.metrics import EvalSchedule, RoundRecorder
 from dpsgd.models import build_model
 from dpsgd.models.flat import bind_model_to, flatten_model
 from dpsgd.node import Node
+from dpsgd.progress import rank_arrived, startup_step
 from dpsgd.run_folder import check_fresh_node, write_atomic
 from dpsgd.run_outputs import (RESUME_AGGREGATED_KEY, Aggregator, NodeLog, RunInfo, earlier_rounds,
                                publish_rounds_completed, republish_kept_rounds)
@@ -171,6 +172,8 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
         _check_run_folder(cfg, run_dir, node_id)
     dataset = dataset or _prepare_on_every_rank(cfg, ctx.rank)
     store = _join_process_group(cfg, ctx, run_dir)
+    startup_step("process group", f"process group ready ({ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}); "
+                 f"building {cfg.nodes} nodes", show=ctx.rank == 0)
     checkpoints = {node_id: Checkpoints(run_dir, node_id, cfg.nodes, cfg.checkpoint.every, store) for node_id in hosted}
     start_round = agree_on_start_round(list(checkpoints.values()), cfg.resume, cfg.rounds, cfg.comm.timeout_s)
     if ctx.rank == 0:
@@ -183,7 +186,10 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
         aggregated = int(store.get(RESUME_AGGREGATED_KEY))
         for node in nodes:
             republish_kept_rounds(store, node.rank, node.recorder.log, aggregated, node.schedule)
+    startup_step("nodes built")
+    rank_arrived(ctx.store, "ready")
     _barrier(ctx.rank)
+    startup_step("rounds start")
     for node in nodes:
         node.recorder.start_clock(elapsed_s)
     if aggregator is not None:
@@ -416,7 +422,8 @@ def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: P
                    dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
                    metric_name=TEST_LOSS_METRIC[task], spectral_gap=round_peers(cfg, node.topology).mixing_gap())
     return Aggregator(store, run_dir, info, node.schedule.rounds_due(), per_node_tb=cfg.log.per_node_tb,
-                      progress=cfg.log.progress, earlier_rounds=carried).start()
+                      progress=cfg.log.progress, earlier_rounds=carried, reached=node.recorder.reached,
+                      progress_every_s=cfg.log.progress_every_s).start()
 
 
 def _barrier(rank: int) -> None:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dpsgd.errors import ConfigError, NodeFailure, raise_interrupted
+from dpsgd.progress import RankArrivals, rank_arrived, startup_step
 
 LOOPBACK = "127.0.0.1"
 STORE_CONNECT_TIMEOUT_S = 120.0
@@ -68,6 +69,9 @@ def context_from_env(timeout_s: float = STORE_CONNECT_TIMEOUT_S) -> RankContext:
     """Join the store torchrun set up (its agent's store, or rank 0's)."""
     rendezvous = dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s))
     store, rank, world_size = next(rendezvous)
+    rank_arrived(store, "started")
+    if rank == 0 and world_size > 1:
+        RankArrivals(store, world_size).start()  # ends by itself once every rank is ready
     return RankContext(
         rank=rank,
         world_size=world_size,
@@ -125,12 +129,14 @@ def spawn(
     grace_s: float = 30.0,
     quiet_failures: bool = False,
     label: Callable[[int], str] = "node {}".format,
+    announce_ranks: bool = False,
 ) -> None:
     """Fork `world_size` ranks running `fn`, wait for all, raise RankFailure if any failed.
 
     `timeout_s` bounds the whole run (a hang guard for tests); `grace_s` is how long the
     others may take to stop on their own after the first rank failed before they are
-    killed. No rank outlives this call.
+    killed. No rank outlives this call. `announce_ranks`: while ranks are slow to start,
+    say now and then how many started and built their nodes (`dpsgd.progress.RankArrivals`).
     """
     listener = loopback_listener()  # bound before forking, so the ranks know the port and nobody can take it
     port = listener.getsockname()[1]
@@ -160,9 +166,12 @@ def spawn(
     # Ctrl-C or SIGTERM raise Interrupted, which unwinds through the finally below: every rank is killed.
     previous = {number: signal.signal(number, raise_interrupted) for number in (signal.SIGINT, signal.SIGTERM)}
     killed: set[int] = set()
+    arrivals = RankArrivals(store, world_size).start() if announce_ranks else None
     try:
         _watch(processes, timeout_s, grace_s)
     finally:
+        if arrivals is not None:
+            arrivals.stop()
         killed = _kill_all(processes)
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -189,6 +198,8 @@ def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failur
     try:
         store = dist.TCPStore(LOOPBACK, port, world_size=None, is_master=False,
                               timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S))
+        startup_step("rank started")
+        rank_arrived(store, "started")
         fn(RankContext(rank=rank, world_size=world_size, store=store,
                        local_rank=rank, local_world_size=world_size))
     except NodeFailure as failure:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from dpsgd.consensus import ModelSketch
 from dpsgd.divergence import finite_or_none
+from dpsgd.progress import RoundsReached, startup_step
 from dpsgd.run_outputs import NodeLog, publish, publish_sketch
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class RoundRecorder:
         self.schedule = schedule
         self.sketch = sketch
         self.started = time.monotonic()
+        self.reached = RoundsReached()  # rank 0's progress line reads its first node's (`dpsgd.progress`)
 
     def start_clock(self, offset_s: float = 0.0) -> None:
         """time_s counts from here (after the start barrier), plus the time before a resume."""
@@ -83,6 +85,9 @@ class RoundRecorder:
                   "bytes_recv_data": byte_counts.recv_data, "bytes_recv_meta": byte_counts.recv_meta,
                   **{k: finite_or_none(v) for k, v in metrics.items()}}
         self.log.write(record)
+        if self.reached.latest[0] == 0:
+            startup_step("first round done", show=False)
+        self.reached.note(round_number, byte_counts.sent)
         if self.schedule.due(round_number):
             if self.sketch is not None and model is not None:  # first: the aggregator reads it with the record
                 publish_sketch(self.store, self.node, round_number, self.sketch(model))

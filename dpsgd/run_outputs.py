@@ -12,8 +12,6 @@ over what was written before the interruption.
 from __future__ import annotations
 
 import json
-import math
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import torch.distributed as dist
 from dpsgd.across_nodes import across_nodes, is_finite_number
 from dpsgd.consensus import consensus_distance
 from dpsgd.divergence import finite_or_none
+from dpsgd.progress import ProgressLine, RoundsReached
 from dpsgd.run_folder import write_atomic
 
 if TYPE_CHECKING:
@@ -137,8 +136,13 @@ class Aggregator:
     """Rank 0's reader of published records: TensorBoard curves, progress line, summary.json."""
 
     def __init__(self, store: dist.Store, run_dir: Path, info: RunInfo, eval_rounds: list[int],
-                 per_node_tb: bool = False, progress: bool = True, earlier_rounds: list[dict] | None = None):
-        """`earlier_rounds`: on resume, the aggregates already written before the interruption."""
+                 per_node_tb: bool = False, progress: bool = True, earlier_rounds: list[dict] | None = None,
+                 reached: RoundsReached | None = None, progress_every_s: float = 10.0):
+        """`earlier_rounds`: on resume, the aggregates already written before the interruption.
+
+        `reached`: how far rank 0's first node got (round, bytes), for the progress line between
+        evaluated rounds; `progress_every_s`: seconds between plain progress lines (`dpsgd.progress`).
+        """
         self.store = store
         self.run_dir = Path(run_dir)
         self.info = info
@@ -146,11 +150,10 @@ class Aggregator:
         aggregated_through = self.per_round[-1]["round"] if self.per_round else 0
         self.pending = [r for r in eval_rounds if r > aggregated_through]
         self.per_node_tb = per_node_tb
-        self.progress = progress
-        self._first_round = aggregated_through
+        self._progress = ProgressLine(info.rounds, info.metric_name, reached, first_round=aggregated_through,
+                                      every_s=progress_every_s) if progress else None
         self._stop = threading.Event()
         self._started = time.monotonic()       # origin of wall_s (moved back on resume)
-        self._clock_started = self._started    # origin of rounds/s (this process's own rounds)
         # On resume, events after the last aggregated round are dropped: they are logged again.
         self._writer = _summary_writer(self.run_dir / "tb", purge_after=aggregated_through)
         bytes_through = int(self.per_round[-1]["bytes_sent"]["mean"]) if self.per_round else 0
@@ -165,7 +168,8 @@ class Aggregator:
     def start_clock(self, offset_s: float = 0.0) -> None:
         """wall_s counts from the same moment as the nodes' time_s (after the start barrier)."""
         self._started = time.monotonic() - offset_s
-        self._clock_started = time.monotonic()
+        if self._progress is not None:
+            self._progress.start_clock()
 
     def finish(self, diverged: dict | None = None) -> dict:
         """After every node published how far it got: drain, write summary.json, return it.
@@ -175,6 +179,8 @@ class Aggregator:
         self._stop.set()
         self._thread.join()
         self._collect(final=True)
+        if self._progress is not None:
+            self._progress.close()
         done_keys = [f"{DONE_PREFIX}/{node}" for node in range(self.info.nodes)]
         summary = self._summary([int(raw) for raw in self.store.multi_get(done_keys)])
         summary["diverged"] = diverged
@@ -190,6 +196,8 @@ class Aggregator:
     def _loop(self) -> None:
         while not self._stop.wait(POLL_INTERVAL_S):
             self._collect(final=False)
+            if self._progress is not None:
+                self._progress.tick()
 
     def _collect(self, final: bool) -> None:
         """Aggregate, in order, every pending round whose records are all present."""
@@ -248,8 +256,9 @@ class Aggregator:
         self._bytes_writer.flush()
         self._write_consensus()
         self._write_summary(self._summary(None))  # an interrupted run keeps its aggregates so far
-        if self.progress and len(records) == self.info.nodes:
-            self._print_progress(round_number, stats)
+        if self._progress is not None and len(records) == self.info.nodes:
+            metrics = {key: stats[key]["mean"] for key in ("test_loss", "test_acc") if key in stats}
+            self._progress.evaluated(round_number, metrics, stats.get("bytes_sent", {}).get("mean"))
 
     def _write_consensus(self) -> None:
         """consensus.jsonl, rewritten whole from the aggregates (so a resumed run continues it)."""
@@ -265,16 +274,6 @@ class Aggregator:
             for key in CURVE_KEYS:
                 if record.get(key) is not None:
                     self._node_writers[node].add_scalar(key, record[key], round_number)
-
-    def _print_progress(self, round_number: int, stats: dict) -> None:
-        elapsed = time.monotonic() - self._clock_started
-        rate = (round_number - self._first_round) / elapsed if elapsed > 0 else 0.0
-        eta = (self.info.rounds - round_number) / rate if rate > 0 else math.nan
-        parts = [f"round {round_number}/{self.info.rounds}", f"{rate:.2f} rounds/s", f"ETA {eta:.0f}s"]
-        for key, label in (("test_loss", f"test {self.info.metric_name}"), ("test_acc", "test acc")):
-            if key in stats:
-                parts.append(f"{label} {stats[key]['mean']:.4f}")
-        print("[dpsgd] " + " | ".join(parts), file=sys.stdout, flush=True)
 
     def _write_summary(self, summary: dict) -> None:
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")

@@ -100,6 +100,7 @@ RULES = (
     Rule("checkpoint.every", "whole", low=0, example="50"),
     Rule("log.per_node_tb", "flag", example="false"),
     Rule("log.progress", "flag", example="true"),
+    Rule("log.progress_every_s", "number", low=0, low_open=True, example="10"),
     Rule("optimizer.name", "text", example="sgd"),
     Rule("optimizer.lr", "number", low=0, example="0.1"),
     Rule("optimizer.momentum", "number", low=0, high=1, high_open=True, example="0.9"),

@@ -145,6 +145,29 @@ class ClassificationTask:
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
+def _optimizers_without_compiler() -> None:
+    """Let torch.optim run eagerly without importing torch._dynamo, which doubles start-up.
+
+    Optimizer methods (__init__ through add_param_group, zero_grad, state_dict) are wrapped
+    so that torch.compile skips them; the wrapper imports torch._dynamo (sympy, FSDP: about
+    2 s of CPU, as long as `import torch` itself) on its first call to build the skipping
+    version, then caches it on the wrapped function. dpsgd never compiles, and outside
+    compilation that version does exactly what the function does, so the function is
+    cached as its own. A torch whose wrapper looks different is left alone (it stays correct,
+    only slower to start).
+    """
+    compile_module = getattr(torch, "_compile", None)
+    for value in vars(torch.optim.Optimizer).values():
+        code = getattr(value, "__code__", None)
+        wrapped = getattr(value, "__wrapped__", None)
+        if (code is not None and wrapped is not None and code.co_name == "inner"
+                and code.co_filename == getattr(compile_module, "__file__", None)):
+            setattr(wrapped, "__dynamo_disable", wrapped)
+
+
+_optimizers_without_compiler()
+
+
 def check_optimizer(name: str, lr: float) -> None:
     """Reject an unknown optimizer or a bad learning rate (without building anything)."""
     if name not in OPTIMIZERS:

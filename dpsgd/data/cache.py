@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -74,12 +75,16 @@ def build_once(target: Path, build: Callable[[Path], None], check: CacheCheck | 
         problem = cache_problem(target, check) if existed else None
         if existed and problem is None:
             return target  # another process built or repaired it while this one waited
+        why = "it was damaged" if existed else "first use of this data set on this machine"
+        print(f"[dpsgd] building the data cache {target} ({why}); later runs memory-map it", flush=True)
+        started = time.monotonic()
         try:
             _build_in_place(target, build, check)
         except (OSError, ConfigError) as error:
             if problem is None:
                 raise  # a first build: the caller knows what its errors mean
             raise _unrebuildable(target, problem, error) from None
+    print(f"[dpsgd] data cache built in {time.monotonic() - started:.1f} s", flush=True)
     if problem is not None:
         print(f"[dpsgd] warning: rebuilt the data cache {target}, which was damaged: {problem}",
               file=sys.stderr, flush=True)

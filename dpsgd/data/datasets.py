@@ -9,7 +9,7 @@ ratings); LEAF data sets test globally (every node on the same shared test set).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +53,17 @@ class RatingsDataset:
     table: RatingsTable
     train_fraction: float
     task = "ratings"
+    _description: str | None = field(default=None, init=False, repr=False)
 
     @property
     def dims(self) -> dict:
         return {"num_users": self.table.num_users, "num_items": self.table.num_items}
 
     def describe(self) -> str:
-        return describe(self.table)
+        # Kept: the standalone parent says it before forking, and rank 0 writes it again (partition.json).
+        if self._description is None:
+            self._description = describe(self.table)
+        return self._description
 
     def partition(self, nodes: int, seed: int) -> dict:
         entries = []
