@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from dpsgd.checkpoint import load_checkpoint, saved_rounds  # noqa: E402 - the repository is on the path from here
 from dpsgd.report.files import write_csv  # noqa: E402
+from dpsgd.report.runs import shown_dir  # noqa: E402
 
 ALGORITHMS = "dpsgd,rwm,epidemic,hybrid"
 CHECK_COLUMNS = ("run_dir", "algorithm", "round", "logged", "exact", "relative_error")
@@ -51,7 +52,9 @@ def consensus_rows(sweep_dir: Path) -> list[dict]:
             models = np.stack([load_checkpoint(run_dir / "checkpoints" / str(node) / f"{round_number}.pt")["flat"]
                                .double().numpy() for node in range(summary["nodes"])])
             exact = float(np.mean(np.sum((models - models.mean(axis=0)) ** 2, axis=1)))
-            rows.append({"run_dir": str(run_dir), "algorithm": summary["algorithm"], "round": round_number,
+            # Named as the report names runs (relative to the sweep's folder): no machine's absolute path.
+            rows.append({"run_dir": shown_dir(run_dir, [sweep_dir]), "algorithm": summary["algorithm"],
+                         "round": round_number,
                          "logged": logged.get(round_number), "exact": exact,
                          "relative_error": None if logged.get(round_number) is None
                          else logged[round_number] / exact - 1})
