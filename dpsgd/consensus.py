@@ -58,6 +58,9 @@ class ModelSketch:
 
 def consensus_distance(sketches: list[np.ndarray]) -> float:
     """Mean squared distance of the sketches to their mean: the consensus distance's estimate
-    (exact when the sketches are the models themselves)."""
+    (exact when the sketches are the models themselves). NaN when a model is not finite (training
+    diverged): there is no distance then, and inf - inf would make numpy warn mid-run."""
     stacked = np.stack(sketches)
+    if not np.isfinite(stacked).all():
+        return float("nan")
     return float(np.mean(np.sum((stacked - stacked.mean(axis=0)) ** 2, axis=1)))

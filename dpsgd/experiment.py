@@ -157,7 +157,8 @@ def _check_device(cfg: DictConfig) -> None:
 
 def prepare_data(cfg: DictConfig):
     """Parse (or generate) the data set once; the cache makes later calls cheap."""
-    return prepare_dataset(cfg.dataset.name, _options(cfg.dataset), cfg.seed, Path(cfg.cache_dir).expanduser())
+    return prepare_dataset(cfg.dataset.name, _options(cfg.dataset), cfg.seed, Path(cfg.cache_dir).expanduser(),
+                           data_dir=cfg.data_dir)
 
 
 def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> None:

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 METRICS_PREFIX = "metrics"
 SKETCH_PREFIX = "sketch"          # a node's model sketch per evaluated round (`dpsgd.consensus`)
 DONE_PREFIX = "done"
+STOP_PREFIX = "stop"              # a node's evaluated record of the round it stopped after
+STOP_SKETCH_PREFIX = "stop_sketch"  # and its model's sketch then
 SWITCH_KEY = "hybrid/switch_round"  # the round after which a hybrid run's nodes switched to D-PSGD
 RESUME_AGGREGATED_KEY = "resume/aggregated"  # on resume: the last round rank 0 had aggregated before
 CONSENSUS_FILE = "consensus.jsonl"  # per evaluated round: the consensus distance of the nodes' models
@@ -64,9 +66,24 @@ class NodeLog:
         write_atomic(path, "".join(line + "\n" for line in kept))
         self._file = open(path, "a", buffering=1)
         self.kept_records = [json.loads(line) for line in kept]
+        self.last_record: dict | None = None  # the last line written by this process
+        self._last_start = 0                  # where that line starts in the file
 
     def write(self, record: dict) -> None:
+        self._last_start = self._file.tell()
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self.last_record = record
+
+    def amend_last(self, extra: dict) -> dict:
+        """The last line again, with `extra` added (a node's evaluation when it stops after a round that
+        was not evaluated): the JSONL keeps one line per round. Returns the amended record."""
+        if self.last_record is None:
+            raise ValueError("amend_last: this node has written no round yet")
+        record = {**self.last_record, **extra}
+        self._file.truncate(self._last_start)  # append mode: the next write lands at the new end
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self.last_record = record
+        return record
 
     def close(self) -> None:
         self._file.close()
@@ -105,6 +122,15 @@ def publish_skipped(store: dist.Store, node: int, round_number: int) -> None:
     """An evaluated round this node never ran (a hybrid run's walk stopped before it), so the
     aggregator does not wait for it."""
     store.set(_metrics_key(round_number, node), json.dumps({"node": node, "round": round_number, "skipped": True}))
+
+
+def publish_at_stop(store: dist.Store, node: int, record: dict, sketch: np.ndarray | None) -> None:
+    """The node's evaluated record of the round it stopped after, and a sketch of its model then:
+    rank 0 aggregates every node's into summary.json's `final` (the end of the run). A later
+    stop (a hybrid run's averaging after its walk) replaces it."""
+    if sketch is not None:  # first: the aggregator reads it with the record
+        store.set(f"{STOP_SKETCH_PREFIX}/{node}", np.asarray(sketch, dtype=np.float64).tobytes())
+    store.set(f"{STOP_PREFIX}/{node}", json.dumps(record, allow_nan=False))
 
 
 def publish_rounds_completed(store: dist.Store, node: int, rounds_completed: int) -> None:
@@ -182,7 +208,7 @@ class Aggregator:
         if self._progress is not None:
             self._progress.close()
         done_keys = [f"{DONE_PREFIX}/{node}" for node in range(self.info.nodes)]
-        summary = self._summary([int(raw) for raw in self.store.multi_get(done_keys)])
+        summary = self._summary([int(raw) for raw in self.store.multi_get(done_keys)], self._at_stop())
         summary["diverged"] = diverged
         if self.store.check([SWITCH_KEY]):
             summary["switch_round"] = int(self.store.get(SWITCH_KEY))
@@ -192,6 +218,22 @@ class Aggregator:
         for writer in self._node_writers.values():
             writer.close()
         return summary
+
+    def _at_stop(self) -> dict | None:
+        """The end of the run: every node's evaluation of the round it stopped after, across nodes, with
+        the consensus distance of the models then; `round` is the last round any node ran. None when a
+        node published none (it ran no round in this process)."""
+        nodes = range(self.info.nodes)
+        keys = [f"{STOP_PREFIX}/{node}" for node in nodes]
+        if not self.store.check(keys):
+            return None
+        records = [json.loads(raw) for raw in self.store.multi_get(keys)]
+        sketch_keys = [f"{STOP_SKETCH_PREFIX}/{node}" for node in nodes]
+        sketches = ([np.frombuffer(raw, dtype=np.float64) for raw in self.store.multi_get(sketch_keys)]
+                    if self.store.check(sketch_keys) else [])
+        consensus = finite_or_none(consensus_distance(sketches)) if len(sketches) > 1 else None
+        return {"round": max(record["round"] for record in records), **summarize(records),
+                "consensus_distance": consensus}
 
     def _loop(self) -> None:
         while not self._stop.wait(POLL_INTERVAL_S):
@@ -278,11 +320,11 @@ class Aggregator:
     def _write_summary(self, summary: dict) -> None:
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
 
-    def _summary(self, rounds_per_node: list[int] | None) -> dict:
-        """`final` is the last evaluated round that every node reached (RWM nodes stop apart).
-
-        While the run goes on (`rounds_per_node` None), `in_progress` is true and the
-        rounds reached are those aggregated so far.
+    def _summary(self, rounds_per_node: list[int] | None, at_stop: dict | None = None) -> dict:
+        """`final` is the end of the run (`at_stop`: each node evaluated when it stopped; RWM nodes
+        stop at different rounds). While the run goes on (`rounds_per_node` None), `in_progress`
+        is true, the rounds reached are those aggregated so far, and `final` is the last evaluated
+        round every node reached.
         """
         info = self.info
         if rounds_per_node is None:
@@ -298,7 +340,7 @@ class Aggregator:
             "algorithm": info.algorithm, "sharing": info.sharing, "test_loss_metric": info.metric_name,
             "spectral_gap": info.spectral_gap,
             "wall_s": time.monotonic() - self._started, "in_progress": not self._stop.is_set(),
-            "final": complete[-1] if complete else None,
+            "final": at_stop if at_stop is not None else complete[-1] if complete else None,
             "per_round": self.per_round,
         }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -131,13 +132,15 @@ def test_a_crashed_node_ends_an_rwm_run_naming_it(tmp_path, monkeypatch):
             assert "node 5 failed" in message, message
 
 
-def test_one_rwm_step_merges_by_age_and_ages_by_max_plus_local_steps():
-    """run_rwm with a scripted link: round 1 trains and sends; round 2 receives, merges, trains, sends."""
+def test_one_rwm_step_merges_by_age_and_ages_by_max_plus_local_steps(tmp_path):
+    """run_rwm with a scripted link: round 1 trains and sends; round 2 receives, merges, trains, sends;
+    then the neighbour stops the walk and the node evaluates round 2 once (it was not an evaluated round)."""
     from types import SimpleNamespace
 
     from dpsgd.algorithms.rwm import run_rwm
     from dpsgd.communication import ByteCounters
     from dpsgd.metrics import EvalSchedule, PhaseClock
+    from dpsgd.run_outputs import STOP_PREFIX, NodeLog
     from dpsgd.sharing.full import FullSharing
     from dpsgd.sharing.wire import Encoding, Message
 
@@ -160,16 +163,29 @@ def test_one_rwm_step_merges_by_age_and_ages_by_max_plus_local_steps():
         def close(self, round_number):
             self.closed_at = round_number
 
-    records = []
+    records, evaluations, published = [], [], {}
+    log = NodeLog(tmp_path, 0)
+
+    def record(round_number, clock, **metrics):
+        records.append(metrics)
+        log.write({"node": 0, "round": round_number, **clock.seconds, **metrics})
+
     link = ScriptedLink()
     flat = own.clone()
     node = SimpleNamespace(
-        flat=flat, link=link, sharing=FullSharing(), degree=2, neighbours=[4, 9],
+        rank=0, flat=flat, link=link, sharing=FullSharing(), degree=2, neighbours=[4, 9],
         trainer=SimpleNamespace(train_round=lambda: 0.0, steps_per_round=3),  # training leaves x unchanged
-        schedule=EvalSchedule(every=100, rounds=5), evaluate=lambda: {}, rng=numpy_rng(0, "test", 0),
-        checkpoint=lambda round_number, state: None, stops_after=lambda round_number, batch_loss: False,
-        clock=PhaseClock, record=lambda round_number, clock, **m: records.append(m))
+        schedule=EvalSchedule(every=100, rounds=5), evaluate=lambda: evaluations.append(2) or {"test_loss": 0.5},
+        rng=numpy_rng(0, "test", 0), checkpoint=lambda round_number, state: None,
+        stops_after=lambda round_number, batch_loss: False, clock=PhaseClock, record=record,
+        recorder=SimpleNamespace(log=log, sketch=None, store=SimpleNamespace(set=published.__setitem__)))
     assert run_rwm(node, rounds=5) == 2  # the scripted neighbour stops the walk before round 3
+    log.close()
+    assert evaluations == [2]  # once, when the walk stopped it after round 2
+    lines = read_jsonl(tmp_path / "nodes" / "0.jsonl")
+    assert [line["round"] for line in lines] == [1, 2] and "test_loss" not in lines[0]
+    assert lines[1]["test_loss"] == 0.5 and lines[1]["age"] == 13  # round 2's line, now evaluated
+    assert json.loads(published[f"{STOP_PREFIX}/0"]) == lines[1]  # what rank 0 aggregates as `final`
     assert [r["age"] for r in records] == [3, 10 + 3]  # max(3, 10), then 3 more local steps
     assert [age for _, age, _ in link.sent] == [3, 13]
     np.testing.assert_allclose(flat.numpy(), ((3 * own + 10 * incoming) / 13).numpy(), atol=1e-6)
@@ -216,3 +232,38 @@ def test_tensorboard_has_a_histogram_of_model_ages_per_evaluated_round(tmp_path)
         histogram = event.histogram_value
         assert histogram.num == len(ages) >= 1
         assert (histogram.sum, histogram.min, histogram.max) == (sum(ages), min(ages), max(ages))
+
+
+@pytest.mark.parametrize("nodes_per_rank", [1, 4])
+def test_every_node_evaluates_the_round_it_stops_after_so_final_is_the_end_of_the_run(tmp_path, nodes_per_rank):
+    """Nodes stop wherever they are when the first completes 12 rounds (evaluations at 5, 10, 12): each
+    evaluates its last round once, and summary.json's `final` aggregates those, at round 12 with all
+    8 nodes (before: the last evaluated round every node reached, 5 or 10)."""
+    import statistics
+
+    run_train(tmp_path, "algorithm=rwm", "nodes=8", f"nodes_per_rank={nodes_per_rank}", "rounds=12",
+              "eval.every=5", "dataset.num_users=80", "dataset.num_items=100", "train.local_steps=2",
+              "checkpoint.every=0", "comm.timeout_s=30")
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final, per_node = summary["final"], summary["rounds_per_node"]
+    assert final["round"] == summary["rounds_max"] == 12 and final["nodes_reporting"] == 8
+    last_records = []
+    for node in range(8):
+        records = read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
+        assert [r["round"] for r in records] == list(range(1, per_node[node] + 1))  # one line per round
+        evaluated = [r["round"] for r in records if "test_loss" in r]
+        assert evaluated == [r for r in (5, 10) if r < per_node[node]] + [per_node[node]]
+        last_records.append(records[-1])
+    for key in ("test_loss", "test_acc", "train_loss", "bytes_sent", "time_s"):
+        assert final[key]["mean"] == pytest.approx(statistics.fmean(r[key] for r in last_records), rel=1e-12), key
+    assert final["consensus_distance"] > 0  # of the models as the nodes stopped
+    # The report says the same from the JSONL, and from summary.json alone (the other machines' logs absent).
+    from dpsgd import report
+
+    from_jsonl = report.final_metrics(report.load_run(run_dir))
+    shutil.rmtree(run_dir / "nodes")
+    from_summary = report.final_metrics(report.load_run(run_dir))
+    for row in (from_jsonl, from_summary):
+        assert row["final_round"] == 12 and row["consensus_distance"] == final["consensus_distance"]
+        assert row["test_loss"] == pytest.approx(final["test_loss"]["mean"], rel=1e-12)

@@ -374,7 +374,7 @@ def test_honest_dpsgd_exchanges_of_every_encoding_pass_and_count_received_bytes(
         dist.destroy_process_group()
 
     spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S)
-    result = {rank: torch.load(tmp_path / f"{rank}.pt") for rank in range(3)}
+    result = {rank: torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(3)}
     assert set(result[1][0]) == {Encoding.FULL, Encoding.GAP_RICE, Encoding.BITMASK}
     # Node 1 hears nodes 0 and 2, whose only neighbour it is.
     assert result[1][1][2:].tolist() == (result[0][1][:2] + result[2][1][:2]).tolist()
@@ -410,9 +410,9 @@ def test_honest_rwm_walks_with_checks_pass_and_count_received_bytes(tmp_path):
         dist.destroy_process_group()
 
     spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S)
-    sent = torch.load(tmp_path / f"{FORGER}.pt").tolist()
-    received = torch.load(tmp_path / f"{VICTIM}.pt").tolist()
-    node_2_sent = torch.load(tmp_path / "2.pt").tolist()
+    sent = torch.load(tmp_path / f"{FORGER}.pt", weights_only=True).tolist()
+    received = torch.load(tmp_path / f"{VICTIM}.pt", weights_only=True).tolist()
+    node_2_sent = torch.load(tmp_path / "2.pt", weights_only=True).tolist()
     # Node 1 hears node 0's messages and END, and node 2's END (a header only).
     assert received[2:] == [sent[0], sent[1] + node_2_sent[1]]
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dpsgd.algorithms.peers import FixedGraph, RoundPeers
+from dpsgd.algorithms.stopping import evaluate_at_stop
 from dpsgd.averaging import Contribution, merge_fill_own, mix_rows_into
 from dpsgd.node import Node
 from dpsgd.sharing.wire import Encoding, Message
@@ -44,8 +45,10 @@ def run_dpsgd(node: Node, rounds: int, start_round: int = 0, state: dict | None 
             metrics = node.evaluate() if node.schedule.due(round_number) else {}
         node.record(round_number, clock, batch_loss=batch_loss, **metrics)
         if node.stops_after(round_number, batch_loss):
+            evaluate_at_stop(node)
             return round_number  # every node stops after this same round (dpsgd.divergence)
         node.checkpoint(round_number, keep or {})
+    evaluate_at_stop(node)
     return rounds
 
 
@@ -98,6 +101,9 @@ def run_dpsgd_group(group: "NodeGroup", rounds: int, start_round: int = 0, state
 
 
 def _every_node(group: "NodeGroup", completed: int) -> dict[int, int]:
+    """Each hosted node's rounds completed, once each has measured the round it stopped after."""
+    for node in group.nodes:
+        evaluate_at_stop(node)
     return {node.rank: completed for node in group.nodes}
 
 

@@ -7,7 +7,9 @@ its END messages then stop every other node wherever it is. The nodes agree on t
 round S, the most rounds any node walked (an all-reduce of one number: after the walk every
 node is idle, so this wait is short), and all continue with synchronous D-PSGD from round
 S + 1 to `rounds`. A node that walked fewer than S rounds has no records between its last
-walked round and S; the aggregator is told it skipped them. Every record says its `phase`.
+walked round and S; the aggregator is told it skipped them. Each node evaluates the round its
+walk stopped after (`dpsgd.algorithms.stopping`), so the walk's end is measured on every node
+even when no evaluation was due there. Every record says its `phase`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Every node trains one round and sends (model, age) to one uniformly random neigh
 then, repeatedly: wait for a model from any neighbour, merge it by age-weighted
 averaging, train one round, send to one random neighbour. The run ends when the first
 node completes its rounds; the stop floods the graph through END messages (see
-`RandomWalkLink`).
+`RandomWalkLink`), and every node then evaluates the round it stopped after
+(`dpsgd.algorithms.stopping`), so the run's final numbers are its end.
 
 Periodic RWM (`algorithm.every=k`): a node that holds a model trains k rounds alone and
 sends only after rounds k, 2k, ...; it waits for a model only before rounds k+1, 2k+1, ....
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from dpsgd.algorithms.stopping import evaluate_at_stop
 from dpsgd.averaging import merge_by_age
 from dpsgd.node import Node
 from dpsgd.sharing.wire import Message
@@ -66,6 +68,7 @@ def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = 
         if over_budget(node, byte_budget):
             break  # as if its rounds were done: END messages stop the rest of the walk
     node.link.close(completed)
+    evaluate_at_stop(node)  # wherever the walk stopped it, the node's last round is measured
     return completed
 
 
@@ -103,6 +106,8 @@ def run_rwm_group(group: "NodeGroup", rounds: int, start_round: int = 0,
         if _train_until_sent(group, moving, clock, rounds, every, completed, ages, byte_budget):
             break
     link.close()
+    for node in group.nodes:
+        evaluate_at_stop(node)  # wherever the walk stopped it, each node's last round is measured
     return completed
 
 

@@ -126,8 +126,15 @@ def _shared_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def prepare_dataset(name: str, options: dict, seed: int, cache_dir: Path):
-    """The data set named by `dataset.name`, parsed or generated once; `options` are the other dataset keys."""
+# The dataset keys that name files or folders (under data_dir, unless set on their own).
+DATA_PATH_KEYS = {"movielens": ("path",), "femnist": ("train_dir", "test_dir"),
+                  "celeba": ("train_dir", "test_dir", "images_dir")}
+
+
+def prepare_dataset(name: str, options: dict, seed: int, cache_dir: Path, data_dir: str | Path | None = None):
+    """The data set named by `dataset.name`, parsed or generated once; `options` are the other dataset keys,
+    `data_dir` the folder their paths are under (named in the message when it is a file)."""
+    check_data_paths(name, options, data_dir)
     if name == "synthetic":
         table = make_synthetic(seed, num_users=options["num_users"], num_items=options["num_items"],
                                rank=options["rank"], min_ratings=options["min_ratings"],
@@ -145,3 +152,33 @@ def prepare_dataset(name: str, options: dict, seed: int, cache_dir: Path):
         return LeafDataset(train, test, report, 2, options["split_users"], "celebrities")
     raise ConfigError(f"dataset.name={name!r} is not known; choose one of {list(DATASETS)}, "
                       "e.g. `dataset=movielens`.")
+
+
+def check_data_paths(name: str, options: dict, data_dir: str | Path | None = None) -> None:
+    """A file where a folder must be (data_dir set to a file, often the ratings file or a zip itself)
+    is one paragraph naming it, not a "not found" about a path beneath it that cannot exist."""
+    for key in DATA_PATH_KEYS.get(name, ()):
+        path = Path(options[key]).expanduser()
+        blocking = next((parent for parent in path.parents if parent.is_file()), None)  # nearest first
+        if blocking is None:
+            continue
+        below = path.relative_to(blocking)
+        if data_dir is not None and blocking == Path(data_dir).expanduser():
+            folder = _holding_folder(blocking, below)
+            raise ConfigError(
+                f"data_dir={data_dir} is a file, not a folder: dataset={name} reads {below} under data_dir "
+                f"(dataset.{key}={path}). Set data_dir (or the environment variable DPSGD_DATA) to the folder that "
+                f"contains {below.parts[0]}/, e.g. `data_dir={folder}`.")
+        raise ConfigError(
+            f"dataset.{key}={path}: {blocking} is a file, not a folder, so {below} cannot be under it. "
+            f"Set dataset.{key} (or data_dir, the folder it is under) to where the data set is unpacked, "
+            f"or move the file {blocking} out of the way.")
+
+
+def _holding_folder(file: Path, below: Path) -> Path:
+    """The folder data_dir most likely meant: above the file when the file is itself the data set's
+    path under data_dir (data_dir=.../ml-latest-small/ratings.csv), else the file's own folder."""
+    for depth in range(len(below.parts), 0, -1):
+        if file.parts[-depth:] == below.parts[:depth] and len(file.parts) > depth:
+            return file.parents[depth - 1]
+    return file.parent
