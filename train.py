@@ -6,47 +6,104 @@ on one start time through the rendezvous store before Hydra names the run direct
 so a run has exactly one directory, and only rank 0 keeps Hydra's own logs.
 """
 
+import sys
+
+if __name__ == "__main__" and any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+    from dpsgd.config_help import help_text  # the keys' meanings need only the conf files: no torch
+
+    print(help_text())
+    sys.exit(0)
+
 import torch  # noqa: F401  (first: forked ranks share the imported pages)
 
 import os
 import signal
-import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dpsgd import launch
 from dpsgd.checkpoint import check_resumable
 from dpsgd import run_folder
-from dpsgd.errors import ConfigError, Interrupted, NodeFailure, raise_interrupted
-from dpsgd.experiment import check_config, prepare_data, ranks_for, run_node
+from dpsgd.config_help import composition_error
+from dpsgd.errors import ConfigError, Interrupted, NodeFailure, raise_interrupted, write_torchrun_error_file
+from dpsgd.experiment import check_config, config_notes, prepare_data, ranks_for, run_node
 from dpsgd.group.compose import rank_label
 from dpsgd.progress import startup_step
 
 START_TIME_KEY = "dpsgd/start_time"
+EXIT_KEY = "dpsgd/config_error_exit"
+SIBLINGS_WAIT_S = 30.0  # how long a machine's first rank waits for its other ranks to leave first
 RANK_CONTEXT: launch.RankContext | None = None
+JOBS_RUN = 0
+FAILED_JOBS: list[tuple[int, str, str, int]] = []  # failed sweep jobs: (number, overrides, first line, exit code)
+
+
+class JobFailed(Exception):
+    """This run (or sweep job) cannot go on; a single run exits with `code`, a sweep records it and goes on."""
+
+    def __init__(self, message: str, code: int, show: bool = True, shared: bool = True):
+        super().__init__(message)
+        self.code, self.show, self.shared = code, show, shared
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def task(cfg: DictConfig) -> None:
+    global JOBS_RUN
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if RANK_CONTEXT is not None:
-        _run_under_torchrun(cfg, RANK_CONTEXT, run_dir)
-    else:
-        _run_standalone(cfg, run_dir)
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    JOBS_RUN += 1
+    try:
+        if RANK_CONTEXT is not None:
+            _run_under_torchrun(cfg, RANK_CONTEXT, run_dir)
+        else:
+            _run_standalone(cfg, run_dir)
+    except JobFailed as failure:
+        if not sweep:
+            _exit(str(failure), failure.code, show=failure.show, shared=failure.shared)
+        _record_failed_job(str(failure), failure.code, failure.show)
+    except Exception as crash:  # a bug in one job of a sweep must not cost the others
+        if not sweep or RANK_CONTEXT is not None:
+            raise  # under torchrun the ranks' process group may be left broken: the sweep ends
+        traceback.print_exc()
+        _record_failed_job(f"crashed: {type(crash).__name__}: {crash}", 1, show=False)
+
+
+def _record_failed_job(message: str, code: int, show: bool) -> None:
+    """One failed job of a sweep: said now, listed again when the sweep ends (`_end_sweep`)."""
+    if show:
+        print(f"dpsgd: {message}", file=sys.stderr, flush=True)
+    hydra_cfg = HydraConfig.get()
+    overrides = " ".join(arg for arg in hydra_cfg.overrides.task if not arg.startswith("hydra."))
+    FAILED_JOBS.append((hydra_cfg.job.num, overrides or "no overrides", message.splitlines()[0], code))
+
+
+def _end_sweep() -> None:
+    """After the last job: list the failed jobs with their first error line; exit with the first one's code."""
+    if not FAILED_JOBS:
+        return
+    rows = "\n".join(f"  job {number} ({overrides}): {line}" for number, overrides, line, _ in FAILED_JOBS)
+    _exit(f"{len(FAILED_JOBS)} of {JOBS_RUN} sweep jobs failed (the others ran):\n{rows}", FAILED_JOBS[0][3],
+          show=RANK_CONTEXT is None or RANK_CONTEXT.rank == 0)
 
 
 def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path) -> None:
     signal.signal(signal.SIGTERM, raise_interrupted)  # torchrun forwards the user's signal to every rank
     try:
+        check_config(cfg, ctx.world_size)  # run_node checks again; here to say the notes once
+        if ctx.rank == 0:
+            _print_notes(cfg)
         run_node(cfg, ctx, run_dir)
     except ConfigError as error:
-        _exit(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0 or error.rank_specific)
+        raise JobFailed(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0 or error.rank_specific,
+                        shared=not error.rank_specific) from None
     except NodeFailure as error:
         _exit(str(error), launch.EXIT_NODE_FAILURE, hard=True)
     except (KeyboardInterrupt, Interrupted) as stop:
@@ -60,6 +117,7 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
         if HydraConfig.get().mode == RunMode.MULTIRUN and not cfg.resume:
             run_folder.claim(run_dir)  # a single run's folder was claimed by the Hydra callback
         check_config(cfg)  # standalone: the ranks follow from nodes and nodes_per_rank
+        _print_notes(cfg)
         if cfg.resume:
             check_resumable(cfg, run_dir, all_nodes_local=True)
         dataset = prepare_data(cfg)  # before forking: ranks inherit or memory-map it
@@ -67,7 +125,7 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
     except ConfigError as error:
         if not cfg.resume:
             run_folder.release(run_dir)  # nothing was written: the same folder may be used again
-        _exit(str(error), launch.EXIT_CONFIG_ERROR)
+        raise JobFailed(str(error), launch.EXIT_CONFIG_ERROR) from None
     startup_step("data ready", f"{cfg.dataset.name}: {dataset.describe()}")
     ranks = ranks_for(cfg)
     grouping = f" in {ranks} rank{'s' if ranks > 1 else ''} of {cfg.nodes_per_rank}" if cfg.nodes_per_rank > 1 else ""
@@ -81,7 +139,8 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
                      announce_ranks=True)
     except launch.RankFailure as failure:
         details = failure.errors.get(failure.first_failed, "")
-        _exit(f"{failure}\n{details}" if "crashed" in details else str(failure), launch.EXIT_NODE_FAILURE)
+        raise JobFailed(f"{failure}\n{details}" if "crashed" in details else str(failure),
+                        launch.EXIT_NODE_FAILURE) from None
     except Interrupted as stop:  # spawn has stopped every rank
         _exit(_stopped_line(stop, cfg, run_dir), stop.exit_code)
 
@@ -92,14 +151,47 @@ def _stopped_line(stop: Interrupted, cfg: DictConfig, run_dir: Path) -> str:
     return f"stopped by {how}: {run_folder.resume_hint(run_dir, cfg.nodes, sys.argv[1:])}"
 
 
-def _exit(message: str, code: int, show: bool = True, hard: bool = False) -> None:
-    """Report and exit; `hard` skips interpreter teardown, which can block on gloo after a peer died."""
+def _print_notes(cfg: DictConfig) -> None:
+    for note in config_notes(cfg):
+        print(f"[dpsgd] note: {note}", flush=True)
+
+
+def _exit(message: str, code: int, show: bool = True, hard: bool = False, shared: bool = True) -> None:
+    """Report and exit; `hard` skips interpreter teardown, which can block on gloo after a peer died.
+
+    `shared`: every rank has the same message (a configuration error): under torchrun it is said once.
+    """
+    if RANK_CONTEXT is not None and code == launch.EXIT_CONFIG_ERROR and shared:
+        _exit_config_error_under_torchrun(RANK_CONTEXT, message)
     if show:
         print(f"dpsgd: {message}", file=sys.stderr, flush=True)
     if hard:
         sys.stdout.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _exit_config_error_under_torchrun(ctx: launch.RankContext, message: str) -> None:
+    """Make a configuration error the one failure torchrun reports, with the paragraph as its cause.
+
+    torchrun prints its own traceback and a box listing every worker that exited non-zero,
+    each with "To enable traceback see ...". So on each machine one rank (its first) fails,
+    after the others have left with 0, and hands the paragraph to torchrun through the error
+    file torchrun gives every worker (TORCHELASTIC_ERROR_FILE): the box then names one failure
+    whose cause is the paragraph, said once, at the end of the output. torchrun itself exits 1.
+    """
+    counter = f"{EXIT_KEY}/{os.environ.get('GROUP_RANK', '0')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if ctx.local_rank != 0:
+        ctx.store.add(counter, 1)
+        sys.stdout.flush()
+        os._exit(0)  # this machine's first rank reports for it
+    deadline = time.monotonic() + SIBLINGS_WAIT_S
+    while ctx.store.add(counter, 0) < ctx.local_world_size - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not write_torchrun_error_file(message):
+        print(f"dpsgd: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(launch.EXIT_CONFIG_ERROR)
 
 
 def _agree_start_time(ctx: launch.RankContext | None) -> datetime:
@@ -135,7 +227,13 @@ def main() -> None:
             _add_overrides(["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
     start = _agree_start_time(RANK_CONTEXT)
     OmegaConf.register_new_resolver("dpsgd_start", lambda pattern: start.strftime(pattern), replace=True)
-    task()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing and exiting 1: a config mistake exits 2
+    try:
+        task()
+    except CompactHydraException as error:  # an unknown key, group option or override syntax
+        _exit(composition_error(error, sys.argv[1:]), launch.EXIT_CONFIG_ERROR,
+              show=RANK_CONTEXT is None or RANK_CONTEXT.rank == 0)
+    _end_sweep()
 
 
 if __name__ == "__main__":

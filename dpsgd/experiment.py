@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dpsgd.algorithms.dpsgd import run_dpsgd, run_dpsgd_group
@@ -42,9 +43,9 @@ from dpsgd.run_folder import check_fresh_node, write_atomic
 from dpsgd.run_outputs import (RESUME_AGGREGATED_KEY, Aggregator, NodeLog, RunInfo, earlier_rounds,
                                publish_rounds_completed, republish_kept_rounds)
 from dpsgd.seeding import numpy_rng, stream_key, torch_generator
-from dpsgd.settings import check_values
+from dpsgd.settings import alpha_note, check_known_keys, check_values
 from dpsgd.sharing import build_sharing, check_sharing
-from dpsgd.topology import Topology, build_topology
+from dpsgd.topology import DEFAULT_DEGREE, Topology, build_topology, default_degree
 from dpsgd.training import (BatchStream, ClassificationTask, RatingsTask, Task, Trainer, build_optimizer,
                             check_optimizer)
 
@@ -60,11 +61,17 @@ PATTERN_KEYS = {"rwm": ("every",), "epidemic": ("fanout",), "hybrid": ("every", 
 TEST_LOSS_METRIC = {"ratings": "rmse", "classification": "cross_entropy"}
 
 
-def check_config(cfg: DictConfig, world_size: int | None = None) -> Topology:
+def check_config(cfg: DictConfig, world_size: int | None = None, choices=None) -> Topology:
     """Find configuration mistakes before any rank trains; return the validated topology.
 
     `world_size`: the ranks that were started (None before forking them: they follow from the config).
+    `choices`: the chosen option of each config group, for refusing keys no config file declares
+    (default: Hydra's runtime choices inside a Hydra app; outside one that check is skipped).
     """
+    if choices is None and HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+    if choices is not None:
+        check_known_keys(cfg, choices)
     check_values(cfg)  # every key's type and range first: the checks below rely on them
     _check_grouping(cfg, ranks_for(cfg) if world_size is None else world_size)
     if cfg.algorithm.name not in ALGORITHMS:
@@ -110,10 +117,28 @@ def _check_pattern(cfg: DictConfig) -> None:
                           f"algorithm={name} and topology.kind={cfg.topology.kind}. It needs `algorithm=dpsgd` and "
                           f"a random graph (topology.kind one of {list(RANDOM_TOPOLOGIES)}); epidemic draws its own "
                           "peers each round, and RWM walks one fixed graph. Otherwise drop topology.resample_every.")
-    if every is not None and cfg.topology.degree < 3:
-        raise ConfigError(f"topology.resample_every={every} with topology.degree={cfg.topology.degree}: every period "
+    if every is not None and topology_degree(cfg) < 3:
+        raise ConfigError(f"topology.resample_every={every} with topology.degree={topology_degree(cfg)}: every period "
                           "draws a new graph during the run, and graphs of degree below 3 are often disconnected, "
                           "which would stop the run midway. Use `topology.degree=3` or more.")
+
+
+def topology_degree(cfg: DictConfig) -> int:
+    """`topology.degree`, or when it is left unset (null) the largest valid degree up to 4 for the nodes."""
+    degree = cfg.topology.degree
+    return default_degree(cfg.topology.kind, cfg.nodes) if degree is None else degree
+
+
+def config_notes(cfg: DictConfig) -> list[str]:
+    """One line for each setting that does not mean what it may seem to: said at start-up and kept in
+    the run's config.yaml. Call after check_config (the values are valid)."""
+    notes = [note for note in (alpha_note(cfg),) if note]
+    degree = topology_degree(cfg)
+    if (cfg.topology.degree is None and cfg.topology.kind in RANDOM_TOPOLOGIES and degree != DEFAULT_DEGREE
+            and cfg.algorithm.name != "epidemic"):
+        notes.append(f"topology.degree={degree}: the largest valid degree up to {DEFAULT_DEGREE} for {cfg.nodes} nodes "
+                     f"(set topology.degree to choose one)")
+    return notes
 
 
 def resample_every(cfg: DictConfig) -> int | None:
@@ -182,7 +207,7 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     nodes, run_algorithm = _build_hosted(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints)
     restored = {node.rank: checkpoints[node.rank].restore(node, start_round) for node in nodes}
     elapsed_s = restored[nodes[0].rank][0]
-    aggregator = _start_aggregator(cfg, nodes[0], store, run_dir, dataset.task, start_round) if ctx.rank == 0 else None
+    aggregator = _start_aggregator(cfg, nodes[0], store, run_dir, dataset, start_round) if ctx.rank == 0 else None
     if start_round:  # rank 0 may not have aggregated every round the nodes had logged
         aggregated = int(store.get(RESUME_AGGREGATED_KEY))
         for node in nodes:
@@ -361,15 +386,19 @@ def build_trainer(cfg: DictConfig, dataset, data: NodeData, rank: int,
 
 def write_run_files(cfg: DictConfig, dataset, run_dir: Path) -> None:
     """The resolved config, and which users (and how many samples) each node got, so runs can be compared."""
-    write_atomic(Path(run_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    notes = "".join(f"# {note}\n" for note in config_notes(cfg))
+    write_atomic(Path(run_dir) / "config.yaml", notes + OmegaConf.to_yaml(cfg, resolve=True))
     partition = {"dataset": cfg.dataset.name, "description": dataset.describe(), **dataset.partition(cfg.nodes, cfg.seed)}
     write_atomic(Path(run_dir) / "partition.json", json.dumps(partition, indent=1) + "\n")
 
 
-def no_learning_baseline(cfg: DictConfig) -> dict[str, float]:
+def no_learning_baseline(cfg: DictConfig, dataset=None) -> dict[str, float]:
     """What the config's task scores without learning (global train mean; majority class) on the
-    whole train split and the test set a run evaluates: the line a learning result must beat."""
-    dataset = prepare_data(cfg)
+    whole train split and the test set a run evaluates: the line a learning result must beat.
+
+    `dataset`: the prepared data set when the caller has it (a run's rank 0), else it is prepared here.
+    """
+    dataset = dataset or prepare_data(cfg)
     whole = dataset.node_data(0, 1, cfg.seed, cfg.eval.test_samples)
     return build_task(cfg, dataset.task).no_learning(whole.train, whole.test)
 
@@ -414,14 +443,21 @@ def _topology(cfg: DictConfig, period: int = 0) -> Topology:
     return build_topology(t.kind, cfg.nodes, seed=seed, degree=t.degree, path=t.path, rewire_p=t.rewire_p)
 
 
-def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, task: str,
+def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, dataset,
                       start_round: int) -> Aggregator:
-    """Rank 0's aggregator, carrying over on resume the aggregates written before the interruption."""
+    """Rank 0's aggregator, carrying over on resume the aggregates written before the interruption.
+
+    The no-learning scores go into summary.json so that a report draws every result against
+    them without the data (a few milliseconds here: the data set is already parsed).
+    """
     carried = earlier_rounds(run_dir, start_round)
     store.set(RESUME_AGGREGATED_KEY, str(carried[-1]["round"] if carried else 0))
+    baseline = no_learning_baseline(cfg, dataset)
     info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
                    dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
-                   metric_name=TEST_LOSS_METRIC[task], spectral_gap=round_peers(cfg, node.topology).mixing_gap())
+                   metric_name=TEST_LOSS_METRIC[dataset.task],
+                   spectral_gap=round_peers(cfg, node.topology).mixing_gap(),
+                   no_learning={f"test_{key}": value for key, value in baseline.items()})
     return Aggregator(store, run_dir, info, node.schedule.rounds_due(), per_node_tb=cfg.log.per_node_tb,
                       progress=cfg.log.progress, earlier_rounds=carried, reached=node.recorder.reached,
                       progress_every_s=cfg.log.progress_every_s).start()

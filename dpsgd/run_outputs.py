@@ -151,6 +151,8 @@ class RunInfo:
     sharing: str
     metric_name: str  # what test_loss means: "rmse" or "cross_entropy"
     spectral_gap: float | None  # of the graph's Metropolis-Hastings matrix (None: the mixing changes)
+    # What the task scores without learning (test_loss, test_acc): the line figures draw a result against.
+    no_learning: dict[str, float] | None = None
 
 
 def summarize(records: list[dict]) -> dict:
@@ -338,7 +340,7 @@ class Aggregator:
             "rounds_min": rounds_min, "rounds_max": max(rounds_per_node), "rounds_per_node": rounds_per_node,
             "num_parameters": info.num_parameters, "model": info.model, "dataset": info.dataset,
             "algorithm": info.algorithm, "sharing": info.sharing, "test_loss_metric": info.metric_name,
-            "spectral_gap": info.spectral_gap,
+            "spectral_gap": info.spectral_gap, "no_learning": info.no_learning,
             "wall_s": time.monotonic() - self._started, "in_progress": not self._stop.is_set(),
             "final": at_stop if at_stop is not None else complete[-1] if complete else None,
             "per_round": self.per_round,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dpsgd.config_help import closest_keys, declared_keys, leaf_keys
 from dpsgd.errors import ConfigError
 
 _ABSENT = object()
@@ -110,7 +111,7 @@ RULES = (
     Rule("model.regularization", "number", low=0, example="0.05"),
     Rule("model.input_scale", "number", low=0, low_open=True, example="1.0"),
     Rule("topology.kind", "text", example="regular"),
-    Rule("topology.degree", "whole", low=1, example="4"),
+    Rule("topology.degree", "whole", low=1, optional=True, example="4"),
     Rule("topology.rewire_p", "number", low=0, high=1, example="0.1"),
     Rule("topology.path", "text", optional=True, example="graph.txt"),
     Rule("topology.resample_every", "whole", low=1, optional=True, example="10"),
@@ -150,17 +151,42 @@ def check_values(cfg: DictConfig) -> None:
         if problem is not None:
             raise ConfigError(f"{rule.key}={value!r} {problem}. Set it on the command line or in its "
                               f"config file, e.g. `{rule.key}={rule.example}`.")
-    _check_alpha_is_used(cfg)
 
 
-def _check_alpha_is_used(cfg: DictConfig) -> None:
-    """`alpha` only means something to partial and sub-sampling sharing; elsewhere it is a typo'd intent."""
-    if cfg.sharing.name in ("full", "random_alpha") and cfg.alpha != 1.0:
-        what = ("every message carries the whole model" if cfg.sharing.name == "full"
-                else "each round's fraction is drawn from sharing.alpha_list")
-        raise ConfigError(f"alpha={cfg.alpha} has no effect with sharing={cfg.sharing.name} ({what}). "
-                          "For a fraction of the model per message use e.g. `sharing=partial alpha=0.1` or "
-                          "`sharing=subsampling alpha=0.5`; otherwise leave alpha at 1.0.")
+def alpha_note(cfg: DictConfig) -> str | None:
+    """Why `alpha` does not apply to this run's sharing method, or None when it does (or is left at 1).
+
+    `alpha` means something to partial and sub-sampling sharing only. A sweep that crosses
+    sharing methods with alphas (`sharing=full,partial alpha=0.1,0.5`) is the usual way to
+    compare them, so with the other methods alpha is accepted, said not to apply, and
+    recorded so in the run's config.yaml; the report leaves it out of their labels.
+    """
+    if cfg.sharing.name not in ("full", "random_alpha") or cfg.alpha == 1.0:
+        return None
+    why = ("every message carries the whole model" if cfg.sharing.name == "full"
+           else "each round's fraction is drawn from sharing.alpha_list")
+    return f"alpha={cfg.alpha} does not apply to sharing={cfg.sharing.name} ({why})"
+
+
+def check_known_keys(cfg: DictConfig, choices) -> None:
+    """Refuse a key no config file declares (`+train.bogus=1`): nothing would read it, so the run
+    would silently differ from what the user asked for.
+
+    `choices`: Hydra's runtime choices (group -> option); the keys the primary config and the
+    chosen options declare (`dpsgd.config_help.declared_keys`) are the ones components read.
+    """
+    declared = declared_keys(choices)
+    undeclared = sorted(key for key in leaf_keys(OmegaConf.to_container(cfg, resolve=False)) if key not in declared)
+    if undeclared:
+        key = undeclared[0]
+        value = OmegaConf.select(cfg, key)
+        similar = closest_keys(key, declared)
+        hint = f"Did you mean {' or '.join(f'`{k}`' for k in similar)}? " if similar else ""
+        more = f" (also {', '.join(undeclared[1:])})" if len(undeclared) > 1 else ""
+        raise ConfigError(f"{key}={value} is not a key of this configuration{more}: no part of dpsgd reads it, so "
+                          f"the run would silently ignore it. {hint}Drop it from the command line; "
+                          "`python train.py --help` lists every key with its meaning (a group option's keys come "
+                          "with the option, e.g. `optimizer=sgd optimizer.momentum=0.9`).")
 
 
 def _select(cfg: DictConfig, key: str):

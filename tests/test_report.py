@@ -31,9 +31,11 @@ REAL_RUNS = {  # job directory -> overrides; the directory names mimic a Hydra s
     "2": ["algorithm=dpsgd", "sharing=partial", "alpha=0.2"],
 }
 REAL_LABELS = {"0": "dpsgd full", "1": "rwm full", "2": "dpsgd partial a=0.2"}
-FIGURES = ["test_metric_vs_rounds.png", "test_metric_vs_time.png", "test_metric_vs_bytes.png",
-           "train_loss_vs_rounds.png", "train_loss_vs_time.png", "train_loss_vs_bytes.png",
-           "equal_time.png", "equal_bytes.png", "bytes_data_vs_meta.png", "consensus_distance.png"]
+FIGURE_STEMS = ["test_metric_vs_rounds", "test_metric_vs_time", "test_metric_vs_bytes", "train_loss_vs_rounds",
+                "train_loss_vs_time", "train_loss_vs_bytes", "equal_time", "equal_bytes", "bytes_data_vs_meta",
+                "consensus_distance"]
+FIGURES = [f"{stem}.png" for stem in FIGURE_STEMS]
+MAGIC = {"png": PNG_MAGIC, "pdf": b"%PDF-", "svg": b"<?xml"}
 TABLES = ["final_metrics.csv", "curves.csv", "equal_time.csv", "equal_bytes.csv"]
 MEAN_COLUMNS = ["test_loss", "test_acc", "train_loss", "bytes_sent", "bytes_sent_data", "bytes_sent_meta"]
 
@@ -90,11 +92,14 @@ def mean_of(records: list[dict], key: str) -> float:
     return statistics.fmean(record[key] for record in records)
 
 
-def test_every_figure_is_a_png_and_every_table_is_written(written: Path):
-    for name in FIGURES:
-        data = (written / name).read_bytes()
-        assert data.startswith(PNG_MAGIC), name
-        assert len(data) > 10_000, f"{name} is only {len(data)} bytes"
+def test_every_figure_is_a_png_and_a_pdf_and_every_table_is_written(written: Path):
+    """The default formats: PNG to look at, PDF for a paper."""
+    for stem in FIGURE_STEMS:
+        for extension in ("png", "pdf"):
+            data = (written / f"{stem}.{extension}").read_bytes()
+            assert data.startswith(MAGIC[extension]), (stem, extension)
+            assert len(data) > 10_000, f"{stem}.{extension} is only {len(data)} bytes"
+        assert not (written / f"{stem}.svg").exists()
     for name in TABLES:
         assert len(read_csv(written / name)) >= len(REAL_RUNS), name
 
@@ -112,12 +117,12 @@ def test_final_metrics_equal_a_recomputation_from_the_jsonl(sweep: Path, written
         summary = json.loads((run_dir / "summary.json").read_text())
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         row = rows[job]
-        evaluated = evaluated_by_all(run_dir, "test_loss")
-        if not evaluated:  # an RWM node can stop before the first evaluation: nothing final to report
-            assert row["final_round"] == "" and summary["final"] is None
-            continue
-        final_round, records = evaluated[-1]
+        # The end of the run: every node evaluated the round it stopped after (RWM nodes stop apart).
+        records = [read_jsonl(path)[-1] for path in sorted((run_dir / "nodes").glob("*.jsonl"))]
+        final_round = max(record["round"] for record in records)
+        assert len(records) == NODES and final_round == summary["rounds_max"]
         assert int(row["final_round"]) == final_round == summary["final"]["round"]
+        assert float(row["consensus_distance"]) == pytest.approx(summary["final"]["consensus_distance"], rel=1e-12)
         for key in MEAN_COLUMNS:
             assert number(row[key]) == pytest.approx(mean_of(records, key), rel=1e-12), (job, key)
         assert (row["algorithm"], row["sharing"], float(row["alpha"])) == (
@@ -144,15 +149,25 @@ def test_curves_equal_a_recomputation_from_the_jsonl(sweep: Path, written: Path)
                 assert float(row["bytes_sent"]) == pytest.approx(mean_of(records, "bytes_sent"), rel=1e-12)
 
 
+def best_cut(spans: list[tuple[float, float]]) -> float:
+    """The cut rule, stated plainly: of the runs' last values, the largest among those that the
+    most runs' (first, last) spans hold."""
+    held = {end: sum(first <= end <= last for first, last in spans) for _, end in spans}
+    most = max(held.values())
+    return max(end for end, count in held.items() if count == most)
+
+
 def test_equal_time_and_bytes_tables_on_real_runs(sweep: Path, written: Path):
     for table, axis in (("equal_time.csv", "time_s"), ("equal_bytes.csv", "bytes_sent")):
         finals = {job: evaluated_by_all(sweep / job, "test_loss") for job in REAL_RUNS}
-        cut = min(mean_of(points[-1][1], axis) for points in finals.values() if points)
+        spans = {job: (mean_of(points[0][1], axis), mean_of(points[-1][1], axis))
+                 for job, points in finals.items() if points}
+        cut = best_cut(list(spans.values()))
         for row in read_csv(written / table):
+            job = Path(row["run_dir"]).name
             assert float(row[f"cut_{axis}"]) == pytest.approx(cut, rel=1e-12)
-            within = [(r, records) for r, records in finals[Path(row["run_dir"]).name]
-                      if mean_of(records, axis) <= cut]
-            if not within:
+            within = [(r, records) for r, records in finals[job] if mean_of(records, axis) <= cut]
+            if job not in spans or not spans[job][0] <= cut <= spans[job][1]:
                 assert row["round"] == "" and row["metric_mean"] == ""
                 continue
             last_round, records = within[-1]
@@ -230,7 +245,7 @@ def test_cli_without_runs_says_what_to_pass(tmp_path: Path):
 
 
 def make_run(path: Path, algorithm: str, sharing: str, alpha: float, evaluated: dict[int, list[tuple]],
-             metric: str = "rmse", dataset: str = "movielens") -> Path:
+             metric: str = "rmse", dataset: str = "movielens", no_learning: dict | None = None) -> Path:
     """A run directory with known numbers: evaluated[round] = per node (time_s, bytes_sent, test value).
 
     Rounds in between are logged without a test value, as real runs do.
@@ -252,7 +267,7 @@ def make_run(path: Path, algorithm: str, sharing: str, alpha: float, evaluated: 
         (path / "nodes" / f"{node}.jsonl").write_text("\n".join(lines) + "\n")
     summary = {"nodes": nodes, "rounds_min": last, "rounds_max": last, "rounds_per_node": [last] * nodes,
                "algorithm": algorithm, "sharing": sharing, "dataset": dataset, "test_loss_metric": metric,
-               "wall_s": 1.0, "final": None, "per_round": []}
+               "wall_s": 1.0, "final": None, "per_round": [], "no_learning": no_learning}
     (path / "summary.json").write_text(json.dumps(summary))
     config = {"algorithm": {"name": algorithm}, "sharing": {"name": sharing}, "dataset": {"name": dataset},
               "alpha": alpha, "nodes": nodes}
@@ -279,12 +294,15 @@ def reached_by_label(cuts: list[report.Cut]) -> dict[str, tuple | None]:
 
 
 def test_equal_time_cut_on_hand_made_runs(tmp_path: Path):
+    """Time spans (first, last evaluation): gossip 2.0-3.0, walk 1.0-2.0, partial 2.5-5.0. No time holds all
+    three; 2.0 and 3.0 each hold two, and the cut is the larger: walk ended before it."""
     runs = report.load_runs([hand_made_sweep(tmp_path)])
     cuts = report.equal_time(runs)
-    assert {cut.cut for cut in cuts} == {2.0}
-    # gossip's round 2 sits exactly on the cut (mean time 2.0): reached. partial's first evaluation is at 2.5 s.
-    assert reached_by_label(cuts) == {"dpsgd full": (2, 1.0), "rwm full": (4, pytest.approx(0.4)),
-                                      "dpsgd partial a=0.1": None}
+    assert {cut.cut for cut in cuts} == {3.0}
+    # gossip's round 4 sits exactly on the cut (mean time 3.0): reached.
+    assert reached_by_label(cuts) == {"dpsgd full": (4, pytest.approx(0.6)), "rwm full": None,
+                                      "dpsgd partial a=0.1": (2, pytest.approx(0.95))}
+    assert {cut.run.label: cut.span for cut in cuts}["rwm full"] == (1.0, 2.0)
 
 
 def test_the_first_round_reaching_a_target_on_hand_made_runs(tmp_path: Path):
@@ -334,7 +352,8 @@ def test_cut_tables_on_hand_made_runs(tmp_path: Path):
     assert float(by_label["dpsgd partial a=0.1"]["metric_mean"]) == 0.5
     assert by_label["rwm full"]["metric_mean"] == ""
     by_label = {row["label"]: row for row in read_csv(out / "equal_time.csv")}
-    assert float(by_label["dpsgd full"]["time_s"]) == 2.0 and float(by_label["dpsgd full"]["metric_mean"]) == 1.0
+    assert float(by_label["dpsgd full"]["time_s"]) == 3.0
+    assert float(by_label["dpsgd full"]["metric_mean"]) == pytest.approx(0.6)
 
 
 def test_classification_and_ratings_runs_are_cut_separately(tmp_path: Path):
@@ -349,7 +368,7 @@ def test_classification_and_ratings_runs_are_cut_separately(tmp_path: Path):
     cuts = {cut.run.path.name: cut for cut in report.equal_time(runs)}
     # Alone in its group, the accuracy run is cut at its own end: its final accuracy.
     assert cuts["images"].cut == 20.0 and cuts["images"].point.mean == pytest.approx(0.6)
-    assert cuts["walk"].cut == 2.0
+    assert cuts["walk"].cut == 3.0
 
 
 def test_same_config_runs_get_their_directory_names(tmp_path: Path):
@@ -377,3 +396,170 @@ def test_table_columns_are_aligned():
     for line in lines:
         assert all(line[start] != " " and (start == 0 or line[start - 1] == " ") for start in starts), line
     assert lines[0].split()[2:] == ["1.235", "-"]
+
+
+# ---------------------------------------------------------------- paper-ready figures (issue 21, point 8)
+
+
+def artists_labelled(figure, prefix: str) -> list:
+    return [line for panel in figure.axes for line in panel.get_lines() if line.get_label().startswith(prefix)]
+
+
+def legend_boxes_and_panels(figure):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # lay out (constrained layout places the legend) before measuring
+    renderer = canvas.get_renderer()
+    legends = list(figure.legends) + [panel.get_legend() for panel in figure.axes if panel.get_legend()]
+    return [legend.get_window_extent(renderer) for legend in legends], [panel.get_window_extent(renderer)
+                                                                        for panel in figure.axes]
+
+
+def every_figure(runs: list) -> dict:
+    figures = {f"test vs {axis}": report.curve_figure(runs, "test", axis) for axis in report.compare.AXES}
+    figures.update({f"train vs {axis}": report.curve_figure(runs, "train", axis) for axis in report.compare.AXES})
+    figures.update({"equal time": report.cut_figure(report.equal_time(runs), runs),
+                    "equal bytes": report.cut_figure(report.equal_bytes(runs), runs),
+                    "bytes split": report.bytes_split_figure(runs), "consensus": report.consensus_figure(runs)})
+    return figures
+
+
+def test_a_run_records_its_no_learning_baseline(sweep: Path):
+    """summary.json's no_learning: the train mean rating of all nodes, scored on all their test ratings,
+    recomputed here from each node's own data."""
+    from omegaconf import OmegaConf
+
+    from dpsgd.experiment import prepare_data
+    config = OmegaConf.create((sweep / "0" / "config.yaml").read_text())
+    dataset = prepare_data(config)
+    parts = [dataset.node_data(node, NODES, config.seed, config.eval.test_samples) for node in range(NODES)]
+    train = [float(r) for part in parts for r in part.train[2]]
+    test = [float(r) for part in parts for r in part.test[2]]
+    mean = statistics.fmean(train)
+    rmse = statistics.fmean((r - mean) ** 2 for r in test) ** 0.5
+    for job in REAL_RUNS:
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["no_learning"]["test_loss"] == pytest.approx(rmse, rel=1e-9)
+        assert 0 < summary["no_learning"]["test_acc"] < 1
+        assert report.load_run(sweep / job).no_learning == summary["no_learning"]["test_loss"]
+
+
+def test_every_figure_has_a_title_and_its_legend_outside_the_data(sweep: Path):
+    runs = report.load_runs([sweep])
+    for name, figure in every_figure(runs).items():
+        assert figure.get_suptitle(), f"{name}: no title"
+        assert all(panel.get_title() for panel in figure.axes), f"{name}: a panel says nothing of its data"
+        legends, panels = legend_boxes_and_panels(figure)
+        assert legends, f"{name}: no legend"
+        for legend in legends:
+            assert not any(legend.overlaps(panel) for panel in panels), f"{name}: the legend lies on the data"
+    title = report.curve_figure(runs, "test", "round").get_suptitle()
+    assert "RMSE" in title and "rounds" in title
+    assert "synthetic, 4 nodes" in report.curve_figure(runs, "test", "round").axes[0].get_title()
+
+
+def test_every_metric_figure_draws_the_no_learning_line(sweep: Path):
+    runs = report.load_runs([sweep])
+    baseline = json.loads((sweep / "0" / "summary.json").read_text())["no_learning"]["test_loss"]
+    for name, figure in every_figure(runs).items():
+        if not name.startswith(("test", "equal")):
+            continue
+        lines = artists_labelled(figure, "no learning")
+        assert len(lines) == 1, name
+        where = lines[0].get_ydata() if name.startswith("test") else lines[0].get_xdata()
+        assert list(where) == [baseline, baseline], name
+        assert f"{baseline:.4g}" in lines[0].get_label()
+
+
+def test_equal_cuts_are_dots_on_an_axis_that_does_not_start_at_zero(sweep: Path):
+    """An RMSE bar from 0 makes 0.91 and 0.93 look alike: a dot per run, the axis around the values."""
+    from matplotlib.patches import Rectangle
+    runs = report.load_runs([sweep])
+    for cuts in (report.equal_time(runs), report.equal_bytes(runs)):
+        figure = report.cut_figure(cuts, runs)
+        panel = figure.axes[0]
+        assert not [patch for patch in panel.patches if isinstance(patch, Rectangle)], "bars"
+        low, high = panel.get_xlim()
+        placed = [cut.point.mean for cut in cuts if cut.point]
+        assert placed and 0 < low < min(placed) and max(placed) < high
+
+
+def test_bands_are_drawn_only_when_asked(sweep: Path, tmp_path: Path):
+    from matplotlib.collections import PolyCollection
+    runs = report.load_runs([sweep])
+
+    def bands(figure) -> int:
+        return sum(isinstance(artist, PolyCollection) for panel in figure.axes for artist in panel.collections)
+    with_curves = sum(bool(report.test_curve(run)) for run in runs)
+    assert bands(report.curve_figure(runs, "test", "round", bands=True)) == with_curves > 0
+    assert bands(report.curve_figure(runs, "test", "round")) == 0
+    for flag, expected in (("--bands", with_curves), ("--no-bands", 0)):
+        out = tmp_path / flag
+        result = subprocess.run([sys.executable, "-m", "dpsgd.report", str(sweep), "--out", str(out), flag,
+                                 "--formats", "svg"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        svg = (out / "test_metric_vs_rounds.svg").read_text()
+        assert svg.count('id="FillBetweenPolyCollection') + svg.count('id="PolyCollection') == expected, flag
+        assert not list(out.glob("*.png"))
+
+
+def test_figures_are_written_in_every_format_asked(sweep: Path, tmp_path: Path):
+    written = report.write_report(report.load_runs([sweep]), tmp_path, formats=("png", "pdf", "svg"))
+    for stem in FIGURE_STEMS:
+        for extension, magic in MAGIC.items():
+            path = tmp_path / f"{stem}.{extension}"
+            assert path in written and path.read_bytes().startswith(magic), path
+    result = subprocess.run([sys.executable, "-m", "dpsgd.report", str(sweep), "--out", str(tmp_path / "o"),
+                             "--formats", "png,eps"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--formats" in result.stderr and "eps" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_written_tables_name_runs_relative_to_the_input(sweep: Path, written: Path):
+    for name in TABLES:
+        text = (written / name).read_text()
+        assert str(sweep.parent) not in text and str(Path.home()) not in text, name
+        dirs = {row["run_dir"] for row in read_csv(written / name)}
+        assert dirs == {f"{sweep.name}/{job}" for job in REAL_RUNS}, name
+
+
+def test_a_run_given_alone_is_named_by_its_folder(sweep: Path):
+    run = report.load_runs([sweep / "1"])[0]
+    assert report.final_metrics(run)["run_dir"] == "1"
+
+
+def test_cuts_place_the_most_runs_where_no_budget_holds_them_all(tmp_path: Path):
+    """Bytes spans: walk 10-20, gossip 30-100, partial 40-120. The shortest run (walk) ended before the
+    others first evaluated; a cut at its end would leave two of three without a point, 100 leaves one."""
+    make_run(tmp_path / "walk", "rwm", "full", 1.0, {2: [(1.0, 10, 0.9)], 4: [(2.0, 20, 0.8)]})
+    make_run(tmp_path / "gossip", "dpsgd", "full", 1.0, {2: [(1.0, 30, 0.95)], 4: [(2.0, 100, 0.7)]})
+    make_run(tmp_path / "partial", "dpsgd", "partial", 0.1, {2: [(1.0, 40, 0.97)], 4: [(2.0, 120, 0.75)]})
+    runs = report.load_runs([tmp_path])
+    cuts = report.equal_bytes(runs)
+    assert {cut.cut for cut in cuts} == {100.0}
+    assert reached_by_label(cuts) == {"rwm full": None, "dpsgd full": (4, 0.7), "dpsgd partial a=0.1": (2, 0.97)}
+    figure = report.cut_figure(cuts, runs)
+    notes = [text.get_text() for text in figure.axes[0].texts]
+    assert any(note.startswith("ended at 20 B per node, before the cut") for note in notes), notes
+
+
+def test_the_baseline_option_draws_a_line_for_runs_that_did_not_record_one(tmp_path: Path):
+    hand_made_sweep(tmp_path / "runs")
+    make_run(tmp_path / "runs" / "recorded", "rwm", "partial", 0.5,
+             {2: [(1.0, 10, 0.9)], 4: [(2.0, 20, 0.8)]}, no_learning={"test_loss": 1.25, "test_acc": 0.1})
+    runs = report.load_runs([tmp_path / "runs"], baseline=1.04)
+    assert {run.label: run.no_learning for run in runs} == {
+        "dpsgd full": 1.04, "rwm full": 1.04, "dpsgd partial a=0.1": 1.04, "rwm partial a=0.5": 1.25}
+    lines = artists_labelled(report.curve_figure(runs, "test", "round"), "no learning")
+    assert sorted(line.get_ydata()[0] for line in lines) == [1.04, 1.25]
+
+
+@pytest.mark.parametrize("folder", sorted(path.name for path in (REPO / "benchmarks" / "results").iterdir()
+                                          if path.is_dir()) + ["."])
+def test_committed_result_tables_hold_no_absolute_paths(folder: str):
+    root = REPO / "benchmarks" / "results" / folder
+    files = [path for path in (root.rglob("*") if folder != "." else root.iterdir())
+             if path.suffix in (".csv", ".json", ".jsonl")]
+    holding = [str(path.relative_to(REPO)) for path in files
+               if any(prefix in path.read_text() for prefix in ("/work/", "/tmp/", "/home/", "/Users/"))]
+    assert not holding, f"absolute paths in {holding}"

@@ -16,8 +16,8 @@ Axis = Literal["round", "time_s", "bytes_sent"]
 AXES: tuple[Axis, ...] = ("round", "time_s", "bytes_sent")
 FINAL_COLUMNS = ("label", "run_dir", "algorithm", "sharing", "alpha", "dataset", "nodes", "rounds_min",
                  "rounds_max", "wall_s", "final_round", "test_loss", "test_acc", "train_loss", "bytes_sent",
-                 "bytes_sent_data", "bytes_sent_meta", "test_loss_metric", "consensus_distance", "target",
-                 "target_round", "target_time_s", "target_bytes_sent")
+                 "bytes_sent_data", "bytes_sent_meta", "test_loss_metric", "no_learning", "consensus_distance",
+                 "target", "target_round", "target_time_s", "target_bytes_sent")
 FINAL_MEANS = ("test_loss", "test_acc", "train_loss", "bytes_sent", "bytes_sent_data", "bytes_sent_meta")
 
 
@@ -38,13 +38,18 @@ class Point:
 
 @dataclass(frozen=True)
 class Cut:
-    """What one run had reached when cut at a common time or byte budget (None: nothing yet)."""
+    """What one run had reached when cut at a common time or byte budget.
+
+    `point` is None when the run cannot be placed at the cut: its first evaluation came after
+    it, or the run ended before it; `span` (its first and last evaluation on `axis`) says which.
+    """
 
     run: Run
     metric: Metric
     axis: Axis
     cut: float
     point: Point | None
+    span: tuple[float, float] | None = None  # None: the run has no evaluated round every node reached
 
 
 def curve(run: Run, key: str) -> list[Point]:
@@ -76,19 +81,38 @@ def by_metric(runs: list[Run]) -> dict[Metric, list[Run]]:
 
 
 def equal_cut(runs: list[Run], axis: Axis) -> list[Cut]:
-    """Each run's test metric at the smallest final `axis` value among runs of its metric.
+    """Each run's test metric at one time or byte budget per metric, chosen where every run has data.
 
-    The cut is where the shortest run (in time, or in bytes) ended, so every run is
-    judged with no more of that resource than all of them had.
+    A run can be placed at budget c when it had an evaluation at or before c and ran at least
+    until c: then its last evaluation within c is what that budget bought, and no run is judged
+    with more of the resource than the others had. The cut is the largest c at which every run
+    can be placed (the shortest run's end, when all runs had evaluated by then). Where no c
+    places them all (one run's first evaluation cost more than another's whole run), it is the
+    largest c that places the most; the others get no point.
     """
     cuts: list[Cut] = []
     for metric, group in by_metric(runs).items():
         curves = [test_curve(run) for run in group]
-        ends = [points[-1].at(axis) for points in curves if points]
-        limit = min(ends) if ends else float("nan")
-        cuts.extend(Cut(run, metric, axis, limit, reached(points, axis, limit))
-                    for run, points in zip(group, curves))
+        spans = [(points[0].at(axis), points[-1].at(axis)) if points else None for points in curves]
+        limit = common_cut([span for span in spans if span is not None])
+        cuts.extend(Cut(run, metric, axis, limit, reached(points, axis, limit) if _covers(span, limit) else None, span)
+                    for run, points, span in zip(group, curves, spans))
     return cuts
+
+
+def common_cut(spans: list[tuple[float, float]]) -> float:
+    """The largest value lying within the most (first, last) spans; NaN when there are none.
+
+    The best value is always one of the spans' ends: moving right from any point, the count
+    of spans holding it only drops at an end.
+    """
+    if not spans:
+        return float("nan")
+    return max((sum(_covers(span, end) for span in spans), end) for _, end in spans)[1]
+
+
+def _covers(span: tuple[float, float] | None, value: float) -> bool:
+    return span is not None and span[0] <= value <= span[1]
 
 
 def equal_time(runs: list[Run]) -> list[Cut]:
@@ -119,7 +143,11 @@ def reached(points: list[Point], axis: Axis, limit: float) -> Point | None:
 
 
 def final_round(run: Run) -> int | None:
-    """The last evaluated round every node reached (what summary.json calls `final`)."""
+    """The end of the run (what summary.json calls `final`): the last round any node ran, every node
+    measured at the round it stopped after; for runs written before nodes evaluated when they
+    stopped, the last evaluated round every node reached."""
+    if run.final is not None:
+        return run.final[0]
     key = run.metric.key
     complete = [number for number, stats in run.rounds.items() if key in stats and stats[key].n >= run.nodes]
     return complete[-1] if complete else None
@@ -129,16 +157,17 @@ def final_metrics(run: Run, target: float | None = None) -> dict:
     """One row of final_metrics.csv: the run's identity, its means at the final round, and with a
     `target` (e.g. RMSE 0.95) when it first reached it."""
     number = final_round(run)
-    stats = run.rounds.get(number, {}) if number is not None else {}
+    stats = run.final[1] if run.final is not None else run.rounds.get(number, {}) if number is not None else {}
     summary = run.summary
-    row = {"label": run.label, "run_dir": str(run.path), "algorithm": run.algorithm, "sharing": run.sharing,
+    row = {"label": run.label, "run_dir": run.shown_dir, "algorithm": run.algorithm, "sharing": run.sharing,
            "alpha": run.alpha, "dataset": run.dataset, "nodes": run.nodes,
            "rounds_min": summary.get("rounds_min"), "rounds_max": summary.get("rounds_max"),
            "wall_s": summary.get("wall_s"), "final_round": number,
-           "test_loss_metric": summary.get("test_loss_metric")}
+           "test_loss_metric": summary.get("test_loss_metric"), "no_learning": run.no_learning}
     row.update({key: stats[key].mean if key in stats else None for key in FINAL_MEANS})
-    consensus = dict(consensus_curve(run))
-    row["consensus_distance"] = consensus.get(number)
+    final = summary.get("final") or {}  # at the end of the run: the models as the nodes stopped
+    row["consensus_distance"] = (final.get("consensus_distance") if final.get("round") == number
+                                 else dict(consensus_curve(run)).get(number))
     hit = first_reaching(run, target) if target is not None else None
     row.update(target=target, target_round=hit and hit.round, target_time_s=hit and hit.time_s,
                target_bytes_sent=hit and hit.bytes_sent)

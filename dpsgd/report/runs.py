@@ -71,6 +71,14 @@ class Run:
     rounds: dict[int, RoundStats]  # ascending rounds
     source: str  # "jsonl" (per-node logs) or "summary" (summary.json per_round)
     label: str = field(default="")
+    # The run's folder as tables name it: relative to the folder the report was given (its name
+    # first), so a committed table never holds one machine's absolute paths.
+    shown_dir: str = field(default="")
+    # The test metric without learning (summary.json's `no_learning`, or the report's --baseline).
+    no_learning: float | None = field(default=None)
+    # The end of the run (round, stats): each node's evaluation of the round it stopped after, across
+    # nodes; None for runs written before nodes evaluated when they stopped (`final_stats`).
+    final: tuple[int, RoundStats] | None = field(default=None)
 
     @property
     def nodes(self) -> int:
@@ -130,12 +138,33 @@ def discover(paths: Iterable[Path | str]) -> list[Path]:
     return sorted(found, key=_natural_key)
 
 
-def load_runs(paths: Iterable[Path | str]) -> list[Run]:
-    """Every run under `paths`, in natural path order, with unique labels."""
+def load_runs(paths: Iterable[Path | str], baseline: float | None = None) -> list[Run]:
+    """Every run under `paths`, in natural path order, with unique labels and folders named
+    relative to `paths`.
+
+    `baseline`: the no-learning test metric for runs whose summary.json does not record one
+    (runs from before it did); a run's own value always wins.
+    """
+    paths = [Path(path) for path in paths]
     runs = [load_run(path) for path in discover(paths)]
     for run, label in zip(runs, unique_labels(runs)):
         run.label = label
+        run.shown_dir = shown_dir(run.path, paths)
+        if run.no_learning is None:
+            run.no_learning = baseline
     return runs
+
+
+def shown_dir(run_dir: Path, inputs: list[Path]) -> str:
+    """`run_dir` as "<input folder's name>/<path below it>" for the first input holding it.
+
+    Relative to what the user passed, so the same runs give the same tables on any machine.
+    """
+    resolved = Path(run_dir).resolve()
+    for root in (Path(path).resolve() for path in inputs):
+        if resolved == root or root in resolved.parents:
+            return Path(root.name, resolved.relative_to(root)).as_posix()
+    return resolved.name
 
 
 def load_run(path: Path) -> Run:
@@ -145,8 +174,14 @@ def load_run(path: Path) -> Run:
     config = _read_config(path / CONFIG_FILE)
     records = read_node_logs(path)
     if records is not None and len({record["node"] for record in records}) >= int(summary["nodes"]):
-        return Run(path, config, summary, round_stats_from_records(records), "jsonl")
-    return Run(path, config, summary, round_stats_from_summary(summary), "summary")
+        run = Run(path, config, summary, round_stats_from_records(records), "jsonl")
+        run.final = final_stats(records)
+    else:
+        run = Run(path, config, summary, round_stats_from_summary(summary), "summary")
+        run.final = _entry_stats(summary["final"]) if summary.get("final") else None
+    run.shown_dir = path.resolve().name
+    run.no_learning = (summary.get("no_learning") or {}).get(run.metric.key)
+    return run
 
 
 def read_node_logs(path: Path) -> list[dict] | None:
@@ -167,13 +202,30 @@ def round_stats_from_records(records: Iterable[dict]) -> dict[int, RoundStats]:
 
 def round_stats_from_summary(summary: dict) -> dict[int, RoundStats]:
     """summary.json's per_round entries, in the same shape as computed from the JSONL."""
-    rounds: dict[int, RoundStats] = {}
-    for entry in summary.get("per_round", []):
-        reporting = int(entry["nodes_reporting"])
-        rounds[int(entry["round"])] = {
-            key: Stat(value["mean"], value["std"], value["min"], value["max"], reporting)
-            for key, value in entry.items() if isinstance(value, dict)}
+    rounds = dict(_entry_stats(entry) for entry in summary.get("per_round", []))
     return dict(sorted(rounds.items()))
+
+
+def final_stats(records: Iterable[dict]) -> tuple[int, RoundStats] | None:
+    """The end of the run, as summary.json's `final` says it: each node's last record (the round it
+    stopped after, which it evaluated then) across nodes, at the last round any node ran.
+
+    None when some node's last record holds no evaluation: runs written before nodes evaluated
+    when they stopped, whose final round is the last evaluated round every node reached."""
+    last: dict[int, dict] = {}
+    for record in records:
+        if record["round"] >= last.get(record["node"], {"round": 0})["round"]:
+            last[record["node"]] = record
+    if not last or any("test_loss" not in record for record in last.values()):
+        return None
+    return max(record["round"] for record in last.values()), _stats(list(last.values()))
+
+
+def _entry_stats(entry: dict) -> tuple[int, RoundStats]:
+    """One aggregate of summary.json (a per_round entry, or `final`) as (round, stats)."""
+    reporting = int(entry["nodes_reporting"])
+    return int(entry["round"]), {key: Stat(value["mean"], value["std"], value["min"], value["max"], reporting)
+                                 for key, value in entry.items() if isinstance(value, dict)}
 
 
 def run_label(run: Run) -> str:
