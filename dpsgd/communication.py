@@ -6,6 +6,12 @@ one values and one index transfer in flight per direction, told apart by tag; ev
 wait has a bound, and a bound that expires is a verdict that the peer is gone (gloo
 closes the pair), so it ends the run with the peer's name rather than a retry.
 
+A payload longer than its header announced cannot be caught: gloo aborts the receiving
+process from its own thread. So every receive whose length a sender controls is announced
+first (`dpsgd.liveness.receiving`): a D-PSGD node waits for all its senders' headers, then
+receives one sender's payload at a time, so a launcher that sees a rank aborted during a
+payload knows whose it was and names that sender, not its victim.
+
 A peer's header is checked (`wire.check_header`, then the sharing method's own check)
 before anything is allocated or received on its word: sizes beyond what the model
 allows, a degree other than the sender's (its degree in the topology, or under a plan that
@@ -25,6 +31,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from dpsgd import liveness as receipts
 from dpsgd.errors import NodeFailure
 from dpsgd.liveness import Liveness
 from dpsgd.sharing.wire import (HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding, Message,
@@ -95,6 +102,13 @@ class FailureBoard:
         except Exception:  # noqa: BLE001 - the store may be gone with the failed node
             return f"{node}|{message}"
 
+    def recorded(self) -> bool:
+        """Whether some node already recorded a failure: a later witness need not confirm it again."""
+        try:
+            return self.store.check([FAILURE_KEY])
+        except Exception:  # noqa: BLE001 - the store may be gone with the failed node
+            return False
+
     def failure(self, rank: int, peer: int, seen: str) -> NodeFailure:
         """The error this node stops with: it names the first node that failed in the run."""
         first = self.report(peer, seen if peer == rank else f"{self.label(rank)} saw: {seen}")
@@ -157,13 +171,15 @@ class _Link:
 
         Neither an expired wait nor a closed connection says who stalled first: a peer
         closes its pairs when its own wait expires, because someone upstream of it stalled.
-        The heartbeats name the node that stopped or is far too slow (`dpsgd.liveness`).
+        The heartbeats name the node that stopped or is far too slow (`dpsgd.liveness`), unless
+        another node recorded the failure already: then this one is only a ripple of it, and
+        confirming it again would cost every hop of the graph `CONFIRM_S` more.
         """
         seen = f"{describe_peer_error(peer, error, self.timeout_s)} ({where})"
-        if self.liveness is not None:
+        if self.liveness is not None and not self.failures.recorded():
             verdict = self.liveness.suspect(waited_for=peer)
             if verdict.found:
-                peer, seen = verdict.node, f"{seen}, and the heartbeats show {verdict.why}"
+                peer, seen = verdict.node, f"{seen}, and {verdict.source} {verdict.why}"
         return self._stop(peer, seen)
 
     def _stop(self, culprit: int, seen: str) -> NodeFailure:
@@ -215,7 +231,8 @@ class NeighbourLink(_Link):
 
         Buffers belong to positions in the round's sender list, not to peers: a node that hears
         from different peers every round (Epidemic Learning) keeps as many model-sized buffers
-        as it has senders in one round, not one per peer it ever heard from.
+        as it has senders in one round, not one per peer it ever heard from. Every header is in
+        before the first payload is posted, so only one sender's payload is ever being received.
         """
         round_number = outgoing.round
         send_to = self.neighbours if send_to is None else send_to
@@ -223,15 +240,19 @@ class NeighbourLink(_Link):
             receive_from = {peer: None if self.peer_degrees is None else self.peer_degrees[peer]
                             for peer in self.neighbours}
         slots = self._slots_for(len(receive_from))
+        for peer in receive_from:
+            receipts.receiving(peer, "header", f"header of round {round_number}")
         header_receives = {peer: (self._post(dist.irecv, slot.header, peer, HEADER_TAG, round_number), slot)
                            for peer, slot in zip(receive_from, slots)}
         sends = [(peer, work) for peer in send_to for work in self._post_send(outgoing, peer)]
-        received = {}
+        headers = {}
         for peer, (work, slot) in header_receives.items():
             self._wait(work, peer, round_number, "header")
-            fields = parse_header(slot.header)
-            self._check_header(peer, fields, expected_round=round_number, expected_degree=receive_from[peer])
-            received[peer] = self._receive_body(peer, slot, fields, round_number)
+            receipts.received(peer, "header")
+            headers[peer] = parse_header(slot.header)
+            self._check_header(peer, headers[peer], expected_round=round_number, expected_degree=receive_from[peer])
+        received = {peer: self._receive_body(peer, slot, headers[peer], round_number)
+                    for peer, (_, slot) in header_receives.items()}
         for peer, work in sends:
             self._wait(work, peer, round_number, "send")
         return received
@@ -254,6 +275,8 @@ class NeighbourLink(_Link):
         if dtype not in buffers.values:
             buffers.values[dtype] = torch.empty(self.numel, dtype=dtype)
         values = buffers.values[dtype][:header["num_values"]]
+        receipts.receiving(peer, "payload", f"{'values and index' if encoding in INDEX_DTYPES else 'values'} "
+                                            f"of round {expected_round}")
         value_work = self._post(dist.irecv, values, peer, VALUES_TAG, expected_round)
         index = None
         if encoding in INDEX_DTYPES:
@@ -262,6 +285,7 @@ class NeighbourLink(_Link):
         self._wait(value_work, peer, expected_round, "values")
         if index is not None:
             self._wait(index_work, peer, expected_round, "index")
+        receipts.received(peer, "payload")
         coordinates = self._read_index(peer, header, index)
         self.bytes.count_received(header)
         return Message.received(header, values, index, coordinates)
@@ -376,7 +400,9 @@ class RandomWalkLink(_Link):
         last_round = 1  # a sender's rounds never go back; END carries the last round it completed
         try:
             while True:
+                receipts.receiving(peer, "header", "header")
                 dist.irecv(header, peer, tag=HEADER_TAG).wait(timeout=NO_BOUND)
+                receipts.received(peer, "header")
                 fields = parse_header(header)
                 self._check_header(peer, fields, min_round=last_round, allow_end=True)
                 last_round = fields["round"]
@@ -386,11 +412,14 @@ class RandomWalkLink(_Link):
                     self._stop_seen.set()
                     return
                 values = torch.empty(fields["num_values"], dtype=values_dtype(fields))
+                parts = "values and index" if encoding in INDEX_DTYPES else "values"
+                receipts.receiving(peer, "payload", f"{parts} of round {fields['round']}")
                 dist.irecv(values, peer, tag=VALUES_TAG).wait(timeout=NO_BOUND)
                 index = None
                 if encoding in INDEX_DTYPES:
                     index = torch.empty(fields["num_index"], dtype=INDEX_DTYPES[encoding])
                     dist.irecv(index, peer, tag=INDEX_TAG).wait(timeout=NO_BOUND)
+                receipts.received(peer, "payload")
                 coordinates = self._read_index(peer, fields, index)
                 self._count_received(fields)
                 self._arrivals.put(("message", peer, Message.received(fields, values, index, coordinates)))

@@ -5,7 +5,10 @@ whoever started it. Standalone mode forks the ranks from a parent that has alrea
 imported torch: the pages of the interpreter and of torch are shared, which is what
 lets 96 ranks fit in a few GiB on a laptop (96 fresh interpreters need 20+ GiB). The
 parent hosts the rendezvous store so that it outlives any rank, and it watches the
-ranks so that one death ends the run with a verdict instead of a hang.
+ranks so that one death ends the run with a verdict instead of a hang: it tells the
+others at once through memory they share (`dpsgd.liveness.RankTable`), and once every
+rank that could stop on its own has, it kills the ones they named (a frozen rank never
+stops) instead of waiting out the grace period.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from dpsgd import liveness
 from dpsgd.errors import ConfigError, NodeFailure, raise_interrupted
 from dpsgd.progress import RankArrivals, rank_arrived, startup_step
 
@@ -140,6 +144,7 @@ def spawn(
     """
     listener = loopback_listener()  # bound before forking, so the ranks know the port and nobody can take it
     port = listener.getsockname()[1]
+    table = liveness.RankTable(world_size)  # mapped before forking: shared with every rank
     context = mp.get_context("fork")
     parent = os.getpid()
     processes, error_pipes = [], []
@@ -148,7 +153,7 @@ def spawn(
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(
                 target=_rank_main,
-                args=(fn, rank, world_size, port, listener.fileno(), writer, quiet_failures, parent, label),
+                args=(fn, rank, world_size, port, listener.fileno(), writer, quiet_failures, parent, label, table),
                 name=f"dpsgd-node-{rank}",
                 daemon=True,
             )
@@ -166,9 +171,10 @@ def spawn(
     # Ctrl-C or SIGTERM raise Interrupted, which unwinds through the finally below: every rank is killed.
     previous = {number: signal.signal(number, raise_interrupted) for number in (signal.SIGINT, signal.SIGTERM)}
     killed: set[int] = set()
+    reports: dict[int, tuple[str, int | None]] = {}
     arrivals = RankArrivals(store, world_size).start() if announce_ranks else None
     try:
-        _watch(processes, timeout_s, grace_s)
+        _watch(processes, timeout_s, grace_s, table, error_pipes, reports)
     finally:
         if arrivals is not None:
             arrivals.stop()
@@ -176,7 +182,7 @@ def spawn(
         for number, handler in previous.items():
             signal.signal(number, handler)
         del store
-    _raise_on_failure(processes, error_pipes, killed, label)
+    _raise_on_failure(processes, error_pipes, killed, label, table, reports)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -187,9 +193,10 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failures, parent, label) -> None:
+def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failures, parent, label, table) -> None:
     """Body of one forked rank: connect to the parent's store, run, report how it ended."""
     _die_with_parent(parent)
+    liveness.attach(table, rank)
     os.close(listener_fd)  # the parent's store socket: only the parent may hold it
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how Ctrl-C ends the run
@@ -227,11 +234,16 @@ def _report(pipe, message: str, failed_node: int | None, quiet: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _watch(processes, timeout_s: float | None, grace_s: float) -> None:
+def _watch(processes, timeout_s: float | None, grace_s: float, table: liveness.RankTable,
+           error_pipes, reports: dict[int, tuple[str, int | None]]) -> None:
     """Wait until every rank exited; after the first failure allow only `grace_s` more.
 
-    Returns when all exited or the grace ran out (the caller kills the rest); raises
-    TimeoutError only when `timeout_s`, the bound on the whole run, runs out.
+    A rank that dies on its own (a signal we did not send, a crash) is written to `table` at
+    once, so the others blame it without waiting for its heartbeat to be confirmed silent.
+    The reports of exited ranks go to `reports`. Returns when all exited, when every rank still
+    running is one that the failed ranks named (it is frozen or far too slow: it will not stop
+    on its own), or when the grace ran out; the caller kills the rest. Raises TimeoutError only
+    when `timeout_s`, the bound on the whole run, runs out.
     """
     hard_deadline = None if timeout_s is None else time.monotonic() + timeout_s
     grace_deadline = None
@@ -248,8 +260,17 @@ def _watch(processes, timeout_s: float | None, grace_s: float) -> None:
         for sentinel in ready:
             process = running.pop(sentinel)
             process.join()
+            rank = processes.index(process)
+            if process.exitcode not in (0, EXIT_NODE_FAILURE, EXIT_CONFIG_ERROR):
+                table.record_death(rank, process.exitcode)
+            report = _read_report(error_pipes[rank])
+            if report is not None:
+                reports[rank] = report
             if process.exitcode != 0 and grace_deadline is None:
                 grace_deadline = time.monotonic() + grace_s
+        named = {failed_node for _, failed_node in reports.values()}
+        if grace_deadline is not None and running and all(processes.index(p) in named for p in running.values()):
+            return
 
 
 def _kill_all(processes) -> set[int]:
@@ -262,22 +283,28 @@ def _kill_all(processes) -> set[int]:
     return killed
 
 
-def _raise_on_failure(processes, error_pipes, killed: set[int], label: Callable[[int], str]) -> None:
+def _raise_on_failure(processes, error_pipes, killed: set[int], label: Callable[[int], str],
+                      table: liveness.RankTable, reports: dict[int, tuple[str, int | None]]) -> None:
     errors: dict[int, str] = {}
     blamed_by: dict[int, int] = {}  # failing rank -> the node it blames
     for rank, (process, pipe) in enumerate(zip(processes, error_pipes)):
-        report = _read_report(pipe)
+        report = reports.get(rank) or _read_report(pipe)
         if report is not None:
             errors[rank] = report[0]
             if report[1] is not None:
                 blamed_by[rank] = report[1]
         elif rank in killed:
-            errors[rank] = f"{label(rank)} was stopped: it had not ended on its own within the grace period"
+            errors[rank] = f"{label(rank)} was stopped: it had not ended on its own"
         elif process.exitcode != 0:
             errors[rank] = f"{label(rank)} died ({_describe_exit(process.exitcode)})"
         pipe.close()
     if not errors:
         return
+    died = sorted((table.death_order(rank), rank) for rank in range(len(processes)) if table.death_order(rank))
+    if died and table.exit_code(died[0][1]) == -signal.SIGABRT:  # gloo's abort: it names the sender, if one
+        verdict = liveness.death_verdict(table, died[0][1], label)
+        raise RankFailure(f"{len(errors)} rank(s) failed; the first was {label(verdict.node)}: {verdict.why}",
+                          errors, verdict.node)
     first_failed = _first_failed(processes, errors, list(blamed_by.values()), killed)
     raise RankFailure(_failure_summary(errors, blamed_by, first_failed, killed, label), errors, first_failed)
 
@@ -318,5 +345,5 @@ def _failure_summary(errors: dict[int, str], blamed_by: dict[int, int], first_fa
     line = (f"{len(errors)} rank(s) failed; the first was {label(first_failed)}: "
             f"{cause.strip().splitlines()[0] if cause else 'unknown cause'}")
     if first_failed in killed:
-        line += f" [{label(first_failed)} did not stop on its own; it was killed after the grace period]"
+        line += f" [{label(first_failed)} did not stop on its own; the launcher killed it]"
     return line

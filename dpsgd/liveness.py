@@ -11,10 +11,22 @@ heartbeat twice, `HEARTBEAT_S` apart, and blames, in order: the node whose count
 move (the one that stalled longest, if several), else the node busy longest outside
 communication (at least `slow_after_s`), else the peer it was waiting for. Durations are measured by each node on
 its own clock, so machines need not agree on the time.
+
+Ranks forked by `dpsgd.launch.spawn` also share a `RankTable` with their launcher. The
+launcher writes there how a rank died the moment it sees it, so a death is a verdict at
+once instead of after `CONFIRM_S` of silent heartbeats. Each rank writes there which
+receives it has posted and not completed (`receiving` / `received`): gloo aborts a
+process (SIGABRT, in its own thread, so nothing can catch it) when a sender puts more
+bytes on the wire than the posted buffer holds, i.e. more than the sender's header
+announced, so a rank aborted while only one sender's receive was open is that sender's
+victim, and the verdict names the sender (`death_verdict`).
 """
 
 from __future__ import annotations
 
+import mmap
+import signal
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +39,7 @@ HEARTBEAT_S = 1.0
 CONFIRM_S = 10.0  # a live node starved of CPU (96 ranks on 2 cores) may skip beats: wait this long before blaming
 WAITING_PHASES = ("comm",)
 ENDED_PHASES = ("done", "failed")  # said by a node that leaves on purpose: its silence is no stall
+DEATH_POLL_S = 0.1  # how often a node confirming a stall looks for the launcher's word on a death
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,7 @@ class Verdict:
     node: int
     why: str
     found: bool = True  # the heartbeats showed a stalled or slow node (False: only the peer waited for)
+    source: str = "the heartbeats show"  # who saw it: the heartbeats, or the launcher that saw a rank die
 
 
 class Liveness:
@@ -89,7 +103,9 @@ class Liveness:
         first = self._read()
         deadline = time.monotonic() + CONFIRM_S
         while True:
-            time.sleep(HEARTBEAT_S)
+            death = self._death_within(HEARTBEAT_S)
+            if death is not None:
+                return death
             second = self._read()
             stalled = [node for node in range(self.world_size)
                        if node != self.rank and (node not in second or first.get(node) == second.get(node))
@@ -107,6 +123,19 @@ class Liveness:
             return Verdict(node, f"{self.label(node)} has been in its {beat.phase} phase for {beat.phase_s:.0f} s while "
                                  "its neighbours waited for it (too slow for comm.timeout_s)")
         return Verdict(waited_for, f"neighbour {waited_for} did not answer", found=False)
+
+    def _death_within(self, seconds: float) -> Verdict | None:
+        """Wait `seconds`, returning early with the launcher's verdict once it saw another rank die."""
+        end = time.monotonic() + seconds
+        while True:
+            died = [] if _TABLE is None else [(order, rank) for rank in range(min(self.world_size, _TABLE.world_size))
+                                              if rank != self.rank and (order := _TABLE.death_order(rank))]
+            if died:
+                return death_verdict(_TABLE, min(died)[1], self.label)
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(DEATH_POLL_S, left))
 
     def _beat_forever(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -127,3 +156,114 @@ class Liveness:
             if self.store.check([key]):
                 beats[node] = Beat.parse(self.store.get(key))
         return beats
+
+
+class RankTable:
+    """Memory shared by a launcher and the ranks it forks: how each rank died (written by the launcher)
+    and the receives each rank has open (written by the rank), readable after that rank is gone.
+
+    One anonymous shared mapping made before forking, one fixed slot per rank: no store call and no
+    lock between processes, so a rank can afford to write its open receives on every message.
+    """
+
+    SLOT_BYTES = 1024
+    _HEAD = struct.Struct("<iii")  # death order (0: alive or ended normally), exit code, length of the text
+    TEXT_BYTES = SLOT_BYTES - _HEAD.size
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self._memory = mmap.mmap(-1, max(1, world_size) * self.SLOT_BYTES)  # MAP_SHARED: forked ranks see it
+        self._deaths = 0
+
+    def record_death(self, rank: int, exit_code: int) -> None:
+        """The launcher saw `rank` end with `exit_code` (negative: killed by that signal), on its own."""
+        self._deaths += 1
+        length = self._head(rank)[2]
+        self._HEAD.pack_into(self._memory, rank * self.SLOT_BYTES, self._deaths, exit_code, length)
+
+    def death_order(self, rank: int) -> int:
+        """1 for the first rank the launcher saw die, 2 for the next...; 0 while it has not."""
+        return self._head(rank)[0]
+
+    def exit_code(self, rank: int) -> int:
+        return self._head(rank)[1]
+
+    def write_receives(self, rank: int, text: str) -> None:
+        """Length zero first, then the text, then its length: a rank dying mid-write leaves no half record."""
+        data = text.encode()[:self.TEXT_BYTES]
+        start = rank * self.SLOT_BYTES
+        order, code, _ = self._head(rank)
+        self._HEAD.pack_into(self._memory, start, order, code, 0)
+        self._memory[start + self._HEAD.size:start + self._HEAD.size + len(data)] = data
+        self._HEAD.pack_into(self._memory, start, order, code, len(data))
+
+    def open_receives(self, rank: int) -> dict[int, str]:
+        """Sender -> what `rank` was receiving from it, as the rank last wrote it."""
+        start = rank * self.SLOT_BYTES + self._HEAD.size
+        text = self._memory[start:start + self._head(rank)[2]].decode(errors="replace")
+        receives = {}
+        for entry in filter(None, text.split(";")):
+            peer, what = entry.split(" ", 1)
+            receives.setdefault(int(peer), what)
+        return receives
+
+    def _head(self, rank: int) -> tuple[int, int, int]:
+        return self._HEAD.unpack_from(self._memory, rank * self.SLOT_BYTES)
+
+
+_TABLE: RankTable | None = None  # this process's table: set in a rank forked by dpsgd.launch.spawn
+_RANK = -1
+_open: dict[tuple[int, str], str] = {}
+_open_lock = threading.Lock()  # RWM receives from several threads
+
+
+def attach(table: RankTable | None, rank: int) -> None:
+    """Called in a forked rank before it runs: its receives go to `table`'s slot `rank`."""
+    global _TABLE, _RANK
+    _TABLE, _RANK = table, rank
+    _open.clear()
+
+
+def receiving(peer: int, kind: str, what: str) -> None:
+    """A receive from `peer` whose length `peer` controls is about to be posted (`kind`: "header" or
+    "payload"); `what` says it in words, e.g. "values and index of round 3". A no-op without a launcher."""
+    if _TABLE is None:
+        return
+    with _open_lock:
+        _open[peer, kind] = what
+        _publish()
+
+
+def received(peer: int, kind: str) -> None:
+    """The receive that `receiving(peer, kind, ...)` announced completed."""
+    if _TABLE is None:
+        return
+    with _open_lock:
+        if _open.pop((peer, kind), None) is not None:
+            _publish()
+
+
+def _publish() -> None:
+    _TABLE.write_receives(_RANK, ";".join(f"{peer} {what}" for (peer, _), what in _open.items()))
+
+
+def death_verdict(table: RankTable, rank: int, label: Callable[[int], str] = "node {}".format) -> Verdict:
+    """Who to blame for `rank`'s death as its launcher saw it.
+
+    Killed by SIGABRT while receiving from exactly one sender: that sender put more on the wire
+    than its header announced (gloo's "Received data size doesn't match expected size" ends the
+    receiving process). Anything else: the rank itself.
+    """
+    code = table.exit_code(rank)
+    senders = table.open_receives(rank)
+    source = "the launcher says"
+    if code == -signal.SIGABRT and len(senders) == 1:
+        (sender, what), = senders.items()
+        return Verdict(sender, f"{label(rank)} was killed by gloo (SIGABRT) while receiving {label(sender)}'s {what}: "
+                               f"{label(sender)} sent more than its header announced", source=source)
+    if code == -signal.SIGABRT and senders:
+        names = ", ".join(f"{label(peer)}'s {what}" for peer, what in sorted(senders.items()))
+        return Verdict(rank, f"{label(rank)} was killed by gloo (SIGABRT) while receiving {names}: one of them sent more "
+                             "than it announced", source=source)
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    return Verdict(rank, f"{label(rank)} died ({how})", source=source)

@@ -8,7 +8,9 @@ the forger declared; then the rendezvous store, which must serve loopback only.
 
 from __future__ import annotations
 
+import faulthandler
 import resource
+import signal
 import socket
 import subprocess
 import time
@@ -21,10 +23,12 @@ import torch
 import torch.distributed as dist
 
 from dpsgd.communication import ByteCounters, FailureBoard, NeighbourLink, RandomWalkLink
+from dpsgd.group.compose import rank_label
+from dpsgd.group.link import GroupLink
 from dpsgd.launch import LOOPBACK, RankFailure, spawn
+from dpsgd.liveness import Liveness, RankTable, death_verdict
 from dpsgd.sharing.full import FullSharing
 from dpsgd.sharing.partial import PartialSharing
-from dpsgd.group.link import GroupLink
 from dpsgd.sharing.selection import encode_indices
 from dpsgd.sharing.subsampling import SubsamplingSharing
 from dpsgd.sharing.values import WireValues
@@ -346,6 +350,100 @@ def test_rwm_forged_header_ends_the_run_naming_the_forger():
     with pytest.raises(RankFailure) as failure:
         spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True)
     _assert_everyone_names_the_forger(failure.value, started, f"num_values={HUGE}")
+
+
+# --- a payload longer than its header: gloo aborts the receiver, the run names the sender ----------
+
+LONGER_BY = 7  # values beyond what the header announces: gloo's buffer is the announced size
+
+
+def _longer_than_announced(message: Message) -> Message:
+    """The header of `message` as it is, but LONGER_BY more values on the wire after it."""
+    _forge_header(message)  # freezes the honest header
+    message.values = torch.cat([message.values, torch.zeros(LONGER_BY, dtype=message.values.dtype)])
+    return message
+
+
+def _assert_the_sender_is_named(failure: RankFailure, started: float, sender: int, victim: int,
+                                label=lambda rank: f"node {rank}") -> None:
+    """The victim died (gloo aborts it), yet the run ends at once naming the sender, in every witness too
+    (the sender itself may be killed first: once the others stopped naming it, the launcher waits no more)."""
+    assert time.monotonic() - started < FAIL_FAST_S
+    assert failure.first_failed == sender, str(failure)
+    assert "sent more than its header announced" in str(failure) and f"the first was {label(sender)}" in str(failure)
+    assert "SIGABRT" in failure.errors[victim]  # the victim itself could say nothing
+    witnesses = [rank for rank in failure.errors if rank not in (sender, victim)]
+    assert witnesses
+    for rank in witnesses:
+        assert f"{label(sender)} failed" in failure.errors[rank], failure.errors[rank]
+
+
+def test_a_dpsgd_payload_longer_than_its_header_names_the_sender():
+    """Node 1 hears node 0 (the forger) and node 2; the abort happens in node 1 and names node 0."""
+    def node(ctx):
+        faulthandler.disable()  # the victim's abort is expected: no dump of every thread on the console
+        neighbours, peer_degrees, board = _join(ctx)
+        liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S).start()
+        link = NeighbourLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees,
+                             liveness=liveness)
+        for round_number in range(1, 4):
+            message = FullSharing().pack(torch.randn(NUMEL), round_number, PATH.degree(ctx.rank))
+            if ctx.rank == FORGER and round_number == 2:
+                message = _longer_than_announced(message)
+            link.exchange(message)
+        raise AssertionError(f"node {ctx.rank} went on after round 3")
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True)
+    _assert_the_sender_is_named(failure.value, started, FORGER, VICTIM)
+    assert "node 0's values of round 2" in str(failure.value)
+
+
+def test_a_group_batch_longer_than_its_headers_names_the_sending_rank():
+    """Ranks of two nodes on the path 0-1-2-3-4-5: rank 1 hears rank 0 (the forger, node 1 -> 2) and
+    rank 2 (node 4 -> 3); rank 0's batch carries more values than its header block announces."""
+    per_rank, path = 2, Topology(nx.path_graph(6))
+    rank_of = [node // per_rank for node in range(6)]
+    targets = [path.neighbours(node) for node in range(6)]
+    label = rank_label(per_rank)
+
+    def rank(ctx):
+        faulthandler.disable()
+        dist.init_process_group("gloo", store=dist.PrefixStore("pg", ctx.store), rank=ctx.rank,
+                                world_size=ctx.world_size, timeout=timedelta(seconds=COMM_TIMEOUT_S))
+        liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S, label=label).start()
+        link = GroupLink(ctx.rank, rank_of, path, NUMEL, COMM_TIMEOUT_S, FailureBoard(ctx.store, label),
+                         liveness=liveness)
+        for round_number in range(1, 4):
+            outgoing = {node: FullSharing().pack(torch.randn(NUMEL), round_number, path.degree(node))
+                        for node in link.hosted}
+            if ctx.rank == 0 and round_number == 2:
+                outgoing[1] = _longer_than_announced(outgoing[1])
+            link.exchange(outgoing, targets)
+        raise AssertionError(f"rank {ctx.rank} went on after round 3")
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(rank, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True, label=label)
+    _assert_the_sender_is_named(failure.value, started, 0, 1, label)
+    assert "batch of round 2 (for nodes 1)" in str(failure.value)
+
+
+def test_a_death_names_the_one_sender_being_received_only_for_gloos_abort():
+    table = RankTable(4)
+    table.write_receives(1, "0 values of round 2")
+    table.write_receives(2, "0 header of round 5;3 header of round 5")
+    table.write_receives(3, "2 values of round 9")
+    for rank, code in [(1, -signal.SIGABRT), (2, -signal.SIGABRT), (3, -signal.SIGKILL)]:
+        table.record_death(rank, code)
+    assert [table.death_order(rank) for rank in range(4)] == [0, 1, 2, 3]
+    sender = death_verdict(table, 1)
+    assert sender.node == 0 and "node 0's values of round 2" in sender.why and "announced" in sender.why
+    several = death_verdict(table, 2)  # two senders could have sent too much: the victim is all we know
+    assert several.node == 2 and "node 0's header of round 5, node 3's header of round 5" in several.why
+    killed = death_verdict(table, 3)  # killed while receiving is no sender's fault
+    assert killed.node == 3 and "SIGKILL" in killed.why
 
 
 # --- honest ranks: nothing rejected, received bytes split ------------------------------------

@@ -9,7 +9,10 @@ Epidemic Learning's draws) which senders a batch holds and in what order, so not
 needs to travel. A sender's message goes once to a rank however many of its receivers live
 there, but each node's byte counters say exactly what it would have put on the wire and
 received alone (one message per receiver), so bytes compare across groupings. Headers are checked before anything is allocated, as `NeighbourLink`
-does, and a bad one ends the run naming the rank that sent it.
+does, and a bad one ends the run naming the rank that sent it. As there, every header block is in
+before the first batch's payload is posted, and the open receives are announced
+(`dpsgd.liveness.receiving`), so a rank that gloo aborts over a payload longer than its headers
+announced names the rank that sent it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dpsgd import liveness as receipts
 from dpsgd.communication import ByteCounters, FailureBoard, describe_peer_error
 from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding, Message,
                                 check_header, declared_bytes, parse_header, read_index, values_dtype)
@@ -89,6 +93,8 @@ class GroupLink(GroupTransport):
         received: dict[int, dict[int, Message]] = {node: {} for node in self.hosted}
         header_blocks = {other: torch.empty(len(senders), HEADER_LENGTH, dtype=HEADER_DTYPE)
                          for other, senders in incoming_from.items()}
+        for other in header_blocks:
+            receipts.receiving(other, "header", f"header block of round {round_number}")
         header_works = {other: (self._post(dist.irecv, block, other, HEADERS_TAG, round_number), block)
                         for other, block in header_blocks.items()}
         send_works = [work for other, senders in outgoing_to.items()
@@ -98,8 +104,10 @@ class GroupLink(GroupTransport):
             for receiver in targets[node]:
                 if self.rank_of[receiver] == self.rank:
                     received[receiver][node] = message
-        for other, (work, headers) in header_works.items():
+        for other, (work, _) in header_works.items():  # every block in before any payload: one open at a time
             self._wait(work, other, round_number, "headers")
+            receipts.received(other, "header")
+        for other, (_, headers) in header_works.items():
             senders = incoming_from[other]
             for sender, message in zip(senders, self._receive_batch(other, senders, headers, targets, round_number)):
                 for receiver in targets[sender]:
@@ -131,6 +139,7 @@ class GroupLink(GroupTransport):
                 raise self._rejected(other, sender, "a batch mixes value types (every node must use one "
                                                     "sharing.values)")
         values = torch.empty(sum(f["num_values"] for f in fields), dtype=values_dtype(fields[0]))
+        receipts.receiving(other, "payload", f"batch of round {round_number} (for nodes {_span(senders)})")
         value_work = self._post(dist.irecv, values, other, VALUES_TAG, round_number)
         index_bytes = [self._index_bytes(f) for f in fields]
         index = torch.empty(sum(index_bytes), dtype=torch.uint8)
@@ -138,6 +147,7 @@ class GroupLink(GroupTransport):
         self._wait(value_work, other, round_number, "values")
         if index_work is not None:
             self._wait(index_work, other, round_number, "index")
+        receipts.received(other, "payload")
         return self._split(other, senders, fields, values.to(self.device), index.to(self.device), index_bytes)
 
     def _split(self, other: int, senders: list[int], fields: list[dict], values: torch.Tensor, index: torch.Tensor,
@@ -197,10 +207,10 @@ class GroupLink(GroupTransport):
     def _failure(self, other: int, error: Exception, where: str):
         """A failed transfer with rank `other`: the heartbeats say which rank stalled (dpsgd.liveness)."""
         seen = f"{describe_peer_error(other, error, self.timeout_s)} ({where})".replace("neighbour", "rank")
-        if self.liveness is not None:
+        if self.liveness is not None and not self.failures.recorded():  # recorded: a ripple, confirmed already
             verdict = self.liveness.suspect(waited_for=other)
             if verdict.found:
-                other, seen = verdict.node, f"{seen}, and the heartbeats show {verdict.why}"
+                other, seen = verdict.node, f"{seen}, and {verdict.source} {verdict.why}"
         return self._stop(other, seen)
 
     def _rejected(self, other: int, sender: int, problem: str):
@@ -212,3 +222,10 @@ class GroupLink(GroupTransport):
         if self.liveness is not None:
             self.liveness.end("failed")
         return failure
+
+
+def _span(nodes: list[int]) -> str:
+    """Nodes in words: "4-7" for a run of consecutive ids, else "4, 9, 12"."""
+    if nodes == list(range(nodes[0], nodes[0] + len(nodes))) and len(nodes) > 1:
+        return f"{nodes[0]}-{nodes[-1]}"
+    return ", ".join(map(str, nodes))
