@@ -70,7 +70,7 @@ def under_torchrun() -> bool:
 
 
 def context_from_env(timeout_s: float = STORE_CONNECT_TIMEOUT_S) -> RankContext:
-    """Join the store torchrun set up (its agent's store, or rank 0's)."""
+    """Join the store torchrun set up (its agent's store, or rank 0's); count this rank as started."""
     rendezvous = dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s))
     store, rank, world_size = next(rendezvous)
     rank_arrived(store, "started")
