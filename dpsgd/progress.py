@@ -213,7 +213,9 @@ class ProgressLine:
         if bytes_sent is None and self.reached is not None:
             bytes_sent = self._bytes
         parts = [] if bytes_sent is None else [f"{bytes_sent / 1e6:.1f} MB sent/node"]
-        for key, label in (("test_loss", f"test {self.metric_name}"), ("test_acc", "test acc")):
+        # For ratings, test_acc is an exact match after rounding to the nearest half star.
+        acc_label = "test acc (half-star match)" if self.metric_name == "rmse" else "test acc"
+        for key, label in (("test_loss", f"test {self.metric_name}"), ("test_acc", acc_label)):
             if key in self._metric:
                 parts.append(f"{label} {self._metric[key]:.4f}")
         if self._metric and shown_round != self._metric_round:

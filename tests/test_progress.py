@@ -46,7 +46,7 @@ def test_piped_output_gets_plain_progress_lines_between_evaluated_rounds(tmp_pat
     assert between, f"no progress line before the evaluated round {ROUNDS}:\n{result.stdout}"
     assert between == sorted(between)
     assert "\r" not in result.stdout  # no live redrawing into a pipe
-    assert re.search(rf"^\[dpsgd\] round {ROUNDS}/{ROUNDS} .*\| test rmse [\d.]+ \| test acc", result.stdout, re.M)
+    assert re.search(rf"^\[dpsgd\] round {ROUNDS}/{ROUNDS} .*\| test rmse [\d.]+ \| test acc \(half-star match\)", result.stdout, re.M)
     steps = ["4 nodes in 1 rank of 4 on this machine", "process group ready (1 rank); building 4 nodes",
              f"round {between[0]}/{ROUNDS}", "[dpsgd] done:"]
     positions = [result.stdout.find(step) for step in steps]
@@ -116,10 +116,10 @@ def test_progress_line_states_round_rate_time_left_bytes_and_the_last_metric():
     first, evaluated, later = stream.getvalue().splitlines()
     assert re.fullmatch(r"\[dpsgd\] round 5/100 \| [\d.]+ rounds/s \| \d+s left \| 2\.5 MB sent/node", first)
     assert evaluated.startswith("[dpsgd] round 10/100 |") and evaluated.endswith(
-        "| 5.0 MB sent/node | test rmse 0.9500 | test acc 0.2000")
+        "| 5.0 MB sent/node | test rmse 0.9500 | test acc (half-star match) 0.2000")
     # Between evaluations the line keeps the last metric and says which round it is from.
     assert later.startswith("[dpsgd] round 14/100 |") and later.endswith(
-        "| 7.0 MB sent/node | test rmse 0.9500 | test acc 0.2000 (round 10)")
+        "| 7.0 MB sent/node | test rmse 0.9500 | test acc (half-star match) 0.2000 (round 10)")
 
 
 def test_slow_rank_start_is_announced_with_counts():
