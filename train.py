@@ -34,7 +34,7 @@ from dpsgd.checkpoint import check_resumable
 from dpsgd import run_folder
 from dpsgd.config_help import composition_error
 from dpsgd.errors import ConfigError, Interrupted, NodeFailure, raise_interrupted, write_torchrun_error_file
-from dpsgd.experiment import check_config, config_notes, prepare_data, ranks_for, run_node
+from dpsgd.experiment import check_config, config_notes, prepare_data, ranks_for, run_key, run_node
 from dpsgd.group.compose import rank_label
 from dpsgd.progress import startup_step
 
@@ -96,6 +96,7 @@ def _end_sweep() -> None:
 
 def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path) -> None:
     signal.signal(signal.SIGTERM, raise_interrupted)  # torchrun forwards the user's signal to every rank
+    arrivals = launch.announce_start(ctx, run_key(run_dir))  # counted per run: a sweep's jobs share the store
     try:
         check_config(cfg, ctx.world_size)  # run_node checks again; here to say the notes once
         if ctx.rank == 0:
@@ -109,6 +110,9 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
     except (KeyboardInterrupt, Interrupted) as stop:
         stop = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
         _exit(_stopped_line(stop, cfg, run_dir), stop.exit_code, show=ctx.rank == 0, hard=True)
+    finally:
+        if arrivals is not None:
+            arrivals.stop()
 
 
 def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
@@ -136,7 +140,7 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
     try:
         launch.spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), ranks,
                      grace_s=cfg.comm.timeout_s + 30, quiet_failures=True, label=rank_label(cfg.nodes_per_rank),
-                     announce_ranks=True)
+                     announce_ranks=run_key(run_dir))
     except launch.RankFailure as failure:
         details = failure.errors.get(failure.first_failed, "")
         raise JobFailed(f"{failure}\n{details}" if "crashed" in details else str(failure),

@@ -38,7 +38,7 @@ from dpsgd.metrics import EvalSchedule, RoundRecorder
 from dpsgd.models import build_model
 from dpsgd.models.flat import bind_model_to, flatten_model
 from dpsgd.node import Node
-from dpsgd.progress import rank_arrived, startup_step
+from dpsgd.progress import rank_arrived, run_store, startup_step
 from dpsgd.run_folder import check_fresh_node, write_atomic
 from dpsgd.run_outputs import (RESUME_AGGREGATED_KEY, Aggregator, NodeLog, RunInfo, earlier_rounds,
                                publish_rounds_completed, republish_kept_rounds)
@@ -213,7 +213,7 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
         for node in nodes:
             republish_kept_rounds(store, node.rank, node.recorder.log, aggregated, node.schedule)
     startup_step("nodes built")
-    rank_arrived(ctx.store, "ready")
+    rank_arrived(store, "ready")  # the run's namespace: a torchrun sweep's jobs share ctx.store
     _barrier(ctx.rank)
     startup_step("rounds start")
     for node in nodes:
@@ -298,7 +298,7 @@ def _join_process_group(cfg: DictConfig, ctx: RankContext, run_dir: Path) -> dis
     On a NodeFailure the process group is left as it is: tearing down gloo pairs to a
     dead peer can block, and the launcher ends the process right after.
     """
-    store = dist.PrefixStore(f"dpsgd/{run_key(run_dir)}", ctx.store)
+    store = run_store(ctx.store, run_key(run_dir))
     dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=ctx.rank,
                             world_size=ctx.world_size, timeout=timedelta(seconds=cfg.comm.timeout_s))
     Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra made it on rank 0's machine, not elsewhere

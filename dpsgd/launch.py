@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from dpsgd import liveness
 from dpsgd.errors import ConfigError, NodeFailure, raise_interrupted
-from dpsgd.progress import RankArrivals, rank_arrived, startup_step
+from dpsgd.progress import RankArrivals, rank_arrived, run_store, startup_step
 
 LOOPBACK = "127.0.0.1"
 STORE_CONNECT_TIMEOUT_S = 120.0
@@ -70,12 +70,12 @@ def under_torchrun() -> bool:
 
 
 def context_from_env(timeout_s: float = STORE_CONNECT_TIMEOUT_S) -> RankContext:
-    """Join the store torchrun set up (its agent's store, or rank 0's); count this rank as started."""
+    """Join the store torchrun set up (its agent's store, or rank 0's).
+
+    Ranks count themselves as started per run (`announce_start`), not here: a sweep's jobs share this store.
+    """
     rendezvous = dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s))
     store, rank, world_size = next(rendezvous)
-    rank_arrived(store, "started")
-    if rank == 0 and world_size > 1:
-        RankArrivals(store, world_size).start()  # ends by itself once every rank is ready
     return RankContext(
         rank=rank,
         world_size=world_size,
@@ -83,6 +83,14 @@ def context_from_env(timeout_s: float = STORE_CONNECT_TIMEOUT_S) -> RankContext:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
+
+
+def announce_start(ctx: RankContext, run_key: str) -> RankArrivals | None:
+    """Under torchrun: count this rank as started in the run's namespace; rank 0 watches the counts
+    (a thread that ends once every rank is ready; the caller stops it when the run ends earlier)."""
+    store = run_store(ctx.store, run_key)
+    rank_arrived(store, "started")
+    return RankArrivals(store, ctx.world_size).start() if ctx.rank == 0 and ctx.world_size > 1 else None
 
 
 def free_port() -> int:
@@ -133,14 +141,15 @@ def spawn(
     grace_s: float = 30.0,
     quiet_failures: bool = False,
     label: Callable[[int], str] = "node {}".format,
-    announce_ranks: bool = False,
+    announce_ranks: str | None = None,
 ) -> None:
     """Fork `world_size` ranks running `fn`, wait for all, raise RankFailure if any failed.
 
     `timeout_s` bounds the whole run (a hang guard for tests); `grace_s` is how long the
     others may take to stop on their own after the first rank failed before they are
-    killed. No rank outlives this call. `announce_ranks`: while ranks are slow to start,
-    say now and then how many started and built their nodes (`dpsgd.progress.RankArrivals`).
+    killed. No rank outlives this call. `announce_ranks`: the run's key (`dpsgd.experiment.run_key`);
+    while ranks are slow to start, say now and then how many started and built their nodes, as the
+    ranks count them in the run's namespace of the store (`dpsgd.progress.RankArrivals`).
     """
     listener = loopback_listener()  # bound before forking, so the ranks know the port and nobody can take it
     port = listener.getsockname()[1]
@@ -153,7 +162,8 @@ def spawn(
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(
                 target=_rank_main,
-                args=(fn, rank, world_size, port, listener.fileno(), writer, quiet_failures, parent, label, table),
+                args=(fn, rank, world_size, port, listener.fileno(), writer, quiet_failures, parent, label, table,
+                      announce_ranks),
                 name=f"dpsgd-node-{rank}",
                 daemon=True,
             )
@@ -172,7 +182,7 @@ def spawn(
     previous = {number: signal.signal(number, raise_interrupted) for number in (signal.SIGINT, signal.SIGTERM)}
     killed: set[int] = set()
     reports: dict[int, tuple[str, int | None]] = {}
-    arrivals = RankArrivals(store, world_size).start() if announce_ranks else None
+    arrivals = RankArrivals(run_store(store, announce_ranks), world_size).start() if announce_ranks else None
     try:
         _watch(processes, timeout_s, grace_s, table, error_pipes, reports)
     finally:
@@ -193,7 +203,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failures, parent, label, table) -> None:
+def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failures, parent, label, table,
+               run_key) -> None:
     """Body of one forked rank: connect to the parent's store, run, report how it ended."""
     _die_with_parent(parent)
     liveness.attach(table, rank)
@@ -206,7 +217,8 @@ def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failur
         store = dist.TCPStore(LOOPBACK, port, world_size=None, is_master=False,
                               timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S))
         startup_step("rank started")
-        rank_arrived(store, "started")
+        if run_key:
+            rank_arrived(run_store(store, run_key), "started")
         fn(RankContext(rank=rank, world_size=world_size, store=store,
                        local_rank=rank, local_world_size=world_size))
     except NodeFailure as failure:

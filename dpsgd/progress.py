@@ -43,13 +43,23 @@ def startup_step(step: str, message: str | None = None, show: bool = True) -> No
             trace.write(line + "\n")
 
 
-STARTUP_KEY = "dpsgd/startup/"  # + "started" / "ready": how many ranks got that far (`RankArrivals`)
+# + "started" / "ready": how many ranks got that far (`RankArrivals`), counted in the run's own
+# namespace of the store (`run_store`): a torchrun sweep's jobs and restarts share one store.
+STARTUP_KEY = "startup/"
 STARTUP_QUIET_S = 2.0      # a start-up quicker than this says nothing about ranks
 STARTUP_EVERY_S = 5.0      # then a line at least this often while ranks are still starting
 
 
+def run_store(store, run_key: str):
+    """The run's namespace in the rendezvous store (`dpsgd.experiment.run_key`): its start-up
+    counters and its process group live there, so no other job or restart of the same store counts."""
+    import torch.distributed as dist  # here: this module imports no torch (train.py --help path)
+
+    return dist.PrefixStore(f"dpsgd/{run_key}", store)
+
+
 def rank_arrived(store, step: str) -> None:
-    """Count this rank as `started` (connected to the rendezvous store) or `ready` (its nodes built)."""
+    """Count this rank as `started` (began this run) or `ready` (its nodes built), in the run's store (`run_store`)."""
     store.add(STARTUP_KEY + step, 1)
 
 

@@ -168,3 +168,26 @@ def test_every_key_of_every_conf_file_has_a_doc_comment():
 def test_the_readme_says_what_test_acc_means_for_ratings():
     metrics = README.split("## What a run leaves behind")[1]
     assert re.search(r"`test_acc`[^.]*half star", metrics)
+
+
+# ---------------------------------------------------------------- review 9: start-up counters per run
+
+
+def test_start_up_counters_are_counted_per_run_in_a_shared_store():
+    """A torchrun sweep's jobs share one store: each job's ranks count in its own namespace (run_key)."""
+    import torch.distributed as dist
+
+    from dpsgd.launch import RankContext, announce_start
+    from dpsgd.progress import RankArrivals, rank_arrived, run_store
+
+    store = dist.HashStore()
+    watcher = announce_start(RankContext(rank=0, world_size=2, store=store), "sweep/0")
+    assert watcher is not None  # rank 0 watches its run's counts
+    watcher.stop()
+    assert announce_start(RankContext(rank=1, world_size=2, store=store), "sweep/0") is None
+    for _ in range(2):  # job 0: both ranks built their nodes
+        rank_arrived(run_store(store, "sweep/0"), "ready")
+    watcher = announce_start(RankContext(rank=1, world_size=2, store=store), "sweep/1")
+    assert watcher is None  # only rank 0 watches
+    assert RankArrivals(run_store(store, "sweep/0"), 2).counts() == (2, 2)
+    assert RankArrivals(run_store(store, "sweep/1"), 2).counts() == (1, 0)  # job 1 starts from nothing
