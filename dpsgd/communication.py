@@ -10,7 +10,9 @@ A payload longer than its header announced cannot be caught: gloo aborts the rec
 process from its own thread. So every receive whose length a sender controls is announced
 first (`dpsgd.liveness.receiving`): a D-PSGD node waits for all its senders' headers, then
 receives one sender's payload at a time, so a launcher that sees a rank aborted during a
-payload knows whose it was and names that sender, not its victim.
+payload knows whose it was and names that sender, not its victim. An RWM node receives
+from each neighbour in its own thread, so its other neighbours' header receives are open
+too; headers have a fixed size, so the one open payload still names its sender.
 
 A peer's header is checked (`wire.check_header`, then the sharing method's own check)
 before anything is allocated or received on its word: sizes beyond what the model

@@ -18,8 +18,9 @@ once instead of after `CONFIRM_S` of silent heartbeats. Each rank writes there w
 receives it has posted and not completed (`receiving` / `received`): gloo aborts a
 process (SIGABRT, in its own thread, so nothing can catch it) when a sender puts more
 bytes on the wire than the posted buffer holds, i.e. more than the sender's header
-announced, so a rank aborted while only one sender's receive was open is that sender's
-victim, and the verdict names the sender (`death_verdict`).
+announced. Honest headers have a fixed size, so a rank aborted while only one payload
+receive was open is that payload's sender's victim, and the verdict names the sender
+(`death_verdict`); an RWM node always has its other neighbours' header receives open too.
 """
 
 from __future__ import annotations
@@ -158,16 +159,42 @@ class Liveness:
         return beats
 
 
+@dataclass(frozen=True)
+class OpenReceive:
+    """A receive a rank had posted and not completed: from `peer`, of `kind` ("header", "payload"...)."""
+    peer: int
+    kind: str
+    what: str  # in words, e.g. "values of round 3"
+
+
+@dataclass(frozen=True)
+class OpenReceives:
+    """What a rank last wrote about its open receives: `shown` in full, and how many more did not fit."""
+    shown: tuple[OpenReceive, ...]
+    payloads: int  # open payload receives, counted even when not all are shown
+    more: int = 0
+
+    def payload_senders(self) -> list[OpenReceive]:
+        return [receive for receive in self.shown if receive.kind == "payload"]
+
+    def words(self, label: Callable[[int], str]) -> str:
+        listed = ", ".join(f"{label(receive.peer)}'s {receive.what}" for receive in self.shown)
+        return listed + (f" and {self.more} more" if self.more else "")
+
+
 class RankTable:
     """Memory shared by a launcher and the ranks it forks: how each rank died (written by the launcher)
     and the receives each rank has open (written by the rank), readable after that rank is gone.
 
     One anonymous shared mapping made before forking, one fixed slot per rank: no store call and no
-    lock between processes, so a rank can afford to write its open receives on every message.
+    lock between processes, so a rank can afford to write its open receives on every message. A slot
+    holds whole entries only, with counts of those left out: a cut entry could name a wrong peer.
     """
 
     SLOT_BYTES = 1024
-    _HEAD = struct.Struct("<iii")  # death order (0: alive or ended normally), exit code, length of the text
+    # death order (0: alive or ended normally), exit code, bytes of entries, entries shown, entries left out,
+    # open payload receives
+    _HEAD = struct.Struct("<iiiiii")
     TEXT_BYTES = SLOT_BYTES - _HEAD.size
 
     def __init__(self, world_size: int):
@@ -178,8 +205,8 @@ class RankTable:
     def record_death(self, rank: int, exit_code: int) -> None:
         """The launcher saw `rank` end with `exit_code` (negative: killed by that signal), on its own."""
         self._deaths += 1
-        length = self._head(rank)[2]
-        self._HEAD.pack_into(self._memory, rank * self.SLOT_BYTES, self._deaths, exit_code, length)
+        _, _, *receives = self._head(rank)
+        self._HEAD.pack_into(self._memory, rank * self.SLOT_BYTES, self._deaths, exit_code, *receives)
 
     def death_order(self, rank: int) -> int:
         """1 for the first rank the launcher saw die, 2 for the next...; 0 while it has not."""
@@ -188,26 +215,38 @@ class RankTable:
     def exit_code(self, rank: int) -> int:
         return self._head(rank)[1]
 
-    def write_receives(self, rank: int, text: str) -> None:
-        """Length zero first, then the text, then its length: a rank dying mid-write leaves no half record."""
-        data = text.encode()[:self.TEXT_BYTES]
+    def write_receives(self, rank: int, receives: list[OpenReceive]) -> None:
+        """Payloads first (they decide a verdict), as many whole entries as fit. Length zero first, then the
+        entries, then the head: a rank dying mid-write leaves no half record."""
+        receives = sorted(receives, key=lambda receive: receive.kind != "payload")
+        encoded, used = [], 0
+        for receive in receives:
+            entry = f"{receive.peer} {receive.kind} {receive.what}".replace(";", ",").encode() + b";"
+            if used + len(entry) > self.TEXT_BYTES:
+                break
+            encoded.append(entry)
+            used += len(entry)
+        data = b"".join(encoded)
+        payloads = sum(receive.kind == "payload" for receive in receives)
         start = rank * self.SLOT_BYTES
-        order, code, _ = self._head(rank)
-        self._HEAD.pack_into(self._memory, start, order, code, 0)
+        order, code, *_ = self._head(rank)
+        self._HEAD.pack_into(self._memory, start, order, code, 0, 0, 0, 0)
         self._memory[start + self._HEAD.size:start + self._HEAD.size + len(data)] = data
-        self._HEAD.pack_into(self._memory, start, order, code, len(data))
+        self._HEAD.pack_into(self._memory, start, order, code, len(data), len(encoded),
+                             len(receives) - len(encoded), payloads)
 
-    def open_receives(self, rank: int) -> dict[int, str]:
-        """Sender -> what `rank` was receiving from it, as the rank last wrote it."""
+    def open_receives(self, rank: int) -> OpenReceives:
+        """What `rank` was receiving, as the rank last wrote it."""
+        _, _, length, shown, more, payloads = self._head(rank)
         start = rank * self.SLOT_BYTES + self._HEAD.size
-        text = self._memory[start:start + self._head(rank)[2]].decode(errors="replace")
-        receives = {}
-        for entry in filter(None, text.split(";")):
-            peer, what = entry.split(" ", 1)
-            receives.setdefault(int(peer), what)
-        return receives
+        entries = self._memory[start:start + length].decode().split(";")[:shown]
+        receives = []
+        for entry in entries:
+            peer, kind, what = entry.split(" ", 2)
+            receives.append(OpenReceive(int(peer), kind, what))
+        return OpenReceives(tuple(receives), payloads, more)
 
-    def _head(self, rank: int) -> tuple[int, int, int]:
+    def _head(self, rank: int) -> tuple[int, int, int, int, int, int]:
         return self._HEAD.unpack_from(self._memory, rank * self.SLOT_BYTES)
 
 
@@ -244,26 +283,32 @@ def received(peer: int, kind: str) -> None:
 
 
 def _publish() -> None:
-    _TABLE.write_receives(_RANK, ";".join(f"{peer} {what}" for (peer, _), what in _open.items()))
+    _TABLE.write_receives(_RANK, [OpenReceive(peer, kind, what) for (peer, kind), what in _open.items()])
 
 
 def death_verdict(table: RankTable, rank: int, label: Callable[[int], str] = "node {}".format) -> Verdict:
     """Who to blame for `rank`'s death as its launcher saw it.
 
-    Killed by SIGABRT while receiving from exactly one sender: that sender put more on the wire
-    than its header announced (gloo's "Received data size doesn't match expected size" ends the
-    receiving process). Anything else: the rank itself.
+    Killed by SIGABRT while receiving: some sender put more on the wire than the receive posted for
+    it (gloo's "Received data size doesn't match expected size" ends the receiving process). Honest
+    headers have a fixed size, so with exactly one payload receive open its sender is named (a forged
+    header longer than a header would abort the receiver too: the other open receives are listed as
+    well); with no payload or several open, the candidates are listed and the victim is named.
+    Anything else: the rank itself.
     """
     code = table.exit_code(rank)
-    senders = table.open_receives(rank)
+    receives = table.open_receives(rank)
     source = "the launcher says"
-    if code == -signal.SIGABRT and len(senders) == 1:
-        (sender, what), = senders.items()
-        return Verdict(sender, f"{label(rank)} was killed by gloo (SIGABRT) while receiving {label(sender)}'s {what}: "
-                               f"{label(sender)} sent more than its header announced", source=source)
-    if code == -signal.SIGABRT and senders:
-        names = ", ".join(f"{label(peer)}'s {what}" for peer, what in sorted(senders.items()))
-        return Verdict(rank, f"{label(rank)} was killed by gloo (SIGABRT) while receiving {names}: one of them sent more "
-                             "than it announced", source=source)
+    payloads = receives.payload_senders()
+    if code == -signal.SIGABRT and receives.payloads == 1 and len(payloads) == 1:
+        (payload,) = payloads
+        others = OpenReceives(tuple(r for r in receives.shown if r is not payload), 0, receives.more)
+        also = f" (also open: {others.words(label)})" if others.shown or others.more else ""
+        return Verdict(payload.peer, f"{label(rank)} was killed by gloo (SIGABRT) while receiving "
+                                     f"{label(payload.peer)}'s {payload.what}{also}: {label(payload.peer)} sent more "
+                                     "than its header announced", source=source)
+    if code == -signal.SIGABRT and (receives.shown or receives.more):
+        return Verdict(rank, f"{label(rank)} was killed by gloo (SIGABRT) while receiving {receives.words(label)}: "
+                             "one of them sent more than it announced", source=source)
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
     return Verdict(rank, f"{label(rank)} died ({how})", source=source)

@@ -25,8 +25,9 @@ import torch.distributed as dist
 from dpsgd.communication import ByteCounters, FailureBoard, NeighbourLink, RandomWalkLink
 from dpsgd.group.compose import rank_label
 from dpsgd.group.link import GroupLink
+from dpsgd.group.walk import GroupWalkLink
 from dpsgd.launch import LOOPBACK, RankFailure, spawn
-from dpsgd.liveness import Liveness, RankTable, death_verdict
+from dpsgd.liveness import Liveness, OpenReceive, RankTable, death_verdict
 from dpsgd.sharing.full import FullSharing
 from dpsgd.sharing.partial import PartialSharing
 from dpsgd.sharing.selection import encode_indices
@@ -430,20 +431,108 @@ def test_a_group_batch_longer_than_its_headers_names_the_sending_rank():
     assert "batch of round 2 (for nodes 1)" in str(failure.value)
 
 
-def test_a_death_names_the_one_sender_being_received_only_for_gloos_abort():
-    table = RankTable(4)
-    table.write_receives(1, "0 values of round 2")
-    table.write_receives(2, "0 header of round 5;3 header of round 5")
-    table.write_receives(3, "2 values of round 9")
-    for rank, code in [(1, -signal.SIGABRT), (2, -signal.SIGABRT), (3, -signal.SIGKILL)]:
+def test_a_rwm_payload_longer_than_its_header_names_the_sender():
+    """Node 1 receives from nodes 0 and 2 in a thread each, so node 2's header receive is open while
+    node 0's (the forger's) payload arrives: the one open payload names its sender."""
+    def node(ctx):
+        faulthandler.disable()
+        neighbours, peer_degrees, board = _join(ctx)
+        liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S).start()
+        link = RandomWalkLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees,
+                              liveness=liveness)
+        link.start()
+        if ctx.rank == FORGER:
+            honest = Message(round=1, degree=PATH.degree(FORGER), age=3, encoding=Encoding.FULL,
+                             values=torch.randn(NUMEL))
+            link.send(VICTIM, _longer_than_announced(honest))
+        link.receive()
+        raise AssertionError(f"node {ctx.rank} went on")
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True)
+    _assert_the_sender_is_named(failure.value, started, FORGER, VICTIM)
+    assert "node 0's values of round 1" in str(failure.value)
+
+
+def test_a_group_walk_payload_longer_than_its_header_names_the_sending_rank():
+    """RWM with node groups on the path 0-1-2-3-4-5, two nodes per rank: rank 1 hears rank 0 and rank 2
+    in a thread each; rank 0 sends node 1's model to node 2 with more values than its header says."""
+    per_rank, path = 2, Topology(nx.path_graph(6))
+    rank_of = [node // per_rank for node in range(6)]
+    label = rank_label(per_rank)
+
+    def rank(ctx):
+        faulthandler.disable()
+        dist.init_process_group("gloo", store=dist.PrefixStore("pg", ctx.store), rank=ctx.rank,
+                                world_size=ctx.world_size, timeout=timedelta(seconds=COMM_TIMEOUT_S))
+        liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S, label=label).start()
+        link = GroupWalkLink(ctx.rank, rank_of, path, NUMEL, COMM_TIMEOUT_S, FailureBoard(ctx.store, label),
+                             liveness=liveness)
+        link.start()
+        if ctx.rank == 0:
+            honest = Message(round=1, degree=path.degree(1), age=3, encoding=Encoding.FULL, values=torch.randn(NUMEL))
+            link.send(1, 2, _longer_than_announced(honest))
+        link.ready()
+        raise AssertionError(f"rank {ctx.rank} went on")
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(rank, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True, label=label)
+    _assert_the_sender_is_named(failure.value, started, 0, 1, label)
+    assert "values of round 1 (node 1)" in str(failure.value)
+
+
+def _receives(*entries: tuple[int, str, str]) -> list[OpenReceive]:
+    return [OpenReceive(peer, kind, what) for peer, kind, what in entries]
+
+
+def test_a_death_names_the_one_payload_sender_being_received_only_for_gloos_abort():
+    table = RankTable(5)
+    table.write_receives(1, _receives((0, "payload", "values of round 2")))
+    table.write_receives(2, _receives((0, "header", "header of round 5"), (3, "header", "header of round 5")))
+    table.write_receives(3, _receives((2, "payload", "values of round 9")))
+    # RWM: other neighbours' fixed-size headers are open beside the one payload
+    table.write_receives(4, _receives((2, "header", "header"), (0, "payload", "values of round 7"),
+                                      (3, "header", "header")))
+    for rank, code in [(1, -signal.SIGABRT), (2, -signal.SIGABRT), (3, -signal.SIGKILL), (4, -signal.SIGABRT)]:
         table.record_death(rank, code)
-    assert [table.death_order(rank) for rank in range(4)] == [0, 1, 2, 3]
+    assert [table.death_order(rank) for rank in range(5)] == [0, 1, 2, 3, 4]
     sender = death_verdict(table, 1)
     assert sender.node == 0 and "node 0's values of round 2" in sender.why and "announced" in sender.why
-    several = death_verdict(table, 2)  # two senders could have sent too much: the victim is all we know
+    several = death_verdict(table, 2)  # only headers open: a forged longer header; either could be it
     assert several.node == 2 and "node 0's header of round 5, node 3's header of round 5" in several.why
     killed = death_verdict(table, 3)  # killed while receiving is no sender's fault
     assert killed.node == 3 and "SIGKILL" in killed.why
+    beside_headers = death_verdict(table, 4)
+    assert beside_headers.node == 0, beside_headers.why
+    assert "node 0's values of round 7 (also open: node 2's header, node 3's header)" in beside_headers.why
+
+
+def test_two_open_payloads_list_both_senders():
+    table = RankTable(2)
+    table.write_receives(1, _receives((0, "payload", "values of round 1"), (7, "payload", "values of round 4")))
+    table.record_death(1, -signal.SIGABRT)
+    verdict = death_verdict(table, 1)
+    assert verdict.node == 1 and "node 0's values of round 1, node 7's values of round 4" in verdict.why
+
+
+def test_the_receive_table_keeps_whole_entries_and_counts_the_rest():
+    """200 open receives overflow a slot: what is shown reads back exactly, the rest is a count, and the
+    one payload is shown first even when written last."""
+    table = RankTable(2)
+    written = _receives(*[(peer, "header", f"header of round {peer}") for peer in range(1000, 1200)],
+                        (1234567, "payload", "values of round 3"))
+    table.write_receives(1, written)
+    receives = table.open_receives(1)
+    assert receives.shown[0] == written[-1] and receives.payloads == 1
+    assert list(receives.shown[1:]) == written[:len(receives.shown) - 1]
+    assert len(receives.shown) + receives.more == len(written) and receives.more > 0
+    table.record_death(1, -signal.SIGABRT)
+    verdict = death_verdict(table, 1)
+    assert verdict.node == 1234567 and f"and {receives.more} more)" in verdict.why
+    table.write_receives(0, [])
+    assert table.open_receives(0).shown == () and table.open_receives(0).more == 0
 
 
 # --- honest ranks: nothing rejected, received bytes split ------------------------------------

@@ -4,7 +4,9 @@ A message to a node of the same rank goes into that node's inbox (a copy: the se
 trains on). A message to another rank is a routing pair (sender, receiver) followed by
 the wire message exactly as alone (header, values, index). One receiver thread per
 neighbouring rank keeps a routing receive posted, so a sender never waits on the
-receiver's main loop, and checks each header (`wire.check_header`) before allocating.
+receiver's main loop, and checks each header (`wire.check_header`) before allocating. Its
+receives are written to the launcher's table (`dpsgd.liveness.receiving`), so a rank that
+gloo aborts over a payload longer than its header names the rank that sent it.
 
 Shutdown is `RandomWalkLink`'s handshake between ranks: a rank that stops sends the
 routing pair END to every neighbouring rank; a rank that receives END stops too and
@@ -24,6 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dpsgd import liveness as receipts
 from dpsgd.communication import NO_BOUND
 from dpsgd.group.link import GroupTransport
 from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding,
@@ -113,13 +116,17 @@ class GroupWalkLink(GroupTransport):
         header = torch.empty(HEADER_LENGTH, dtype=HEADER_DTYPE)
         try:
             while True:
+                receipts.receiving(other, "header", "routing pair")
                 dist.irecv(route, other, tag=ROUTE_TAG).wait(timeout=NO_BOUND)
+                receipts.received(other, "header")
                 sender, receiver = route.tolist()
                 if sender == END:
                     self._stop_seen.set()
                     self._arrivals.put(("end", other, None))
                     return
+                receipts.receiving(other, "header", f"header (node {sender} -> {receiver})")
                 dist.irecv(header, other, tag=HEADER_TAG).wait(timeout=NO_BOUND)
+                receipts.received(other, "header")
                 fields = parse_header(header)
                 problem = self._problem(other, sender, receiver, fields)
                 if problem is not None:
@@ -132,9 +139,18 @@ class GroupWalkLink(GroupTransport):
                     return
                 self._arrivals.put(("message", receiver, payload))
         except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
-            self._arrivals.put(("failure", other, self.failures.failure(
-                self.rank, other, f"the connection to rank {other} closed ({type(error).__name__})")))
+            self._arrivals.put(("failure", other, self._closed(other, error)))
             self._stop_seen.set()
+
+    def _closed(self, other: int, error: Exception):
+        """The connection to rank `other` closed: the launcher's word or the heartbeats may name who caused
+        it (rank `other` aborted by gloo over a third rank's malformed message is that rank's victim)."""
+        seen = f"the connection to rank {other} closed ({type(error).__name__})"
+        if self.liveness is not None and not self.failures.recorded():  # recorded: a ripple, confirmed already
+            verdict = self.liveness.suspect(waited_for=other)
+            if verdict.found:
+                other, seen = verdict.node, f"{seen}, and {verdict.source} {verdict.why}"
+        return self.failures.failure(self.rank, other, seen)
 
     def _problem(self, other: int, sender: int, receiver: int, fields: dict[str, int]) -> str | None:
         if not (0 <= sender < len(self.rank_of) and self.rank_of[sender] == other
@@ -147,12 +163,16 @@ class GroupWalkLink(GroupTransport):
 
     def _payload(self, other: int, sender: int, fields: dict[str, int]) -> Message:
         values = torch.empty(fields["num_values"], dtype=values_dtype(fields))
+        encoding = Encoding(fields["encoding"])
+        parts = "values and index" if encoding in INDEX_DTYPES else "values"
+        receipts.receiving(other, "payload", f"{parts} of round {fields['round']} (node {sender})")
         dist.irecv(values, other, tag=VALUES_TAG).wait(timeout=NO_BOUND)
         index, coordinates = None, None
-        encoding = Encoding(fields["encoding"])
         if encoding in INDEX_DTYPES:
             index = torch.empty(fields["num_index"], dtype=INDEX_DTYPES[encoding])
             dist.irecv(index, other, tag=INDEX_TAG).wait(timeout=NO_BOUND)
+        receipts.received(other, "payload")
+        if index is not None:
             coordinates, problem = read_index(encoding, index, fields["num_values"], self.numel)
             if problem is not None:
                 raise ValueError(problem)
