@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpsgd.communication import ByteCounters
 from dpsgd.errors import ConfigError
+from dpsgd.topology import default_degree
 
 if TYPE_CHECKING:
     from dpsgd.node import Node
@@ -37,6 +38,8 @@ SAVED_KEY = "checkpoint/latest"
 # What every checkpoint this library writes holds; anything else is not one of ours.
 STATE_KEYS = frozenset({"round", "elapsed_s", "flat", "optimizer", "batches", "sharing", "bytes", "rng", "algorithm"})
 # Top-level keys that may differ between a run and its resumption: none changes the numbers.
+# Graph kinds that read topology.degree (the others ignore it).
+DEGREE_KINDS = ("regular", "smallworld")
 RESUMABLE_CHANGES = {"resume", "rounds", "checkpoint", "log", "comm", "cache_dir", "threads_per_rank"}
 
 
@@ -200,8 +203,8 @@ def check_resumable(cfg: DictConfig, run_dir: Path, all_nodes_local: bool = Fals
     if not saved_path.exists():
         raise ConfigError(f"resume=true, but {saved_path} does not exist. Point hydra.run.dir at the directory of "
                           "the run to continue, e.g. `hydra.run.dir=outputs/2026-11-26/10-00-00 resume=true`.")
-    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
-    current = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    saved = _effective_degree(_flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)))
+    current = _effective_degree(_flatten(OmegaConf.to_container(cfg, resolve=True)))
     # A key the saved config lacks came with a newer dpsgd: the run used what its default now gives.
     changed = sorted(key for key in saved
                      if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key) != current.get(key))
@@ -213,6 +216,21 @@ def check_resumable(cfg: DictConfig, run_dir: Path, all_nodes_local: bool = Fals
         round_number = latest_common_round([saved_rounds(run_dir, node) for node in range(cfg.nodes)], run_dir)
         for node in range(cfg.nodes):  # found here, before any rank starts, a bad file is one clear paragraph
             load_checkpoint(checkpoint_dir(run_dir, node) / f"{round_number}.pt")
+
+
+def _effective_degree(flat: dict) -> dict:
+    """The graph's degree as the run uses it, so that a resume compares graphs, not how they were asked for.
+
+    An unset degree (null) is the default for the node count (`default_degree`): a run saved with
+    `degree: 4` by a dpsgd whose default was 4 resumes under today's null when that is still 4, and
+    a run whose default would now differ is refused. Kinds that take no degree ignore the key.
+    """
+    kind = flat.get("topology.kind")
+    if kind not in DEGREE_KINDS:
+        flat.pop("topology.degree", None)
+    elif flat.get("topology.degree") is None and isinstance(flat.get("nodes"), int):
+        flat["topology.degree"] = default_degree(kind, flat["nodes"])
+    return flat
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -385,9 +385,16 @@ def build_trainer(cfg: DictConfig, dataset, data: NodeData, rank: int,
 
 
 def write_run_files(cfg: DictConfig, dataset, run_dir: Path) -> None:
-    """The resolved config, and which users (and how many samples) each node got, so runs can be compared."""
+    """The resolved config, and which users (and how many samples) each node got, so runs can be compared.
+
+    config.yaml records the degree the graph was built with, not `null` (a resume compares it with
+    the degree it would build, `check_resumable`, so a changed default can never change a run's graph).
+    """
     notes = "".join(f"# {note}\n" for note in config_notes(cfg))
-    write_atomic(Path(run_dir) / "config.yaml", notes + OmegaConf.to_yaml(cfg, resolve=True))
+    recorded = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if recorded.topology.get("degree") is None and recorded.topology.kind in RANDOM_TOPOLOGIES:
+        recorded.topology.degree = topology_degree(cfg)
+    write_atomic(Path(run_dir) / "config.yaml", notes + OmegaConf.to_yaml(recorded))
     partition = {"dataset": cfg.dataset.name, "description": dataset.describe(), **dataset.partition(cfg.nodes, cfg.seed)}
     write_atomic(Path(run_dir) / "partition.json", json.dumps(partition, indent=1) + "\n")
 
