@@ -42,6 +42,7 @@ POLL_INTERVAL_S = 0.2
 
 
 CURVE_KEYS = ("train_loss", "test_loss", "test_acc", "bytes_sent")
+EVALUATED_KEYS = ("test_loss", "test_acc", "train_loss")  # what a node's evaluation adds to its record
 
 
 def node_log_path(run_dir: Path, node: int) -> Path:
@@ -285,7 +286,7 @@ class Aggregator:
             self._writer.add_scalar("consensus_distance", consensus, round_number)
         if "bytes_sent" in stats:
             step = int(stats["bytes_sent"]["mean"])
-            for key in ("test_loss", "test_acc", "train_loss"):
+            for key in EVALUATED_KEYS:
                 if key in stats:
                     self._bytes_writer.add_scalar(f"vs_bytes/{key}", stats[key]["mean"], step)
         ages = [record["age"] for record in records if is_finite_number(record.get("age"))]

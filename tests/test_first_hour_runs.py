@@ -4,6 +4,7 @@ else, a data_dir that is a file is named as one, and nothing in the repository u
 from __future__ import annotations
 
 import ast
+import json
 import warnings
 
 import numpy as np
@@ -26,6 +27,19 @@ def test_a_diverged_run_prints_its_one_line_and_no_numpy_warnings(tmp_path):
     output = result.stdout + result.stderr
     assert "Warning" not in output, output
     assert sum("training diverged at round" in line for line in output.splitlines()) == 1, output
+
+
+@pytest.mark.parametrize("eval_every", [10, 1])  # the stop round unevaluated, then evaluated on schedule
+def test_a_diverged_run_reports_no_metrics_of_its_non_finite_models_as_final(tmp_path, eval_every):
+    """optimizer.lr=1000 makes every model non-finite in round 1 and the run stops at round 3: a model of
+    NaNs scores accuracy 0.0, which summary.json's `final` must not show as the run's result."""
+    run_train(tmp_path, "nodes=4", "rounds=30", "optimizer.lr=1000", f"eval.every={eval_every}",
+              "checkpoint.every=0")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["diverged"]["round"] == 1 and summary["diverged"]["stop_after"] == 3, summary["diverged"]
+    final = summary["final"]
+    assert final["round"] == 3 and final["bytes_sent"]["n"] == 4, final
+    assert not {"test_acc", "test_loss", "train_loss"} & set(final), final
 
 
 def test_the_consensus_distance_of_non_finite_models_is_nan_without_a_warning():

@@ -6,13 +6,19 @@ its rounds, and a diverged run stops at its common stop round. A node that stops
 round that was not evaluated evaluates its model then, once (it has not changed since that
 round), and that round's JSONL line gains the metrics. Every node then publishes its
 last evaluated record, which rank 0 aggregates into summary.json's `final`.
+
+A node whose model is no longer finite (training diverged) is not measured at its stop:
+a model of NaNs scores an accuracy of exactly 0, which would read as a result. Its final
+record keeps the round and bytes, without metrics; summary.json's `diverged` says why.
 """
 
 from __future__ import annotations
 
+import math
+
 from dpsgd.divergence import finite_or_none
 from dpsgd.node import Node
-from dpsgd.run_outputs import publish_at_stop
+from dpsgd.run_outputs import EVALUATED_KEYS, publish_at_stop
 
 
 def evaluate_at_stop(node: Node) -> None:
@@ -24,7 +30,9 @@ def evaluate_at_stop(node: Node) -> None:
     record = log.last_record
     if record is None:
         return
-    if not node.schedule.due(record["round"]):
+    if not math.isfinite(float(node.flat.sum())):  # non-finite exactly when a parameter is (or they overflow)
+        record = {key: value for key, value in record.items() if key not in EVALUATED_KEYS}
+    elif not node.schedule.due(record["round"]):
         clock = node.clock()
         with clock.phase("eval"):
             metrics = node.evaluate()
