@@ -140,33 +140,88 @@ def _load(relative: str) -> dict:
     return yaml.safe_load((CONF_DIR / relative).read_text()) or {}
 
 
-@cache
 def option_keys(group: str, option: str) -> frozenset[str]:
     """The keys `group=option` declares, with those of the options it builds on (partial: full's too)."""
-    data = _load(f"{group}/{option}.yaml")
+    keys = _file_keys(CONF_DIR / group / f"{option}.yaml", group, (CONF_DIR,))
+    assert keys is not None, f"conf/{group}/{option}.yaml builds on an option conf/ lacks"
+    return keys
+
+
+def _find_option(group: str, option: str, roots: tuple[Path, ...]) -> Path | None:
+    """The file of `group=option` in the first config folder that has it (Hydra's search order)."""
+    return next((root / group / f"{option}.yaml" for root in roots if (root / group / f"{option}.yaml").exists()),
+                None)
+
+
+@cache
+def _file_keys(path: Path, group: str, roots: tuple[Path, ...]) -> frozenset[str] | None:
+    """The keys an option file declares with those of the options it builds on; None if one cannot be found."""
+    text = path.read_text()
+    data = yaml.safe_load(text) or {}
     body = {key: value for key, value in data.items() if key != "defaults"}
-    prefix = "" if read_conf(f"{group}/{option}.yaml").is_global else f"{group}."
+    prefix = "" if GLOBAL_PACKAGE in text.splitlines()[:1] else f"{group}."
     keys = {prefix + key for key in leaf_keys(body)}
     for entry in data.get("defaults", []):
         if isinstance(entry, str) and entry != "_self_":
-            keys |= option_keys(group, entry)
+            base = _find_option(group, entry, roots)
+            base_keys = None if base is None else _file_keys(base, group, roots)
+            if base_keys is None:
+                return None
+            keys |= base_keys
     return frozenset(keys)
 
 
-def declared_keys(choices: Mapping[str, str | None]) -> frozenset[str]:
-    """Every key the primary config and the chosen group options declare (Hydra's runtime choices)."""
+class DeclaredKeys(frozenset):
+    """Declared keys, plus every key under `unchecked`: the prefixes of groups whose chosen option
+    is not a file dpsgd can read (a `pkg://` config source), which are therefore not checked."""
+
+    unchecked: tuple[str, ...] = ()
+
+    def __contains__(self, key: object) -> bool:
+        return frozenset.__contains__(self, key) or (isinstance(key, str) and key.startswith(self.unchecked))
+
+
+def config_roots() -> tuple[Path, ...]:
+    """The config folders Hydra searches, in its order: conf/ and those added with --config-dir
+    (inside a Hydra app; elsewhere conf/ alone)."""
+    from hydra.core.hydra_config import HydraConfig  # here: --help imports this module before Hydra
+
+    if not HydraConfig.initialized():
+        return (CONF_DIR,)
+    roots = tuple(Path(source["path"]) for source in HydraConfig.get().runtime.config_sources
+                  if source["schema"] == "file" and source["path"])
+    return roots if CONF_DIR in roots else (CONF_DIR, *roots)
+
+
+def declared_keys(choices: Mapping[str, str | None], roots: tuple[Path, ...] | None = None) -> frozenset[str]:
+    """Every key the primary config and the chosen group options declare (Hydra's runtime choices).
+
+    `roots`: the config folders to find an option in (default `config_roots()`), so an option a user
+    keeps in their own folder (`--config-dir`) declares its keys too. A group whose option is in none
+    of them (a `pkg://` source) is not checked.
+    """
+    roots = config_roots() if roots is None else roots
     primary = {key: value for key, value in _load("config.yaml").items() if key not in ("defaults", "hydra")}
     keys = set(leaf_keys(primary))
+    unchecked: list[str] = []
     for group in GROUPS:
         option = choices.get(group)
-        if option and (CONF_DIR / group / f"{option}.yaml").exists():
-            keys |= option_keys(group, option)
-    return frozenset(keys)
+        if not option:
+            continue
+        path = _find_option(group, option, roots)
+        option_keys_ = None if path is None else _file_keys(path, group, roots)
+        if option_keys_ is None:
+            unchecked.append("" if group == "experiment" else f"{group}.")  # a preset sets top-level keys
+        else:
+            keys |= option_keys_
+    declared = DeclaredKeys(keys)
+    declared.unchecked = tuple(unchecked)
+    return declared
 
 
 def every_declared_key() -> frozenset[str]:
     """The keys some option of some group declares: the vocabulary a mistyped key is matched against."""
-    keys = set(declared_keys({}))
+    keys = set(declared_keys({}, roots=(CONF_DIR,)))
     for group in GROUPS:
         for option in group_options(group):
             keys |= option_keys(group, option)

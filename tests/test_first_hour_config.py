@@ -191,3 +191,25 @@ def test_start_up_counters_are_counted_per_run_in_a_shared_store():
     assert watcher is None  # only rank 0 watches
     assert RankArrivals(run_store(store, "sweep/0"), 2).counts() == (2, 2)
     assert RankArrivals(run_store(store, "sweep/1"), 2).counts() == (1, 0)  # job 1 starts from nothing
+
+
+# ---------------------------------------------------------------- review 4: options from --config-dir
+
+
+def test_an_option_from_a_users_config_dir_declares_its_keys(tmp_path):
+    """`--config-dir` adds a folder of options: their keys are declared keys, not refused ones."""
+    own = tmp_path / "myconf"
+    (own / "topology").mkdir(parents=True)
+    text = (config_help.CONF_DIR / "topology" / "regular.yaml").read_text()
+    (own / "topology" / "deg3.yaml").write_text(re.sub(r"(?m)^degree: null", "degree: 3", text) + "extra: 1\n")
+    result = run_train(tmp_path, "--config-dir", str(own), "topology=deg3", "nodes=4", "rounds=1",
+                       "log.progress=false", check=False)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["topology"]["degree"] == 3
+    # A typo is still refused with the user's option chosen.
+    refused = run_train(tmp_path / "second", "--config-dir", str(own), "topology=deg3", "nodes=4",
+                        "+topology.degre=3", check=False)
+    assert refused.returncode == EXIT_CONFIG_ERROR and "topology.degre=3 is not a key" in refused.stderr
+    # An option dpsgd cannot read (not in any config folder) leaves its group unchecked.
+    declared = config_help.declared_keys({"topology": "from_a_package"}, roots=(config_help.CONF_DIR,))
+    assert "topology.anything" in declared and "train.bogus" not in declared
