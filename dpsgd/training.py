@@ -145,8 +145,11 @@ class ClassificationTask:
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
-def _optimizers_without_compiler() -> None:
+def optimizers_without_compiler() -> None:
     """Let torch.optim run eagerly without importing torch._dynamo, which doubles start-up.
+
+    Called by the composition root (train.py) before ranks fork, never at import: a notebook or
+    benchmark that imports dpsgd and uses torch.compile keeps optimizers as torch made them.
 
     Optimizer methods (__init__ through add_param_group, zero_grad, state_dict) are wrapped
     so that torch.compile skips them; the wrapper imports torch._dynamo (sympy, FSDP: about
@@ -163,9 +166,6 @@ def _optimizers_without_compiler() -> None:
         if (code is not None and wrapped is not None and code.co_name == "inner"
                 and code.co_filename == getattr(compile_module, "__file__", None)):
             setattr(wrapped, "__dynamo_disable", wrapped)
-
-
-_optimizers_without_compiler()
 
 
 def check_optimizer(name: str, lr: float) -> None:

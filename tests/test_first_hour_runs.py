@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -94,3 +96,29 @@ def test_every_torch_load_in_the_repository_says_weights_only():
                                 and kw.value.value is True for kw in call.keywords)):
                 unsafe.append(f"{path.relative_to(REPO)}:{call.lineno}")
     assert not unsafe, f"torch.load without weights_only=True at {unsafe}"
+
+
+# --- the optimizer start-up patch -----------------------------------------------------------------
+
+_PATCHED_METHODS = """
+import json
+import torch
+import dpsgd.training
+def patched():
+    return sorted(name for name, value in vars(torch.optim.Optimizer).items()
+                  if getattr(getattr(value, "__wrapped__", None), "__dynamo_disable", None) is not None)
+before = patched()
+dpsgd.training.optimizers_without_compiler()
+print(json.dumps([before, patched()]))
+"""
+
+
+def test_importing_dpsgd_training_leaves_torch_optim_as_torch_made_it():
+    """Only train.py (the composition root) lets optimizers skip torch._dynamo: code that imports dpsgd
+    and uses torch.compile must not find torch patched."""
+    result = subprocess.run([sys.executable, "-c", _PATCHED_METHODS], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, check=True)
+    before, after = json.loads(result.stdout.splitlines()[-1])
+    if not after:
+        pytest.skip("this torch wraps optimizer methods differently: the patch leaves it alone")
+    assert before == [], f"importing dpsgd.training patched torch.optim.Optimizer's {before}"
