@@ -52,9 +52,11 @@ FAILED_JOBS: list[tuple[int, str, str, int]] = []  # failed sweep jobs: (number,
 class JobFailed(Exception):
     """This run (or sweep job) cannot go on; a single run exits with `code`, a sweep records it and goes on."""
 
-    def __init__(self, message: str, code: int, show: bool = True, shared: bool = True):
+    def __init__(self, message: str, code: int, show: bool = True, shared: bool = True, sweep_goes_on: bool = True):
+        """`sweep_goes_on`: the next job can start. Under torchrun only if every rank surely failed the same
+        way before joining the job's process group; otherwise ranks would drift into different jobs."""
         super().__init__(message)
-        self.code, self.show, self.shared = code, show, shared
+        self.code, self.show, self.shared, self.sweep_goes_on = code, show, shared, sweep_goes_on
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
@@ -69,7 +71,7 @@ def task(cfg: DictConfig) -> None:
         else:
             _run_standalone(cfg, run_dir)
     except JobFailed as failure:
-        if not sweep:
+        if not sweep or not failure.sweep_goes_on:
             _exit(str(failure), failure.code, show=failure.show, shared=failure.shared)
         _record_failed_job(str(failure), failure.code, failure.show)
     except Exception as crash:  # a bug in one job of a sweep must not cost the others
@@ -102,12 +104,17 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
     arrivals = launch.announce_start(ctx, run_key(run_dir))  # counted per run: a sweep's jobs share the store
     try:
         check_config(cfg, ctx.world_size)  # run_node checks again; here to say the notes once
+    except ConfigError as error:  # the config and world size alone: every rank finds it, a sweep goes on
+        raise JobFailed(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0) from None
+    try:
         if ctx.rank == 0:
             _print_notes(cfg)
         run_node(cfg, ctx, run_dir)
-    except ConfigError as error:
-        raise JobFailed(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0 or error.rank_specific,
-                        shared=not error.rank_specific) from None
+    except ConfigError as error:  # files or data: maybe not on every rank or machine, so a sweep ends here
+        sweep_ends = " (a sweep under torchrun ends at a job that fails on its files or data)" if (
+            HydraConfig.get().mode == RunMode.MULTIRUN) else ""
+        raise JobFailed(str(error) + sweep_ends, launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0 or error.rank_specific,
+                        shared=not error.rank_specific, sweep_goes_on=False) from None
     except NodeFailure as error:
         _exit(str(error), launch.EXIT_NODE_FAILURE, hard=True)
     except (KeyboardInterrupt, Interrupted) as stop:

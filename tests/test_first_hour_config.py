@@ -213,3 +213,21 @@ def test_an_option_from_a_users_config_dir_declares_its_keys(tmp_path):
     # An option dpsgd cannot read (not in any config folder) leaves its group unchecked.
     declared = config_help.declared_keys({"topology": "from_a_package"}, roots=(config_help.CONF_DIR,))
     assert "topology.anything" in declared and "train.bogus" not in declared
+
+
+# ---------------------------------------------------------------- review 1: torchrun sweeps and one rank's failure
+
+
+def test_a_torchrun_sweep_ends_at_a_failure_that_only_some_ranks_see(tmp_path):
+    """Only rank 1 finds its results in job 0's folder: the sweep ends there with that paragraph, instead
+    of rank 1 moving on to job 1 while rank 0 waits in job 0's process group (a stall, then a traceback)."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / "nodes").mkdir(parents=True)
+    (sweep / "0" / "nodes" / "1.jsonl").touch()
+    result = _torchrun(tmp_path, 2, "-m", "nodes=2", "rounds=2,3", "comm.timeout_s=10", "log.progress=false",
+                       f"hydra.sweep.dir={sweep}")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "already holds node 1's results" in output and "a sweep under torchrun ends" in output
+    assert "DistStoreError" not in output and "sweep jobs failed" not in output
+    assert not (sweep / "1" / "nodes").exists()
