@@ -105,6 +105,8 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
     try:
         check_config(cfg, ctx.world_size)  # run_node checks again; here to say the notes once
     except ConfigError as error:  # the config and world size alone: every rank finds it, a sweep goes on
+        if not cfg.resume:
+            run_folder.release(run_dir)  # nothing was written: no folder is left holding only .hydra/
         raise JobFailed(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0) from None
     try:
         if ctx.rank == 0:

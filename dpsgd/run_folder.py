@@ -12,6 +12,7 @@ rewritten during a run are replaced atomically (`write_atomic`).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from dpsgd.errors import ConfigError
 from dpsgd.launch import EXIT_CONFIG_ERROR
 
 MARKER = ".dpsgd-run"
+HYDRA_RECORD = ".hydra"  # Hydra's record of the command, written into the folder before the run starts
 # What a run writes into its folder; any of them means the folder holds a run.
 RESULTS = ("config.yaml", "summary.json", "partition.json", "nodes", "checkpoints", MARKER)
 
@@ -60,10 +62,29 @@ def check_fresh_node(run_dir: Path, node: int) -> None:
 
 
 def release(run_dir: Path) -> None:
-    """Give the folder back when the run stopped before writing any result (e.g. a config error)."""
+    """Give the folder back when the run stopped before writing any result (e.g. a config error).
+
+    A folder that then holds nothing but Hydra's record of the command (`.hydra/`), or nothing,
+    is removed, so a failed run or sweep job leaves no folder without results. Only this process's own claim is
+    given back, and a folder holding anything else is kept as it is.
+    """
     run_dir = Path(run_dir)
-    if not any((run_dir / name).exists() for name in RESULTS if name != MARKER):
-        (run_dir / MARKER).unlink(missing_ok=True)
+    if any((run_dir / name).exists() for name in RESULTS if name != MARKER):
+        return
+    marker = run_dir / MARKER
+    try:
+        ours = marker.read_text().split()[:1] == [str(os.getpid())]
+    except OSError:
+        ours = False
+    if ours:
+        marker.unlink(missing_ok=True)
+    try:
+        left = {entry.name for entry in run_dir.iterdir()}
+        if left <= {HYDRA_RECORD} and (not left or (run_dir / HYDRA_RECORD).is_dir()):
+            shutil.rmtree(run_dir / HYDRA_RECORD, ignore_errors=True)
+            run_dir.rmdir()
+    except OSError:
+        pass  # gone already (another rank of this machine removed it), or something appeared: keep it
 
 
 def resume_hint(run_dir: Path, nodes: int, argv: list[str]) -> str:

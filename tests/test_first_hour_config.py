@@ -72,6 +72,7 @@ def test_a_sweep_runs_every_job_and_lists_the_failed_ones_at_its_end(tmp_path):
     assert not (sweep / "1" / "train.log").exists() and (sweep / "1" / ".hydra" / "overrides.yaml").exists()
     left_behind = README.split("## What a run leaves behind")[1].split("\n## ")[0]
     assert "`.hydra/`" in left_behind and "overrides.yaml" in left_behind
+    assert not (sweep / "0").exists()  # review 7: the failed job wrote nothing, so it leaves no folder
 
 
 # ---------------------------------------------------------------- 3. small torchrun worlds
@@ -105,6 +106,7 @@ def test_a_config_error_under_torchrun_is_its_one_reported_cause(tmp_path):
     assert "<NO_OTHER_FAILURES>" in output and "To enable traceback" not in output, output
     root_cause = output.split("Root Cause (first observed failure):")[1]
     assert paragraph in root_cause  # the last thing torchrun prints, not buried above its traceback
+    assert not (tmp_path / "run").exists()  # review 7: no folder holding only Hydra's record
 
 
 # ---------------------------------------------------------------- unknown and undeclared keys
@@ -231,3 +233,28 @@ def test_a_torchrun_sweep_ends_at_a_failure_that_only_some_ranks_see(tmp_path):
     assert "already holds node 1's results" in output and "a sweep under torchrun ends" in output
     assert "DistStoreError" not in output and "sweep jobs failed" not in output
     assert not (sweep / "1" / "nodes").exists()
+
+
+# ---------------------------------------------------------------- review 7: no folder holding only .hydra/
+
+
+def test_releasing_a_folder_removes_it_only_when_it_holds_nothing_but_hydras_record(tmp_path):
+    from dpsgd import run_folder
+
+    lone = tmp_path / "lone"
+    (lone / ".hydra").mkdir(parents=True)
+    (lone / ".hydra" / "overrides.yaml").write_text("[]\n")
+    run_folder.claim(lone)
+    run_folder.release(lone)
+    assert not lone.exists()
+    kept = tmp_path / "kept"  # a folder the user put something else in
+    (kept / ".hydra").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine\n")
+    run_folder.claim(kept)
+    run_folder.release(kept)
+    assert sorted(p.name for p in kept.iterdir()) == [".hydra", "notes.txt"]
+    other = tmp_path / "other"  # another process's claim is not this run's to give back
+    (other / ".hydra").mkdir(parents=True)
+    (other / run_folder.MARKER).write_text("1 2026-01-01T00:00:00\n")
+    run_folder.release(other)
+    assert (other / run_folder.MARKER).exists() and (other / ".hydra").is_dir()
