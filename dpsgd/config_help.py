@@ -184,7 +184,7 @@ class DeclaredKeys(frozenset):
 def config_roots() -> tuple[Path, ...]:
     """The config folders Hydra searches, in its order: conf/ and those added with --config-dir
     (inside a Hydra app; elsewhere conf/ alone)."""
-    from hydra.core.hydra_config import HydraConfig  # here: --help imports this module before Hydra
+    from hydra.core.hydra_config import HydraConfig  # here: --help runs without Hydra
 
     if not HydraConfig.initialized():
         return (CONF_DIR,)
