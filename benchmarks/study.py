@@ -173,8 +173,9 @@ def logged_candidates(run_dir: Path) -> list[dict]:
 
 def checkpoint_candidates(run_dir: Path) -> dict:
     """Measures the JSONL cannot give, from the models every node saved at its latest common
-    checkpoint: mean absolute error, and errors pooled over all ratings rather than averaged
-    over nodes, on each node's own train and test ratings."""
+    checkpoint: mean absolute error (also of predictions clipped and rounded to half stars),
+    and errors pooled over all ratings rather than averaged over nodes, on each node's own
+    train and test ratings."""
     import torch
     from omegaconf import OmegaConf
 
@@ -187,7 +188,7 @@ def checkpoint_candidates(run_dir: Path) -> dict:
         raise SystemExit(f"{run_dir / 'checkpoints'} has no round that every node saved: run the row with "
                          f"checkpoint.every=N (--extra) to compute measures from its models.")
     at, dataset = max(common), prepare_data(cfg)
-    per_node = {f"{split}_{what}": [] for split in ("train", "test") for what in ("mae", "mse")}
+    per_node = {f"{split}_{what}": [] for split in ("train", "test") for what in ("mae", "mse", "mae_rounded")}
     pooled = {split: [0.0, 0.0, 0] for split in ("train", "test")}  # sum |e|, sum e^2, count
     for node in range(cfg.nodes):
         data = dataset.node_data(node, cfg.nodes, cfg.seed, cfg.eval.test_samples)
@@ -196,7 +197,10 @@ def checkpoint_candidates(run_dir: Path) -> dict:
         trainer.model.eval()
         for split, (user, item, rating) in (("train", data.train), ("test", data.test)):
             with torch.no_grad():
-                error = (trainer.model(user, item) - rating).double()
+                prediction = trainer.model(user, item)
+            error = (prediction - rating).double()
+            snapped = (prediction.clamp(0.5, 5.0) * 2).round() / 2  # clipped to the scale, to the nearest half star
+            per_node[f"{split}_mae_rounded"].append((snapped - rating).abs().double().mean().item())
             per_node[f"{split}_mae"].append(error.abs().mean().item())
             per_node[f"{split}_mse"].append(error.pow(2).mean().item())
             pooled[split][0] += error.abs().sum().item()
