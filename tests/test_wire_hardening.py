@@ -22,12 +22,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dpsgd.communication import ByteCounters, FailureBoard, NeighbourLink, RandomWalkLink
-from dpsgd.group.compose import rank_label
-from dpsgd.group.link import GroupLink
-from dpsgd.group.walk import GroupWalkLink
+from dpsgd.communication import ByteCounters, FailureBoard
 from dpsgd.launch import LOOPBACK, RankFailure, spawn
 from dpsgd.liveness import Liveness, OpenReceive, RankTable, death_verdict
+from dpsgd.node_group import rank_label
 from dpsgd.sharing.full import FullSharing
 from dpsgd.sharing.partial import PartialSharing
 from dpsgd.sharing.selection import encode_indices
@@ -36,6 +34,8 @@ from dpsgd.sharing.values import WireValues
 from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_FIELDS, Encoding, Message, MessageRejected,
                                 bitmask_bytes, check_header, check_index, declared_bytes, parse_header)
 from dpsgd.topology import Topology
+from dpsgd.transport.rounds import RoundTransport
+from dpsgd.transport.walks import HEADER_TAG, ROUTE_TAG, WalkTransport, wire_parts
 from tests.conftest import RANK_TEST_TIMEOUT_S
 
 NUMEL = 1000
@@ -97,15 +97,15 @@ def test_every_63_bit_seed_survives_the_int32_header(seed):
 def test_a_grouped_batch_reads_an_int32_index_at_any_byte_offset():
     """Index forms of several senders share one byte tensor; an int32 index after a 5-byte gap code starts at
     an offset no int32 view may start at."""
-    link = GroupLink.__new__(GroupLink)
-    link.numel = NUMEL
+    transport = RoundTransport(0, [0, 0, 0, 0, 1, 1], Topology(nx.complete_graph(6)), NUMEL, COMM_TIMEOUT_S,
+                               failures=None)  # rank 0 hears nodes 4 and 5 of rank 1
     gap = encode_indices(torch.tensor([3, 500, 999]), NUMEL, Encoding.GAP_RICE)
     int32 = torch.tensor([7], dtype=torch.int32)
     fields = [{**_valid_fields(Encoding.GAP_RICE), "num_values": 3, "num_index": gap.numel()},
               {**_valid_fields(Encoding.INDEX_INT32), "num_values": 1, "num_index": 1}]
     assert gap.numel() % 4 != 0
     index = torch.cat([gap, int32.view(torch.uint8)])
-    messages = link._split(1, [4, 5], fields, torch.arange(4.0), index, [gap.numel(), 4])
+    messages = transport._split(1, [4, 5], fields, torch.arange(4.0), index, [gap.numel(), 4])
     assert messages[0].coordinates.tolist() == [3, 500, 999] and messages[1].index.tolist() == [7]
 
 
@@ -245,21 +245,38 @@ def test_received_bytes_are_split_into_data_and_meta():
 # --- forging ranks -------------------------------------------------------------------------------
 
 PATH = Topology(nx.path_graph(3))  # 0 - 1 - 2: node 2 hears of the forger only through node 1
-FORGER, VICTIM = 0, 1
+PATH_TARGETS = [PATH.neighbours(node) for node in range(3)]  # D-PSGD: every node sends to its neighbours
+FORGER, VICTIM = 0, 1  # ranks; with one node per rank, also the nodes
+# Node groups: two nodes per rank on the path 0-1-2-3-4-5, so rank 1 (nodes 2-3) hears rank 0 (node 1 -> 2)
+# and rank 2 (node 4 -> 3).
+GROUP_PATH = Topology(nx.path_graph(6))
+GROUP_RANK_OF = [node // 2 for node in range(6)]
+GROUP_TARGETS = [GROUP_PATH.neighbours(node) for node in range(6)]
+GROUP_LABEL = rank_label(2)
+NODE_LABEL = rank_label(1)  # one node per rank: "node 3"
 
 
-def _join(ctx) -> tuple[list[int], dict[int, int], FailureBoard]:
+def _join(ctx, label=NODE_LABEL) -> FailureBoard:
     dist.init_process_group("gloo", store=dist.PrefixStore("pg", ctx.store), rank=ctx.rank,
                             world_size=ctx.world_size, timeout=timedelta(seconds=COMM_TIMEOUT_S))
-    neighbours = PATH.neighbours(ctx.rank)
-    return neighbours, {peer: PATH.degree(peer) for peer in neighbours}, FailureBoard(ctx.store)
+    return FailureBoard(ctx.store, label)
+
+
+def _on_path(transport_class, ctx, board: FailureBoard, **options):
+    """A RoundTransport or WalkTransport of one node per rank on PATH (rank r hosts node r)."""
+    return transport_class(ctx.rank, list(range(ctx.world_size)), PATH, NUMEL, COMM_TIMEOUT_S, board, **options)
+
+
+def _in_groups(transport_class, ctx, board: FailureBoard, **options):
+    """A RoundTransport or WalkTransport of two nodes per rank on GROUP_PATH."""
+    return transport_class(ctx.rank, GROUP_RANK_OF, GROUP_PATH, NUMEL, COMM_TIMEOUT_S, board, **options)
 
 
 def _forge_header(message: Message, **fields) -> Message:
     header = message.header()
     for name, value in fields.items():
         header[HEADER_FIELDS.index(name)] = value
-    message.header = lambda: header  # what the link puts on the wire
+    message.header = lambda: header  # what the transport puts on the wire
     return message
 
 
@@ -271,12 +288,13 @@ def _cap_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-def _assert_everyone_names_the_forger(failure: RankFailure, started: float, words: str) -> None:
+def _assert_everyone_names_the_forger(failure: RankFailure, started: float, words: str,
+                                      label=NODE_LABEL) -> None:
     assert time.monotonic() - started < FAIL_FAST_S
     assert failure.first_failed == FORGER, failure.errors
     assert words in failure.errors[VICTIM], failure.errors[VICTIM]
     for rank in (VICTIM, 2):
-        assert f"node {FORGER} failed" in failure.errors[rank], failure.errors[rank]
+        assert f"{label(FORGER)} failed" in failure.errors[rank], failure.errors[rank]
         assert "Traceback" not in failure.errors[rank]
 
 
@@ -307,7 +325,7 @@ def _forged_message(forgery: str, sharing, message: Message) -> Message:
                                             ("float16_values", "values_type=float16")])
 def test_dpsgd_forged_message_ends_the_run_naming_the_forger(forgery, words):
     def node(ctx):
-        neighbours, peer_degrees, board = _join(ctx)
+        board = _join(ctx)
         flat = torch.randn(NUMEL)
         if forgery == "subsampling_count":
             sharing = SubsamplingSharing(flat, 0.3, seed=5, node=ctx.rank)
@@ -315,15 +333,14 @@ def test_dpsgd_forged_message_ends_the_run_naming_the_forger(forgery, words):
             sharing = _partial(torch.zeros(NUMEL), 0.02)
         else:
             sharing = WireValues(FullSharing(), "float32")
-        link = NeighbourLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees,
-                             header_check=getattr(sharing, "check_header", None))
+        transport = _on_path(RoundTransport, ctx, board, header_check=getattr(sharing, "check_header", None))
         if ctx.rank == VICTIM:
             _cap_address_space()
         for round_number in range(1, 4):
             message = sharing.pack(flat, round_number, PATH.degree(ctx.rank))
             if ctx.rank == FORGER and round_number == 2:  # round 1 shows the checks pass honest messages
                 message = _forged_message(forgery, sharing, message)
-            for received in link.exchange(message).values():
+            for received in transport.exchange({ctx.rank: message}, PATH_TARGETS)[ctx.rank].values():
                 sharing.decode(received)
         dist.destroy_process_group()
 
@@ -333,24 +350,73 @@ def test_dpsgd_forged_message_ends_the_run_naming_the_forger(forgery, words):
     _assert_everyone_names_the_forger(failure.value, started, words)
 
 
+def test_group_forged_header_ends_the_run_naming_the_forging_rank_and_node():
+    """Rank 0 (nodes 0-1) announces 8 GiB for node 1's message in its header block to rank 1: rank 1 rejects
+    the block naming the rank and the node, and rank 2 names rank 0 too."""
+    def rank(ctx):
+        board = _join(ctx, GROUP_LABEL)
+        transport = _in_groups(RoundTransport, ctx, board)
+        if ctx.rank == VICTIM:
+            _cap_address_space()
+        for round_number in range(1, 4):
+            outgoing = {node: FullSharing().pack(torch.randn(NUMEL), round_number, GROUP_PATH.degree(node))
+                        for node in transport.hosted}
+            if ctx.rank == FORGER and round_number == 2:
+                outgoing[1] = _forge_header(outgoing[1], num_values=HUGE)
+            transport.exchange(outgoing, GROUP_TARGETS)
+        dist.destroy_process_group()
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(rank, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True, label=GROUP_LABEL)
+    _assert_everyone_names_the_forger(failure.value, started, "rank 0 sent, for node 1, a message that no correct "
+                                      f"node sends: num_values={HUGE}", GROUP_LABEL)
+
+
 def test_rwm_forged_header_ends_the_run_naming_the_forger():
     def node(ctx):
-        neighbours, peer_degrees, board = _join(ctx)
-        link = RandomWalkLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees)
-        link.start()
+        transport = _on_path(WalkTransport, ctx, _join(ctx))
+        transport.start()
         if ctx.rank == VICTIM:
             _cap_address_space()
         if ctx.rank == FORGER:
             honest = Message(round=1, degree=PATH.degree(FORGER), age=3, encoding=Encoding.FULL,
                              values=torch.randn(NUMEL))
-            link.send(VICTIM, _forge_header(honest, num_values=HUGE))
-        link.receive()  # the victim rejects the header; the others hear that it stopped
+            transport.send(FORGER, VICTIM, _forge_header(honest, num_values=HUGE))
+        transport.ready()  # the victim rejects the header; the others hear that it stopped
         raise AssertionError(f"node {ctx.rank} went on after a forged header")
 
     started = time.monotonic()
     with pytest.raises(RankFailure) as failure:
         spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True)
     _assert_everyone_names_the_forger(failure.value, started, f"num_values={HUGE}")
+
+
+@pytest.mark.parametrize("sender, receiver", [(2, VICTIM),     # a node rank 0 does not host
+                                              (FORGER, 2),     # a node rank 1 does not host
+                                              (HUGE, VICTIM),  # no node at all
+                                              (FORGER, 0)])    # rank 0's own node
+def test_rwm_forged_routing_pair_ends_the_run_naming_the_forger(sender, receiver):
+    """The routing pair before a walk's header names an edge from the sending rank to this one, or the
+    message is rejected (its header is honest)."""
+    def node(ctx):
+        transport = _on_path(WalkTransport, ctx, _join(ctx))
+        transport.start()
+        if ctx.rank == FORGER:  # by hand: the routing pair, then the header of an honest message
+            honest = Message(round=1, degree=PATH.degree(FORGER), age=3, encoding=Encoding.FULL,
+                             values=torch.randn(NUMEL))
+            (header, tag), *_ = wire_parts(honest)
+            assert tag == HEADER_TAG
+            dist.send(torch.tensor([sender, receiver], dtype=torch.int64), VICTIM, tag=ROUTE_TAG)
+            dist.send(header, VICTIM, tag=tag)  # the victim reads both before it checks the pair
+        transport.ready()
+        raise AssertionError(f"node {ctx.rank} went on after a forged routing pair")
+
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True)
+    _assert_everyone_names_the_forger(failure.value, started, f"neighbour {FORGER} sent a message that no correct "
+                                      f"node sends: routing ({sender} -> {receiver}) is not an edge")
 
 
 # --- a payload longer than its header: gloo aborts the receiver, the run names the sender ----------
@@ -383,52 +449,45 @@ def test_a_dpsgd_payload_longer_than_its_header_names_the_sender():
     """Node 1 hears node 0 (the forger) and node 2; the abort happens in node 1 and names node 0."""
     def node(ctx):
         faulthandler.disable()  # the victim's abort is expected: no dump of every thread on the console
-        neighbours, peer_degrees, board = _join(ctx)
+        board = _join(ctx)
         liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S).start()
-        link = NeighbourLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees,
-                             liveness=liveness)
+        transport = _on_path(RoundTransport, ctx, board, liveness=liveness)
         for round_number in range(1, 4):
             message = FullSharing().pack(torch.randn(NUMEL), round_number, PATH.degree(ctx.rank))
             if ctx.rank == FORGER and round_number == 2:
                 message = _longer_than_announced(message)
-            link.exchange(message)
+            transport.exchange({ctx.rank: message}, PATH_TARGETS)
         raise AssertionError(f"node {ctx.rank} went on after round 3")
 
     started = time.monotonic()
     with pytest.raises(RankFailure) as failure:
         spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True)
     _assert_the_sender_is_named(failure.value, started, FORGER, VICTIM)
-    assert "node 0's values of round 2" in str(failure.value)
+    assert "node 0's values of round 2 (for nodes 0)" in str(failure.value)
 
 
 def test_a_group_batch_longer_than_its_headers_names_the_sending_rank():
     """Ranks of two nodes on the path 0-1-2-3-4-5: rank 1 hears rank 0 (the forger, node 1 -> 2) and
     rank 2 (node 4 -> 3); rank 0's batch carries more values than its header block announces."""
-    per_rank, path = 2, Topology(nx.path_graph(6))
-    rank_of = [node // per_rank for node in range(6)]
-    targets = [path.neighbours(node) for node in range(6)]
-    label = rank_label(per_rank)
-
     def rank(ctx):
         faulthandler.disable()
-        dist.init_process_group("gloo", store=dist.PrefixStore("pg", ctx.store), rank=ctx.rank,
-                                world_size=ctx.world_size, timeout=timedelta(seconds=COMM_TIMEOUT_S))
-        liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S, label=label).start()
-        link = GroupLink(ctx.rank, rank_of, path, NUMEL, COMM_TIMEOUT_S, FailureBoard(ctx.store, label),
-                         liveness=liveness)
+        board = _join(ctx, GROUP_LABEL)
+        liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S,
+                            label=GROUP_LABEL).start()
+        transport = _in_groups(RoundTransport, ctx, board, liveness=liveness)
         for round_number in range(1, 4):
-            outgoing = {node: FullSharing().pack(torch.randn(NUMEL), round_number, path.degree(node))
-                        for node in link.hosted}
+            outgoing = {node: FullSharing().pack(torch.randn(NUMEL), round_number, GROUP_PATH.degree(node))
+                        for node in transport.hosted}
             if ctx.rank == 0 and round_number == 2:
                 outgoing[1] = _longer_than_announced(outgoing[1])
-            link.exchange(outgoing, targets)
+            transport.exchange(outgoing, GROUP_TARGETS)
         raise AssertionError(f"rank {ctx.rank} went on after round 3")
 
     started = time.monotonic()
     with pytest.raises(RankFailure) as failure:
-        spawn(rank, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True, label=label)
-    _assert_the_sender_is_named(failure.value, started, 0, 1, label)
-    assert "batch of round 2 (for nodes 1)" in str(failure.value)
+        spawn(rank, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True, label=GROUP_LABEL)
+    _assert_the_sender_is_named(failure.value, started, 0, 1, GROUP_LABEL)
+    assert "rank 0 (nodes 0-1)'s values of round 2 (for nodes 1)" in str(failure.value)
 
 
 def test_a_rwm_payload_longer_than_its_header_names_the_sender():
@@ -436,50 +495,45 @@ def test_a_rwm_payload_longer_than_its_header_names_the_sender():
     node 0's (the forger's) payload arrives: the one open payload names its sender."""
     def node(ctx):
         faulthandler.disable()
-        neighbours, peer_degrees, board = _join(ctx)
+        board = _join(ctx)
         liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S).start()
-        link = RandomWalkLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees,
-                              liveness=liveness)
-        link.start()
+        transport = _on_path(WalkTransport, ctx, board, liveness=liveness)
+        transport.start()
         if ctx.rank == FORGER:
             honest = Message(round=1, degree=PATH.degree(FORGER), age=3, encoding=Encoding.FULL,
                              values=torch.randn(NUMEL))
-            link.send(VICTIM, _longer_than_announced(honest))
-        link.receive()
+            transport.send(FORGER, VICTIM, _longer_than_announced(honest))
+        transport.ready()
         raise AssertionError(f"node {ctx.rank} went on")
 
     started = time.monotonic()
     with pytest.raises(RankFailure) as failure:
         spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True)
     _assert_the_sender_is_named(failure.value, started, FORGER, VICTIM)
-    assert "node 0's values of round 1" in str(failure.value)
+    assert "node 0's values of round 1 (node 0)" in str(failure.value)
 
 
 def test_a_group_walk_payload_longer_than_its_header_names_the_sending_rank():
     """RWM with node groups on the path 0-1-2-3-4-5, two nodes per rank: rank 1 hears rank 0 and rank 2
     in a thread each; rank 0 sends node 1's model to node 2 with more values than its header says."""
-    per_rank, path = 2, Topology(nx.path_graph(6))
-    rank_of = [node // per_rank for node in range(6)]
-    label = rank_label(per_rank)
-
     def rank(ctx):
         faulthandler.disable()
-        dist.init_process_group("gloo", store=dist.PrefixStore("pg", ctx.store), rank=ctx.rank,
-                                world_size=ctx.world_size, timeout=timedelta(seconds=COMM_TIMEOUT_S))
-        liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S, label=label).start()
-        link = GroupWalkLink(ctx.rank, rank_of, path, NUMEL, COMM_TIMEOUT_S, FailureBoard(ctx.store, label),
-                             liveness=liveness)
-        link.start()
+        board = _join(ctx, GROUP_LABEL)
+        liveness = Liveness(ctx.store, ctx.rank, ctx.world_size, slow_after_s=COMM_TIMEOUT_S,
+                            label=GROUP_LABEL).start()
+        transport = _in_groups(WalkTransport, ctx, board, liveness=liveness)
+        transport.start()
         if ctx.rank == 0:
-            honest = Message(round=1, degree=path.degree(1), age=3, encoding=Encoding.FULL, values=torch.randn(NUMEL))
-            link.send(1, 2, _longer_than_announced(honest))
-        link.ready()
+            honest = Message(round=1, degree=GROUP_PATH.degree(1), age=3, encoding=Encoding.FULL,
+                             values=torch.randn(NUMEL))
+            transport.send(1, 2, _longer_than_announced(honest))
+        transport.ready()
         raise AssertionError(f"rank {ctx.rank} went on")
 
     started = time.monotonic()
     with pytest.raises(RankFailure) as failure:
-        spawn(rank, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True, label=label)
-    _assert_the_sender_is_named(failure.value, started, 0, 1, label)
+        spawn(rank, 3, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=FAIL_FAST_S, quiet_failures=True, label=GROUP_LABEL)
+    _assert_the_sender_is_named(failure.value, started, 0, 1, GROUP_LABEL)
     assert "values of round 1 (node 1)" in str(failure.value)
 
 
@@ -544,19 +598,19 @@ def test_honest_dpsgd_exchanges_of_every_encoding_pass_and_count_received_bytes(
         return torch.randn(NUMEL, generator=torch.Generator().manual_seed(rank)) * round_number
 
     def node(ctx):
-        neighbours, peer_degrees, board = _join(ctx)
-        link = NeighbourLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees)
+        transport = _on_path(RoundTransport, ctx, _join(ctx))
         encodings = []
         for round_number, make in enumerate(sharings, start=1):
             sharing = make(model(ctx.rank, 0))
             sent = sharing.pack(model(ctx.rank, round_number), round_number, PATH.degree(ctx.rank))
-            for peer, message in link.exchange(sent).items():
+            for peer, message in transport.exchange({ctx.rank: sent}, PATH_TARGETS)[ctx.rank].items():
                 encodings.append(int(message.encoding))
                 index, values = sharing.decode(message)
                 peer_flat = model(peer, round_number)
                 assert torch.equal(values, peer_flat if index is None else peer_flat[index])
-        totals = torch.tensor([link.bytes.sent_data, link.bytes.sent_meta, link.bytes.recv_data,
-                               link.bytes.recv_meta], dtype=torch.int64)
+        counters = transport.ports[ctx.rank].bytes
+        totals = torch.tensor([counters.sent_data, counters.sent_meta, counters.recv_data, counters.recv_meta],
+                              dtype=torch.int64)
         torch.save((encodings, totals), tmp_path / f"{ctx.rank}.pt")
         dist.destroy_process_group()
 
@@ -567,33 +621,98 @@ def test_honest_dpsgd_exchanges_of_every_encoding_pass_and_count_received_bytes(
     assert result[1][1][2:].tolist() == (result[0][1][:2] + result[2][1][:2]).tolist()
 
 
+def _int32_index_message(flat: torch.Tensor, round_number: int, degree: int) -> Message:
+    """An honest INDEX_INT32 message (partial sharing picks it only where it is the shortest index form)."""
+    chosen = torch.arange(1, NUMEL, 97)
+    return Message(round_number, degree, 0, Encoding.INDEX_INT32, flat[chosen].clone(),
+                   encode_indices(chosen, NUMEL, Encoding.INDEX_INT32))
+
+
+def test_honest_group_batches_of_mixed_encodings_pass_and_count_each_nodes_bytes_as_alone(tmp_path):
+    """Two nodes per rank on a complete graph of 6: every batch between two ranks holds both their nodes'
+    messages, each round in two different encodings (index forms back to back in one byte tensor, an int32
+    index after a gap code's odd length), and every node hears its rank partner in memory. Each node receives
+    exactly what its neighbours packed, and counts the bytes it would have sent and received alone."""
+    graph = Topology(nx.complete_graph(6))
+    targets = [graph.neighbours(node) for node in range(6)]
+    kinds = ["full", "partial_gap", "int32", "partial_bitmask"]
+
+    def kind(node: int, round_number: int) -> str:
+        return kinds[(node + round_number) % len(kinds)]
+
+    def model(node: int, round_number: int) -> torch.Tensor:
+        return torch.randn(NUMEL, generator=torch.Generator().manual_seed(node)) * round_number
+
+    def pack(node: int, round_number: int) -> Message:
+        if kind(node, round_number) == "int32":
+            return _int32_index_message(model(node, round_number), round_number, graph.degree(node))
+        sharing = SHARINGS[kind(node, round_number)](model(node, 0))
+        return sharing.pack(model(node, round_number), round_number, graph.degree(node))
+
+    def rank(ctx):
+        transport = RoundTransport(ctx.rank, GROUP_RANK_OF, graph, NUMEL, COMM_TIMEOUT_S, _join(ctx, GROUP_LABEL))
+        encodings, message_bytes = set(), {}
+        for round_number in range(1, len(kinds) + 1):
+            outgoing = {node: pack(node, round_number) for node in transport.hosted}
+            message_bytes.update({(node, round_number): [message.data_bytes, message.meta_bytes]
+                                  for node, message in outgoing.items()})
+            received = transport.exchange(outgoing, targets)
+            assert list(received) == transport.hosted
+            for node, messages in received.items():
+                assert list(messages) == sorted(graph.neighbours(node))
+                for peer, message in messages.items():
+                    encodings.add(int(message.encoding))
+                    index, values = _partial(torch.zeros(NUMEL), 0.5).decode(message)
+                    peer_flat = model(peer, round_number)
+                    assert torch.equal(values, peer_flat if index is None else peer_flat[index]), (node, peer)
+        counted = {node: torch.tensor([port.bytes.sent_data, port.bytes.sent_meta, port.bytes.recv_data,
+                                       port.bytes.recv_meta]) for node, port in transport.ports.items()}
+        torch.save((sorted(encodings), counted, message_bytes), tmp_path / f"{ctx.rank}.pt")
+        dist.destroy_process_group()
+
+    spawn(rank, 3, timeout_s=RANK_TEST_TIMEOUT_S, label=GROUP_LABEL)
+    encodings, counted, message_bytes = set(), {}, {}
+    for rank_number in range(3):
+        rank_encodings, rank_counted, rank_bytes = torch.load(tmp_path / f"{rank_number}.pt", weights_only=True)
+        encodings.update(rank_encodings)
+        counted.update(rank_counted)
+        message_bytes.update(rank_bytes)
+    assert encodings == {Encoding.FULL, Encoding.GAP_RICE, Encoding.INDEX_INT32, Encoding.BITMASK}
+    rounds = range(1, len(kinds) + 1)
+    for node in range(6):  # alone, a node sends its message to each neighbour and hears each neighbour's
+        sent = [sum(graph.degree(node) * message_bytes[node, r][part] for r in rounds) for part in (0, 1)]
+        heard = [sum(message_bytes[peer, r][part] for peer in graph.neighbours(node) for r in rounds)
+                 for part in (0, 1)]
+        assert counted[node].tolist() == sent + heard, node
+
+
 def test_honest_rwm_walks_with_checks_pass_and_count_received_bytes(tmp_path):
     rounds = 4
 
     def node(ctx):
-        neighbours, peer_degrees, board = _join(ctx)
+        board = _join(ctx)
         flat = torch.randn(NUMEL)
         sharing = SubsamplingSharing(flat, 0.3, seed=5, node=ctx.rank)
-        link = RandomWalkLink(ctx.rank, neighbours, NUMEL, COMM_TIMEOUT_S, board, peer_degrees=peer_degrees,
-                              header_check=sharing.check_header)
-        link.start()
+        transport = _on_path(WalkTransport, ctx, board, header_check=sharing.check_header)
+        transport.start()
         if ctx.rank == FORGER:  # here an honest sender: rounds 1..4 to node 1, then END
             for round_number in range(1, rounds + 1):
                 message = sharing.pack(flat, round_number, PATH.degree(ctx.rank), age=round_number)
                 message.values = message.values.clone()  # the next pack reuses the buffer while this one flies
-                link.send(VICTIM, message)
+                transport.send(FORGER, VICTIM, message)
         if ctx.rank != VICTIM:  # an END reaching node 1 early would stop its walk before it heard all four
             ctx.store.wait(["received"], timedelta(seconds=COMM_TIMEOUT_S))
         else:
             for round_number in range(1, rounds + 1):
-                message = link.receive()
-                assert message is not None and message.round == round_number
-                index, values = sharing.decode(message)
-                assert torch.equal(values, message.values) and index.numel() == values.numel()
+                ready = transport.ready()
+                assert ready is not None and list(ready) == [VICTIM] and ready[VICTIM].round == round_number
+                index, values = sharing.decode(ready[VICTIM])
+                assert torch.equal(values, ready[VICTIM].values) and index.numel() == values.numel()
             ctx.store.set("received", "yes")
-        link.close(rounds if ctx.rank == FORGER else 1)
-        torch.save(torch.tensor([link.bytes.sent_data, link.bytes.sent_meta, link.bytes.recv_data,
-                                 link.bytes.recv_meta]), tmp_path / f"{ctx.rank}.pt")
+        transport.close()
+        counters = transport.ports[ctx.rank].bytes
+        torch.save(torch.tensor([counters.sent_data, counters.sent_meta, counters.recv_data, counters.recv_meta]),
+                   tmp_path / f"{ctx.rank}.pt")
         dist.destroy_process_group()
 
     spawn(node, 3, timeout_s=RANK_TEST_TIMEOUT_S)
