@@ -36,7 +36,7 @@ from dpsgd.config_help import composition_error
 from dpsgd.errors import ConfigError, Interrupted, NodeFailure, raise_interrupted, write_torchrun_error_file
 from dpsgd.experiment import check_config, config_notes, prepare_data, ranks_for, run_key, run_node
 from dpsgd.training import optimizers_without_compiler
-from dpsgd.group.compose import rank_label
+from dpsgd.node_group import rank_label
 from dpsgd.progress import startup_step
 
 optimizers_without_compiler()  # here, before ranks fork, not at import of dpsgd.training (see its docstring)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dpsgd.communication import wire_parts
+from dpsgd.transport.walks import wire_parts
 from dpsgd.launch import spawn
 from dpsgd.models import build_model
 from dpsgd.models.flat import num_parameters
@@ -139,7 +139,7 @@ def receive_times_ms(messages: list[Message]) -> list[float]:
             ask = torch.zeros(1, dtype=torch.int32)
             times = []
             for message in messages:
-                parts = wire_parts(message, message.header())
+                parts = wire_parts(message)
                 if ctx.rank == 1:
                     for _ in range(REPEATS + 1):
                         dist.recv(ask, 0)

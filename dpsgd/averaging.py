@@ -23,12 +23,13 @@ import torch
 
 @dataclass
 class Contribution:
-    """A neighbour's values with its MH weight and degree; `index` None means every coordinate."""
+    """A neighbour's values with its weight (MH, equal, or by age) and degree; `index` None means every coordinate."""
 
     weight: float
     values: torch.Tensor
     index: torch.Tensor | None = None
     degree: int = 1
+    age: int = 0  # RWM: the training steps the sender's model has seen
 
 
 def merge_fill_own(flat: torch.Tensor, self_weight: float, contributions: list[Contribution],
@@ -109,16 +110,39 @@ def merge_renormalize(flat: torch.Tensor, self_weight: float, contributions: lis
     flat.copy_(merged)
 
 
+def age_weights(own_age: int, received_age: int) -> tuple[float, float]:
+    """RWM's weights: each model weighs by the training steps it has seen (equal when neither has)."""
+    total = own_age + received_age
+    received = received_age / total if total > 0 else 0.5
+    return 1.0 - received, received
+
+
 def merge_by_age(flat: torch.Tensor, own_age: int, received_age: int, values: torch.Tensor,
                  index: torch.Tensor | None = None) -> None:
-    """RWM: x <- (a_own x + a_recv x_recv) / (a_own + a_recv), on the received coordinates only."""
-    total = own_age + received_age
-    received_weight = received_age / total if total > 0 else 0.5
-    if index is None:
-        flat.mul_(1.0 - received_weight).add_(values, alpha=received_weight)
-    else:
-        flat[index] = flat[index] * (1.0 - received_weight) + values * received_weight
+    """RWM's age-weighted merge, x <- (a_own x + a_recv x_recv) / (a_own + a_recv) on the received
+    coordinates: `fill_own` with the weights the ages give."""
+    own, received = age_weights(own_age, received_age)
+    merge_fill_own(flat, own, [Contribution(received, values, index, age=received_age)])
 
 
 MergeRule = Callable[[torch.Tensor, float, list[Contribution], torch.Tensor | None], None]
-MERGE_RULES: dict[str, MergeRule] = {"fill_own": merge_fill_own, "renormalize": merge_renormalize}
+# `sharing.merge`: how a node combines its own vector with what it received, in every pattern and grouping.
+# A rule gets the node's vector, its own weight, each sender's Contribution (weight, values, index,
+# degree, and for RWM the sender's age) and the coordinates it sent itself; it changes the vector in place.
+MERGE_RULES: dict[str, MergeRule] = {}
+# Rules that need what only synchronous averaging has (every neighbour's degree, one's own message).
+AVERAGING_ONLY: set[str] = set()
+
+
+def merge_rule(name: str, averaging_only: bool = False) -> Callable[[MergeRule], MergeRule]:
+    """Register a merge rule under `name` (then `sharing.merge=<name>` chooses it)."""
+    def register(rule: MergeRule) -> MergeRule:
+        MERGE_RULES[name] = rule
+        if averaging_only:
+            AVERAGING_ONLY.add(name)
+        return rule
+    return register
+
+
+merge_rule("fill_own")(merge_fill_own)
+merge_rule("renormalize", averaging_only=True)(merge_renormalize)

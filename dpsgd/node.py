@@ -1,4 +1,5 @@
-"""Everything one node owns during a run, built by `dpsgd.experiment` and driven by an algorithm."""
+"""Everything one node owns during a run, built by `dpsgd.experiment` and driven, with the other
+nodes of its rank, by an algorithm (`dpsgd.node_group`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import numpy as np
 import torch
 
 from dpsgd.averaging import MergeRule
-from dpsgd.communication import NeighbourLink, RandomWalkLink
 from dpsgd.divergence import DivergenceWatch
 from dpsgd.liveness import Liveness
 from dpsgd.metrics import EvalSchedule, PhaseClock, RoundRecorder
@@ -19,6 +19,7 @@ from dpsgd.training import Trainer
 
 if TYPE_CHECKING:
     from dpsgd.checkpoint import Checkpoints
+    from dpsgd.transport.base import NodePort
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Node:
     trainer: Trainer
     sharing: Sharing
     merge: MergeRule                        # how received values enter the model (sharing.merge)
-    link: NeighbourLink | RandomWalkLink    # moves messages as the algorithm needs
+    link: "NodePort"                        # what the rank's transport keeps for this node (its byte counts)
     recorder: RoundRecorder
     schedule: EvalSchedule
     evaluate: Callable[[], dict[str, float]]
@@ -54,11 +55,6 @@ class Node:
         """After a round: tell the run's divergence watch how this node's round ended."""
         if self.divergence is not None:
             self.divergence.note(self.rank, round_number, batch_loss, self.flat, self.schedule.due(round_number))
-
-    def stops_after(self, round_number: int, batch_loss: float) -> bool:
-        """After a round: True when the run stops here because training diverged."""
-        self.note_divergence(round_number, batch_loss)
-        return self.divergence is not None and self.divergence.must_stop(round_number)
 
     def checkpoint(self, round_number: int, algorithm_state: dict) -> None:
         """After a round: save the node's state if a checkpoint is due (algorithms call this)."""

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dpsgd.algorithms.dpsgd import run_dpsgd
-from dpsgd.experiment import build_node, check_config, prepare_data
+from dpsgd.experiment import build_rank, check_config, prepare_data
 from dpsgd.launch import spawn
 from dpsgd.topology import mh_matrix
 from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config
@@ -31,9 +30,10 @@ def _rounds_from_random_models(cfg, nodes, tmp_path, rounds=1, peers=None):
         store = dist.PrefixStore("test", ctx.store)
         dist.init_process_group("gloo", store=store, rank=ctx.rank, world_size=ctx.world_size,
                                 timeout=timedelta(seconds=60))
-        node = build_node(cfg, ctx.rank, topology, dataset, store, tmp_path)
+        group, run = build_rank(cfg, ctx, topology, dataset, store, tmp_path, peers=peers)
+        node = group.nodes[0]
         node.flat.copy_(_random_model(ctx.rank, node.flat.numel()))
-        run_dpsgd(node, rounds, peers=peers)
+        run(rounds)
         np.save(tmp_path / f"after_{ctx.rank}.npy", node.flat.numpy())
         (tmp_path / f"bytes_{ctx.rank}.json").write_text(json.dumps(vars(node.link.bytes)))
         dist.barrier()

@@ -7,49 +7,47 @@ and Epidemic Learning's random receivers with equal weights.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from dpsgd.algorithms.peers import FixedGraph, RoundPeers
-from dpsgd.algorithms.stopping import evaluate_at_stop
 from dpsgd.averaging import Contribution, merge_fill_own, mix_rows_into
 from dpsgd.node import Node
+from dpsgd.node_group import NodeGroup
 from dpsgd.sharing.wire import Encoding, Message
 
-if TYPE_CHECKING:
-    from dpsgd.group.compose import NodeGroup
 
+def run_dpsgd(group: NodeGroup, rounds: int, start_round: int = 0, state: dict | None = None,
+              peers: RoundPeers | None = None, keep: dict | None = None) -> dict[int, int]:
+    """Run synchronous rounds start_round+1 .. rounds for every node the rank hosts; return each
+    node's rounds completed (all equal: D-PSGD rounds are synchronous).
 
-def run_dpsgd(node: Node, rounds: int, start_round: int = 0, state: dict | None = None,
-              peers: RoundPeers | None = None, keep: dict | None = None) -> int:
-    """Run synchronous rounds start_round+1 .. rounds; return the number completed.
-
-    `peers`: who sends to whom each round and how merges weigh (default: the node's fixed graph);
+    `peers`: who sends to whom each round and how merges weigh (default: the nodes' fixed graph);
     `keep`: what each checkpoint keeps for the algorithm (a hybrid run's switch round).
+
+    Phase times are the group's: every hosted node reports the seconds its rank spent
+    training all of them, exchanging and merging all of them, evaluating all of them.
     """
-    peers = peers or FixedGraph(node.topology)
+    peers = peers or FixedGraph(group.nodes[0].topology)
     for round_number in range(start_round + 1, rounds + 1):
-        clock = node.clock()
+        clock = group.clock()
         with clock.phase("train"):
-            batch_loss = node.trainer.train_round()
+            batch_losses = group.train_round()
         with clock.phase("comm"):
-            targets, senders = peers.targets(round_number), peers.senders(round_number)
-            message = node.sharing.pack(node.flat, round_number, len(targets[node.rank]))
-            received = node.link.exchange(message, targets[node.rank],
-                                          {sender: len(targets[sender]) for sender in senders[node.rank]})
-            self_weight, weighed = contributions(node, peers, round_number, received)
-            node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
-            node.sharing.after_merge(node.flat)
+            targets = peers.targets(round_number)
+            outgoing = {node.rank: node.sharing.pack(node.flat, round_number, len(targets[node.rank]))
+                        for node in group.nodes}
+            received = group.transport.exchange(outgoing, targets)
+            _merge_group(group, peers, round_number, outgoing, received)
         with clock.phase("eval"):
-            metrics = node.evaluate() if node.schedule.due(round_number) else {}
-        node.record(round_number, clock, batch_loss=batch_loss, **metrics)
-        if node.stops_after(round_number, batch_loss):
-            evaluate_at_stop(node)
-            return round_number  # every node stops after this same round (dpsgd.divergence)
-        node.checkpoint(round_number, keep or {})
-    evaluate_at_stop(node)
-    return rounds
+            metrics = [node.evaluate() if node.schedule.due(round_number) else {} for node in group.nodes]
+        for node, batch_loss, measured in zip(group.nodes, batch_losses, metrics):
+            node.record(round_number, clock, batch_loss=batch_loss, **measured)
+            node.note_divergence(round_number, batch_loss)
+        if group.nodes[0].divergence.must_stop(round_number):
+            return group.stop_after(round_number)  # every node of every rank stops after this same round
+        for node in group.nodes:
+            node.checkpoint(round_number, keep or {})
+    return group.stop_after(rounds)
 
 
 def contributions(node: Node, peers: RoundPeers, round_number: int, received: dict[int, Message],
@@ -69,45 +67,7 @@ def contributions(node: Node, peers: RoundPeers, round_number: int, received: di
                          for peer in received]
 
 
-def run_dpsgd_group(group: "NodeGroup", rounds: int, start_round: int = 0, state: dict | None = None,
-                    peers: RoundPeers | None = None, keep: dict | None = None) -> dict[int, int]:
-    """D-PSGD for every node a rank hosts: the same rounds, node for node, as `run_dpsgd`;
-    returns each node's rounds completed (all equal: D-PSGD rounds are synchronous).
-
-    Phase times are the group's: every hosted node reports the seconds its rank spent
-    training all of them, exchanging and merging all of them, evaluating all of them.
-    """
-    peers = peers or FixedGraph(group.nodes[0].topology)
-    for round_number in range(start_round + 1, rounds + 1):
-        clock = group.clock()
-        with clock.phase("train"):
-            batch_losses = group.train_round()
-        with clock.phase("comm"):
-            targets = peers.targets(round_number)
-            outgoing = {node.rank: node.sharing.pack(node.flat, round_number, len(targets[node.rank]))
-                        for node in group.nodes}
-            received = group.link.exchange(outgoing, targets)
-            _merge_group(group, peers, round_number, outgoing, received)
-        with clock.phase("eval"):
-            metrics = [node.evaluate() if node.schedule.due(round_number) else {} for node in group.nodes]
-        for node, batch_loss, measured in zip(group.nodes, batch_losses, metrics):
-            node.record(round_number, clock, batch_loss=batch_loss, **measured)
-            node.note_divergence(round_number, batch_loss)
-        if group.nodes[0].divergence.must_stop(round_number):
-            return _every_node(group, round_number)  # every node of every rank stops after this same round
-        for node in group.nodes:
-            node.checkpoint(round_number, keep or {})
-    return _every_node(group, rounds)
-
-
-def _every_node(group: "NodeGroup", completed: int) -> dict[int, int]:
-    """Each hosted node's rounds completed, once each has measured the round it stopped after."""
-    for node in group.nodes:
-        evaluate_at_stop(node)
-    return {node.rank: completed for node in group.nodes}
-
-
-def _merge_group(group: "NodeGroup", peers: RoundPeers, round_number: int, outgoing: dict[int, Message],
+def _merge_group(group: NodeGroup, peers: RoundPeers, round_number: int, outgoing: dict[int, Message],
                  received: dict[int, dict[int, Message]]) -> None:
     """Every hosted node merges what its neighbours sent, each exactly as it would alone.
 
@@ -132,7 +92,7 @@ def _merge_group(group: "NodeGroup", peers: RoundPeers, round_number: int, outgo
         node.sharing.after_merge(node.flat)
 
 
-def _average_whole_models(group: "NodeGroup", peers: RoundPeers, round_number: int,
+def _average_whole_models(group: NodeGroup, peers: RoundPeers, round_number: int,
                           received: dict[int, dict[int, Message]], decoded: dict[int, tuple]) -> None:
     """Averaging of every hosted node (weights as the pattern says) into the spare rows in one sparse product
     over the rows; a neighbour whose message is not its live row (another rank's, or values

@@ -15,74 +15,49 @@ even when no evaluation was due there. Every record says its `phase`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 
-from dpsgd.algorithms.dpsgd import run_dpsgd, run_dpsgd_group
+from dpsgd.algorithms.dpsgd import run_dpsgd
 from dpsgd.algorithms.peers import RoundPeers
-from dpsgd.algorithms.rwm import run_rwm, run_rwm_group
+from dpsgd.algorithms.rwm import run_rwm
+from dpsgd.divergence import DivergenceWatch
 from dpsgd.errors import NodeFailure
 from dpsgd.node import Node
-from dpsgd.divergence import DivergenceWatch
+from dpsgd.node_group import NodeGroup
 from dpsgd.run_outputs import RESUME_AGGREGATED_KEY, SWITCH_KEY, publish_skipped
-
-if TYPE_CHECKING:
-    from dpsgd.communication import NeighbourLink
-    from dpsgd.group.compose import NodeGroup
-    from dpsgd.group.link import GroupLink
+from dpsgd.transport.rounds import RoundTransport
 
 WALK, AVERAGE = "rwm", "dpsgd"  # the `phase` of a record
 SWITCHED = "switched_after"     # what a checkpoint after the switch keeps: the switch round
 
 
-def run_hybrid(node: Node, rounds: int, start_round: int = 0, state: dict | None = None, *,
+def run_hybrid(group: NodeGroup, rounds: int, start_round: int = 0, state: dict | None = None, *,
                switch_round: int | None, byte_budget: int | None, every: int, peers: RoundPeers,
-               averaging_link: "NeighbourLink") -> int:
-    """The walk, the agreed switch, then D-PSGD with `averaging_link` (it takes over the byte counts).
+               averaging: RoundTransport) -> dict[int, int]:
+    """The walk, the agreed switch, then D-PSGD over `averaging` (it takes over the byte counts).
 
     A run resumed after the switch goes straight on with D-PSGD (its checkpoints keep the switch
     round); one resumed before it walks afresh from the saved models, as RWM does.
     """
-    switch = (state or {}).get(SWITCHED)
-    node.phase = WALK
-    if switch is None:
-        with _stopping_at_once(node.divergence):
-            walked = run_rwm(node, _walk_rounds(rounds, switch_round), start_round, state, every=every,
-                             byte_budget=byte_budget)
-        switch = _after_walk([node], {node.rank: walked}, rounds)
-        if switch is None:
-            return walked
-    else:
-        _resumed_after(switch, [node])
-    averaging_link.bytes = node.link.bytes
-    node.link, node.phase = averaging_link, AVERAGE
-    return run_dpsgd(node, rounds, max(switch, start_round), peers=peers, keep={SWITCHED: switch})
-
-
-def run_hybrid_group(group: "NodeGroup", rounds: int, start_round: int = 0, state: dict | None = None, *,
-                     switch_round: int | None, byte_budget: int | None, every: int, peers: RoundPeers,
-                     averaging_link: "GroupLink") -> dict[int, int]:
-    """`run_hybrid` for every node a rank hosts: the group walks, then averages with `averaging_link`."""
     first = group.nodes[0]
     switch = ((state or {}).get(first.rank) or {}).get(SWITCHED)
     for node in group.nodes:
         node.phase = WALK
     if switch is None:
         with _stopping_at_once(first.divergence):
-            walked = run_rwm_group(group, _walk_rounds(rounds, switch_round), start_round, state, every=every,
-                                   byte_budget=byte_budget)
+            walked = run_rwm(group, _walk_rounds(rounds, switch_round), start_round, state, every=every,
+                             byte_budget=byte_budget)
         switch = _after_walk(group.nodes, walked, rounds)
         if switch is None:
             return walked
     else:
         _resumed_after(switch, group.nodes)
-    averaging_link.ports = group.link.ports  # each node's byte counters go on from the walk's
-    group.link = averaging_link
+    averaging.ports = group.transport.ports  # each node's byte counters go on from the walk's
+    group.transport = averaging
     for node in group.nodes:
-        node.link, node.phase = averaging_link.ports[node.rank], AVERAGE
-    return run_dpsgd_group(group, rounds, max(switch, start_round), peers=peers, keep={SWITCHED: switch})
+        node.phase = AVERAGE
+    return run_dpsgd(group, rounds, max(switch, start_round), peers=peers, keep={SWITCHED: switch})
 
 
 def _after_walk(nodes: list[Node], walked: dict[int, int], rounds: int) -> int | None:

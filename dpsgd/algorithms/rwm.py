@@ -4,7 +4,7 @@ Every node trains one round and sends (model, age) to one uniformly random neigh
 then, repeatedly: wait for a model from any neighbour, merge it by age-weighted
 averaging, train one round, send to one random neighbour. The run ends when the first
 node completes its rounds; the stop floods the graph through END messages (see
-`RandomWalkLink`), and every node then evaluates the round it stopped after
+`dpsgd.transport.walks`), and every node then evaluates the round it stopped after
 (`dpsgd.algorithms.stopping`), so the run's final numbers are its end.
 
 Periodic RWM (`algorithm.every=k`): a node that holds a model trains k rounds alone and
@@ -14,15 +14,12 @@ Every node still sends exactly once for each model it takes, so n models keep wa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from dpsgd.algorithms.stopping import evaluate_at_stop
-from dpsgd.averaging import merge_by_age
+from dpsgd.averaging import Contribution, age_weights
 from dpsgd.node import Node
+from dpsgd.node_group import NodeGroup
 from dpsgd.sharing.wire import Message
-
-if TYPE_CHECKING:
-    from dpsgd.group.compose import NodeGroup
 
 
 def sends_after(round_number: int, every: int) -> bool:
@@ -30,60 +27,20 @@ def sends_after(round_number: int, every: int) -> bool:
     return round_number % every == 0
 
 
-def run_rwm(node: Node, rounds: int, start_round: int = 0, state: dict | None = None, every: int = 1,
-            byte_budget: int | None = None) -> int:
-    """Run until this node completes `rounds` (or has sent `byte_budget` bytes) or a neighbour stops;
-    return the rounds completed.
-
-    A resumed run (start_round > 0) starts its walk afresh from the saved model and age.
-    """
-    node.link.start()
-    age = (state or {}).get("age", 0)
-    completed = start_round
-    for round_number in range(start_round + 1, rounds + 1):
-        clock = node.clock()
-        if round_number > start_round + 1 and sends_after(round_number - 1, every):
-            with clock.phase("comm"):
-                message = node.link.receive()
-                if message is None:
-                    break  # another node finished: stop before training again
-                index, values = node.sharing.decode(message)
-                merge_by_age(node.flat, age, message.age, values, index)
-                age = max(age, message.age)
-                node.sharing.after_merge(node.flat)
-        with clock.phase("train"):
-            batch_loss = node.trainer.train_round()
-            age += node.trainer.steps_per_round
-        sent = {}
-        if sends_after(round_number, every):
-            with clock.phase("comm"):
-                sent = _send_to_random_neighbour(node, round_number, age, node.link.send)
-        with clock.phase("eval"):
-            metrics = node.evaluate() if node.schedule.due(round_number) else {}
-        node.record(round_number, clock, batch_loss=batch_loss, age=age, **sent, **metrics)
-        completed = round_number
-        if node.stops_after(round_number, batch_loss):
-            break  # training diverged somewhere: END messages stop the rest of the walk
-        node.checkpoint(round_number, {"age": age})
-        if over_budget(node, byte_budget):
-            break  # as if its rounds were done: END messages stop the rest of the walk
-    node.link.close(completed)
-    evaluate_at_stop(node)  # wherever the walk stopped it, the node's last round is measured
-    return completed
-
-
-def run_rwm_group(group: "NodeGroup", rounds: int, start_round: int = 0,
-                  state: dict | None = None, every: int = 1, byte_budget: int | None = None) -> dict[int, int]:
-    """RWM for every node a rank hosts; return each node's rounds completed.
+def run_rwm(group: NodeGroup, rounds: int, start_round: int = 0, state: dict | None = None, every: int = 1,
+            byte_budget: int | None = None) -> dict[int, int]:
+    """RWM for every node a rank hosts, until the first node anywhere completes `rounds` (or has sent
+    `byte_budget` bytes) or training diverged; return each node's rounds completed.
 
     A node still moves only when a model reaches it: each pass takes, for every hosted
     node that has a model waiting, the oldest one, merges it by age, and trains those
     nodes together until each reaches its next sending round (one round unless periodic),
     then each sends to one random neighbour. The walk ends when the first node anywhere
-    completes its rounds. `state`: per node, what its checkpoint kept (age).
+    completes its rounds. `state`: per node, what its checkpoint kept (age); a resumed run
+    (start_round > 0) starts its walk afresh from the saved models and ages.
     """
-    link = group.link
-    link.start()
+    transport = group.transport
+    transport.start()
     ages = {node.rank: ((state or {}).get(node.rank) or {}).get("age", 0) for node in group.nodes}
     completed = {node.rank: start_round for node in group.nodes}
     by_id = {node.rank: node for node in group.nodes}
@@ -92,26 +49,31 @@ def run_rwm_group(group: "NodeGroup", rounds: int, start_round: int = 0,
         clock = group.clock()
         if not first_pass:
             with clock.phase("comm"):
-                arrived = link.ready()
+                arrived = transport.ready()
                 if arrived is None:
                     break  # another rank finished: stop before training again
                 moving = [by_id[node_id] for node_id in sorted(arrived)]
                 for node in moving:
-                    message = arrived[node.rank]
-                    index, values = node.sharing.decode(message)
-                    merge_by_age(node.flat, ages[node.rank], message.age, values, index)
-                    ages[node.rank] = max(ages[node.rank], message.age)
-                    node.sharing.after_merge(node.flat)
+                    ages[node.rank] = merge_arrival(node, ages[node.rank], arrived[node.rank])
         first_pass = False
         if _train_until_sent(group, moving, clock, rounds, every, completed, ages, byte_budget):
             break
-    link.close()
-    for node in group.nodes:
-        evaluate_at_stop(node)  # wherever the walk stopped it, each node's last round is measured
+    transport.close()
+    group.evaluate_at_stop()  # wherever the walk stopped it, each node's last round is measured
     return completed
 
 
-def _train_until_sent(group: "NodeGroup", moving: list[Node], clock, rounds: int, every: int,
+def merge_arrival(node: Node, age: int, message: Message) -> int:
+    """Merge a model that reached the node with the run's merge rule, the two weighed by their ages
+    (`fill_own`, the default, is RWM's age-weighted average); return the node's age after it."""
+    index, values = node.sharing.decode(message)
+    own_weight, weight = age_weights(age, message.age)
+    node.merge(node.flat, own_weight, [Contribution(weight, values, index, message.degree, message.age)], None)
+    node.sharing.after_merge(node.flat)
+    return max(age, message.age)
+
+
+def _train_until_sent(group: NodeGroup, moving: list[Node], clock, rounds: int, every: int,
                       completed: dict[int, int], ages: dict[int, int], byte_budget: int | None) -> bool:
     """Rounds of the moving nodes, trained together, each until it has sent; True when the walk must end."""
     while moving:
@@ -125,7 +87,7 @@ def _train_until_sent(group: "NodeGroup", moving: list[Node], clock, rounds: int
             if sends_after(round_number, every):
                 with clock.phase("comm"):
                     sent = _send_to_random_neighbour(node, round_number, ages[node.rank],
-                                                     lambda peer, message: group.link.send(node.rank, peer, message))
+                                                     lambda peer, message: group.transport.send(node.rank, peer, message))
             with clock.phase("eval"):
                 metrics = node.evaluate() if node.schedule.due(round_number) else {}
             node.record(round_number, clock, batch_loss=batch_loss, age=ages[node.rank], **sent, **metrics)
@@ -153,6 +115,6 @@ def _send_to_random_neighbour(node: Node, round_number: int, age: int, send: Cal
     return {"sent_to": peer}
 
 
-def _positions(group: "NodeGroup", nodes: list[Node]) -> list[int]:
+def _positions(group: NodeGroup, nodes: list[Node]) -> list[int]:
     first = group.nodes[0].rank
     return [node.rank - first for node in nodes]

@@ -1,1 +1,0 @@
-"""Node groups: many nodes per rank, their models the rows of one tensor."""

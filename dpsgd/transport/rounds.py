@@ -1,0 +1,157 @@
+"""Synchronous rounds: every hosted node's message to each of its receivers, once a round.
+
+Between two nodes of the same rank a message is handed over in memory. Between ranks, the
+messages of every hosted node that sends to a node of the other rank travel as one batch per
+pair of ranks and round: a header block (one wire header per message), then all values, then
+all indices, each one gloo isend/irecv. Both sides know from the round's plan
+(`dpsgd.algorithms.peers`: a graph's neighbours, or Epidemic Learning's draws) which senders a
+batch holds and in what order, so nothing else needs to travel. A sender's message goes once
+to a rank however many of its receivers live there, but each node's byte counters say exactly
+what it would have put on the wire and received alone (one message per receiver), so bytes
+compare across groupings.
+
+A payload longer than its header announced cannot be caught: gloo aborts the receiving process
+from its own thread. So every header block is in before the first batch's payload is posted,
+and the open receives are announced (`dpsgd.liveness.receiving`): a rank that gloo aborts over
+a payload names the rank that sent it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dpsgd import liveness as receipts
+from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding, Message,
+                                declared_bytes, parse_header, read_index, values_dtype)
+from dpsgd.transport.base import Transport, span
+
+HEADERS_TAG, VALUES_TAG, INDEX_TAG = 11, 12, 13
+
+
+class RoundTransport(Transport):
+    """Exchange one round's messages of all hosted nodes with the nodes each sends to.
+
+    Who sends to whom is given per round (`targets`: for every node of the run, its receivers),
+    so the same batches serve a fixed graph, a resampled one, and Epidemic Learning's draws;
+    every rank derives the same plan of batches from the same targets.
+    """
+
+    _planned: tuple = (None, None)  # the last targets and their routes (a fixed graph's never change)
+
+    def _routes(self, targets: list[list[int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """Per remote rank: our nodes that send there, and its nodes that send to us, in node order."""
+        if self._planned[0] is targets:
+            return self._planned[1]
+        outgoing_to: dict[int, list[int]] = {}
+        incoming_from: dict[int, list[int]] = {}
+        for sender, receivers in enumerate(targets):
+            ranks = {self.rank_of[receiver] for receiver in receivers}
+            if self.rank_of[sender] == self.rank:
+                for other in sorted(ranks - {self.rank}):
+                    outgoing_to.setdefault(other, []).append(sender)
+            elif self.rank in ranks:
+                incoming_from.setdefault(self.rank_of[sender], []).append(sender)
+        self._planned = (targets, (outgoing_to, incoming_from))
+        return outgoing_to, incoming_from
+
+    def exchange(self, outgoing: dict[int, Message], targets: list[list[int]]) -> dict[int, dict[int, Message]]:
+        """Every hosted node's message to each of its receivers; returns, per hosted node, what each
+        of its senders sent (in sender order)."""
+        round_number = next(iter(outgoing.values())).round
+        where = f"round {round_number}"
+        outgoing_to, incoming_from = self._routes(targets)
+        received: dict[int, dict[int, Message]] = {node: {} for node in self.hosted}
+        header_blocks = {other: torch.empty(len(senders), HEADER_LENGTH, dtype=HEADER_DTYPE)
+                         for other, senders in incoming_from.items()}
+        for other in header_blocks:
+            receipts.receiving(other, "header", f"header block of round {round_number}")
+        header_works = {other: (self._post(dist.irecv, block, other, HEADERS_TAG, where), block)
+                        for other, block in header_blocks.items()}
+        send_works = [work for other, senders in outgoing_to.items()
+                      for work in self._send_batch(other, [outgoing[node] for node in senders], where)]
+        for node, message in outgoing.items():
+            self._count_sent(node, message, len(targets[node]))
+            for receiver in targets[node]:
+                if self.rank_of[receiver] == self.rank:
+                    received[receiver][node] = message
+        for other, (work, _) in header_works.items():  # every block in before any payload: one open at a time
+            self._wait(work, other, f"headers, {where}")
+            receipts.received(other, "header")
+        for other, (_, headers) in header_works.items():
+            senders = incoming_from[other]
+            for sender, message in zip(senders, self._receive_batch(other, senders, headers, targets, round_number)):
+                for receiver in targets[sender]:
+                    if self.rank_of[receiver] == self.rank:
+                        received[receiver][sender] = message
+        for other, work in send_works:
+            self._wait(work, other, f"send, {where}")
+        self._count_received(received)
+        return {node: dict(sorted(messages.items())) for node, messages in received.items()}
+
+    def _send_batch(self, other: int, messages: list[Message], where: str) -> list[tuple[int, dist.Work]]:
+        headers = torch.stack([message.header() for message in messages])
+        values = _joined([message.values for message in messages]).cpu()
+        works = [(other, self._post(dist.isend, headers, other, HEADERS_TAG, where)),
+                 (other, self._post(dist.isend, values, other, VALUES_TAG, where))]
+        indices = [message.index.view(torch.uint8) for message in messages if message.index is not None]
+        if indices:  # int32 and bitmask indices as bytes
+            works.append((other, self._post(dist.isend, _joined(indices).cpu(), other, INDEX_TAG, where)))
+        return works
+
+    def _receive_batch(self, other: int, senders: list[int], headers: torch.Tensor, targets: list[list[int]],
+                       round_number: int) -> list[Message]:
+        """The messages of a batch whose header block arrived: checked, then received into exact buffers."""
+        fields = [parse_header(row) for row in headers]
+        for sender, field in zip(senders, fields):
+            problem = self._problem(field, len(targets[sender]), expected_round=round_number)
+            if problem is None and field["values_type"] != fields[0]["values_type"]:
+                problem = "a batch mixes value types (every node must use one sharing.values)"
+            if problem is not None:
+                raise self._rejected(other, sender, problem)
+        where = f"round {round_number}"
+        values = torch.empty(sum(f["num_values"] for f in fields), dtype=values_dtype(fields[0]))
+        receipts.receiving(other, "payload", f"values of round {round_number} (for nodes {span(senders)})")
+        value_work = self._post(dist.irecv, values, other, VALUES_TAG, where)
+        index_bytes = [declared_bytes(f)[1] - HEADER_BYTES for f in fields]  # meta bytes less the header's
+        index = torch.empty(sum(index_bytes), dtype=torch.uint8)
+        index_work = self._post(dist.irecv, index, other, INDEX_TAG, where) if index.numel() else None
+        self._wait(value_work, other, f"values, {where}")
+        if index_work is not None:
+            self._wait(index_work, other, f"index, {where}")
+        receipts.received(other, "payload")
+        return self._split(other, senders, fields, values.to(self.device), index.to(self.device), index_bytes)
+
+    def _split(self, other: int, senders: list[int], fields: list[dict], values: torch.Tensor, index: torch.Tensor,
+               index_bytes: list[int]) -> list[Message]:
+        messages, value_at, index_at = [], 0, 0
+        for sender, field, nbytes in zip(senders, fields, index_bytes):
+            encoding = Encoding(field["encoding"])
+            part = values[value_at:value_at + field["num_values"]]
+            own_index, coordinates = None, None
+            if nbytes:
+                own_index = index[index_at:index_at + nbytes]
+                if INDEX_DTYPES[encoding].itemsize > 1:  # an int32 index may start at any byte: a view needs alignment
+                    own_index = own_index.clone().view(INDEX_DTYPES[encoding])
+                coordinates, problem = read_index(encoding, own_index, field["num_values"], self.numel)
+                if problem is not None:
+                    raise self._rejected(other, sender, problem)
+            messages.append(Message.received(field, part, own_index, coordinates))
+            value_at += field["num_values"]
+            index_at += nbytes
+        return messages
+
+    def _count_sent(self, node: int, message: Message, receivers: int) -> None:
+        for _ in range(receivers):  # alone, a node sends its message once per receiver
+            self.ports[node].bytes.count_sent(message)
+
+    def _count_received(self, received: dict[int, dict[int, Message]]) -> None:
+        for node, messages in received.items():
+            for message in messages.values():
+                self.ports[node].bytes.recv_data += message.data_bytes
+                self.ports[node].bytes.recv_meta += message.meta_bytes
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor for the wire; a batch of one message is sent as it is, without a copy."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
