@@ -20,9 +20,10 @@ def _random_model(rank: int, numel: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(1000 + rank).normal(size=numel).astype(np.float32))
 
 
-def _rounds_from_random_models(cfg, nodes, tmp_path, rounds=1, peers=None):
-    """Real ranks, each starting from its own random model, run D-PSGD rounds (by default one, on the
-    config's graph; `peers` for another plan); each rank saves its model and byte counts after."""
+def _rounds_from_random_models(cfg, nodes, tmp_path, rounds=1, peers=None, nodes_per_rank=1):
+    """Real ranks (`nodes` of them, hosting `nodes_per_rank` nodes each), each node starting from its own
+    random model, run D-PSGD rounds (by default one, on the config's plan; `peers` for another);
+    each node's model and byte counts are saved after."""
     topology = check_config(cfg, nodes)
     dataset = prepare_data(cfg)
 
@@ -31,11 +32,12 @@ def _rounds_from_random_models(cfg, nodes, tmp_path, rounds=1, peers=None):
         dist.init_process_group("gloo", store=store, rank=ctx.rank, world_size=ctx.world_size,
                                 timeout=timedelta(seconds=60))
         group, run = build_rank(cfg, ctx, topology, dataset, store, tmp_path, peers=peers)
-        node = group.nodes[0]
-        node.flat.copy_(_random_model(ctx.rank, node.flat.numel()))
+        for node in group.nodes:
+            node.flat.copy_(_random_model(node.rank, node.flat.numel()))
         run(rounds)
-        np.save(tmp_path / f"after_{ctx.rank}.npy", node.flat.numpy())
-        (tmp_path / f"bytes_{ctx.rank}.json").write_text(json.dumps(vars(node.link.bytes)))
+        for node in group.nodes:
+            np.save(tmp_path / f"after_{node.rank}.npy", node.flat.numpy())
+            (tmp_path / f"bytes_{node.rank}.json").write_text(json.dumps(vars(node.link.bytes)))
         dist.barrier()
         dist.destroy_process_group()
 

@@ -22,7 +22,7 @@ from dpsgd.algorithms.dpsgd import run_dpsgd
 from dpsgd.algorithms.peers import RoundPeers
 from dpsgd.algorithms.rwm import run_rwm
 from dpsgd.divergence import DivergenceWatch
-from dpsgd.errors import NodeFailure
+from dpsgd.errors import ConfigError, NodeFailure
 from dpsgd.node import Node
 from dpsgd.node_group import NodeGroup
 from dpsgd.run_outputs import RESUME_AGGREGATED_KEY, SWITCH_KEY, publish_skipped
@@ -58,6 +58,18 @@ def run_hybrid(group: NodeGroup, rounds: int, start_round: int = 0, state: dict 
     for node in group.nodes:
         node.phase = AVERAGE
     return run_dpsgd(group, rounds, max(switch, start_round), peers=peers, keep={SWITCHED: switch})
+
+
+def check_hybrid(options: dict, nodes: int, rounds: int) -> None:
+    """The walk needs a switch condition, and a switch round must leave rounds for D-PSGD."""
+    switch_round, byte_budget = options["switch_round"], options["byte_budget"]
+    if switch_round is None and byte_budget is None:
+        raise ConfigError("algorithm=hybrid walks until a switch condition, but neither algorithm.switch_round "
+                          "nor algorithm.byte_budget is set; set one, e.g. `algorithm.switch_round=100`.")
+    if switch_round is not None and switch_round >= rounds:
+        raise ConfigError(f"algorithm.switch_round={switch_round} with rounds={rounds} leaves no round for "
+                          f"D-PSGD; set it below rounds, e.g. `algorithm.switch_round={rounds // 5 or 1}`, "
+                          "or use `algorithm=rwm`.")
 
 
 def _after_walk(nodes: list[Node], walked: dict[int, int], rounds: int) -> int | None:

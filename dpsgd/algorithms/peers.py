@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from dpsgd.errors import ConfigError
 from dpsgd.seeding import numpy_rng
 from dpsgd.topology import Topology, mh_weights, spectral_gap
 
@@ -141,3 +142,9 @@ class EpidemicDraws:
             self._round, self._plan = round_number, (targets, senders)
         return self._plan
 
+
+def check_epidemic(options: dict, nodes: int, rounds: int) -> None:
+    """Each node sends to `fanout` other nodes, so there must be that many."""
+    if options["fanout"] >= nodes:
+        raise ConfigError(f"algorithm.fanout={options['fanout']} with nodes={nodes}: each node sends to fanout "
+                          f"other nodes, so fanout must be below nodes, e.g. `algorithm.fanout={min(4, nodes - 1)}`.")

@@ -57,7 +57,8 @@ class PartialSharing:
         encoding, _, parameter = smallest_encoding(chosen, self.numel)
         return Message(round=round_number, degree=degree, age=age, encoding=encoding,
                        values=torch.index_select(flat, 0, chosen, out=self._values[:chosen.numel()]),
-                       index=encode_indices(chosen, self.numel, encoding, parameter))
+                       index=encode_indices(chosen, self.numel, encoding, parameter),
+                       coordinates=chosen)  # a receiver of the same rank needs no decoding
 
     def round_alpha(self) -> float:
         return self.alpha

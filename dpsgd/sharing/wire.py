@@ -73,8 +73,8 @@ class Message:
     values: torch.Tensor
     index: torch.Tensor | None = None
     seed: int = 0
-    # The coordinates a received gap-coded index names, decoded once by the receiver's check
-    # (`read_index`) so that the sharing method's decode does not decode them again.
+    # The coordinates the index names: the sender's own choice (handed over within a rank), or
+    # decoded once by the receiver's check (`read_index`), so the method's decode need not decode them.
     coordinates: torch.Tensor | None = None
 
     @classmethod
