@@ -286,6 +286,11 @@ def composition_error(error: Exception, argv: list[str]) -> str:
             return (f"{given}: `{key}` belongs to {' and '.join(owners)}, not to the option chosen in this run, "
                     f"so nothing would read it. Choose that option too (e.g. `{owners[0]} {given}`) or drop "
                     f"the key. {listed}")
+        group = key.split(".")[0]
+        if any(arg.lstrip("+").startswith((f"{group}._target_=", f"{group}=own")) for arg in argv):
+            return (f"{given}: `{key}` is a key of your own {group} (`{group}._target_`), which no config file "
+                    f"declares: add it with a +, `+{given}`, or declare it in an option file of your own "
+                    f"(`--config-dir`). {listed}")
         similar = closest_keys(key, every_declared_key())
         hint = f"Did you mean {' or '.join(f'`{k}`' for k in similar)}? " if similar else ""
         return f"{given}: `{key}` is not a key of the configuration, so nothing would read it. {hint}{listed}"

@@ -4,12 +4,16 @@ Hydra hands over whatever the command line said (`nodes=abc` arrives as the stri
 "abc"); checked here, a wrong value is one paragraph naming the key, instead of a
 traceback from deep inside torch or a rank that "crashed" minutes later. The table
 below is the one place that says what each key may hold; checks that involve several
-keys (topology, sharing method, optimizer name) live with the code they concern.
+keys (topology, sharing method, optimizer name) live with the code they concern. A data set or
+model of the user's own is named by `dataset._target_` or `model._target_` (`builder_for`).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -106,6 +110,7 @@ RULES = (
     Rule("optimizer.lr", "number", low=0, example="0.1"),
     Rule("optimizer.momentum", "number", low=0, high=1, high_open=True, example="0.9"),
     Rule("optimizer.weight_decay", "number", low=0, example="0.0"),
+    Rule("model._target_", "text", optional=True, example="mypkg.nets.TinyNet"),
     Rule("model.name", "text", example="mf"),
     Rule("model.embedding_dim", "whole", low=1, example="20"),
     Rule("model.regularization", "number", low=0, example="0.05"),
@@ -127,6 +132,7 @@ RULES = (
     Rule("algorithm.fanout", "whole", low=1, example="4"),
     Rule("algorithm.switch_round", "whole", low=1, optional=True, example="100"),
     Rule("algorithm.byte_budget", "whole", low=1, optional=True, example="50000000"),
+    Rule("dataset._target_", "text", optional=True, example="mypkg.data.MyRatings"),
     Rule("dataset.name", "text", example="movielens"),
     Rule("dataset.train_fraction", "number", low=0, high=1, low_open=True, high_open=True, example="0.7"),
     Rule("dataset.image_size", "whole", low=1, example="84"),
@@ -143,6 +149,11 @@ RULES = (
 
 def check_values(cfg: DictConfig) -> None:
     """Raise a ConfigError for the first key whose value has the wrong type or range."""
+    for group in ("dataset", "model"):  # `=own` without its target (dataset=own picks model=own too)
+        if group in cfg and OmegaConf.is_missing(cfg[group], "_target_"):
+            raise ConfigError(f"{group}=own needs {group}._target_, the dotted path of your own {group}'s callable, "
+                              f"e.g. `{group}._target_=mypkg.{'nets.TinyNet' if group == 'model' else 'data.MyData'}`"
+                              " (dataset=own picks model=own too: `model=mf` or another model gives dpsgd's own).")
     for rule in RULES:
         value = _select(cfg, rule.key)
         if value is _ABSENT:
@@ -176,7 +187,10 @@ def check_known_keys(cfg: DictConfig, choices) -> None:
     chosen options declare (`dpsgd.config_help.declared_keys`) are the ones components read.
     """
     declared = declared_keys(choices)
-    undeclared = sorted(key for key in leaf_keys(OmegaConf.to_container(cfg, resolve=False)) if key not in declared)
+    # A `_target_` of the user's own takes the group's keys, whatever they are: its call says which it lacks.
+    own = tuple(f"{group}." for group in ("dataset", "model") if OmegaConf.select(cfg, f"{group}._target_") is not None)
+    undeclared = sorted(key for key in leaf_keys(OmegaConf.to_container(cfg, resolve=False))
+                        if key not in declared and not key.startswith(own))
     if undeclared:
         key = undeclared[0]
         value = OmegaConf.select(cfg, key)
@@ -197,3 +211,51 @@ def _select(cfg: DictConfig, key: str):
     except Exception as error:  # noqa: BLE001 - omegaconf raises several kinds for one cause
         raise ConfigError(f"{key} cannot be read from the configuration ({error}). Give it a value, "
                           f"e.g. `{key}=...` on the command line.") from None
+
+
+def builder_for(group: str, registry: Mapping[str, Callable], name: str | None, target: str | None,
+                hint: str) -> Callable:
+    """`registry[name]` (`<group>.name`), or the callable `<group>._target_` names: the user's own, from their
+    package, whose `name` is then only the label that logs and summaries show. One paragraph when neither fits."""
+    if target is None:
+        if name not in registry:
+            raise ConfigError(f"{group}.name={name!r} is not known; choose one of {list(registry)}{hint}.")
+        return registry[name]
+    if name is None or name in registry:  # dpsgd's own name: its keys and its special cases would apply
+        raise ConfigError(f"{group}._target_={target} names your own {group}, so {group}.name must be a label of "
+                          f"your own, not {name!r}: choose `{group}=own {group}._target_={target}` (your keys: "
+                          f"`+{group}.<key>=<value>`) or an option file of your own (`--config-dir`) with a `name`.")
+    from hydra.utils import get_method  # here: a config without targets needs no more of Hydra
+
+    logger = logging.getLogger("hydra.utils")
+    logger.disabled = True  # it would log the error that this paragraph explains
+    try:
+        return get_method(target)
+    except Exception as error:  # noqa: BLE001 - whatever importing the user's module raised
+        reason = " ".join(str(error).split()).removeprefix(f"Error loading '{target}': ")  # Hydra's own words
+        raise ConfigError(f"{group}._target_={target} cannot be imported ({reason}). Give "
+                          "the dotted path of a callable in a package Python finds, e.g. `mypkg.nets.TinyNet` for "
+                          "class TinyNet in mypkg/nets.py, with mypkg installed (`pip install -e .` in its project) "
+                          "or its folder on PYTHONPATH.") from None
+    finally:
+        logger.disabled = False
+
+
+def call_target(group: str, target: str, built_by: Callable, arguments: dict, options: dict, wanted: str,
+                fits: Callable[[object], bool]):
+    """What `built_by`, the callable `<group>._target_` names, returns when called as dpsgd calls its own builders:
+    `arguments` in order, then the group's other keys; one paragraph when it does not take them or returns
+    something other than `wanted`."""
+    call = f"{target}({', '.join([*arguments, *(f'{k}={v!r}' for k, v in options.items())])})"
+    try:
+        inspect.signature(built_by).bind(*arguments.values(), **options)
+    except TypeError as error:
+        raise ConfigError(f"{group}._target_={target}: dpsgd calls {call}, but {error}. Give it those parameters "
+                          f"(`**options` takes any keys), or drop the {group} keys it does not take.") from None
+    except ValueError:
+        pass  # no signature to check: the call itself says what does not fit
+    made = built_by(*arguments.values(), **options)
+    if not fits(made):
+        raise ConfigError(f"{group}._target_={target}: {call} returned {type(made).__name__}, but dpsgd needs "
+                          f"{wanted}. Return one from it (README \"Your own model or data set\").")
+    return made

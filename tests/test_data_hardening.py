@@ -14,7 +14,7 @@ import pytest
 
 from dpsgd.data import cache, ratings
 from dpsgd.data.cache import build_once, load_arrays
-from dpsgd.data.leaf import load_femnist
+from dpsgd.data.femnist import load_femnist
 from dpsgd.data.ratings import load_movielens
 from dpsgd.errors import ConfigError
 from tests.test_leaf_data import (  # noqa: F401 (celeba_dirs and femnist_dirs are fixtures)

@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpsgd.data import leaf
-from dpsgd.data.leaf import (
-    LeafSplit,
-    LoadReport,
-    load_celeba,
-    load_femnist,
-    partition_rows,
-    partition_summary,
-)
+from dpsgd.data import celeba, femnist, leaf
+from dpsgd.data.celeba import load_celeba
+from dpsgd.data.femnist import load_femnist
+from dpsgd.data.leaf import LeafSplit, LoadReport, partition_rows, partition_summary
 from dpsgd.errors import ConfigError
 from tests.conftest import SHARED_DATA
 
@@ -227,7 +222,7 @@ def test_femnist_missing_or_empty_folder(tmp_path, femnist_dirs):
 
 
 def _femnist_worker(train_dir, test_dir, cache, builds, out, barrier) -> None:
-    original = leaf._build_femnist_cache
+    original = femnist._build_femnist_cache
 
     def counted(*args):
         with open(builds, "a") as file:
@@ -235,7 +230,7 @@ def _femnist_worker(train_dir, test_dir, cache, builds, out, barrier) -> None:
         time.sleep(0.3)  # long enough that the other process arrives while this one builds
         original(*args)
 
-    leaf._build_femnist_cache = counted
+    femnist._build_femnist_cache = counted
     barrier.wait()
     try:
         train, test, _ = load_femnist(Path(train_dir), Path(test_dir), Path(cache))
@@ -314,7 +309,7 @@ def test_celeba_missing_image_drops_user_from_both_splits(celeba_dirs, tmp_path)
 
 def test_celeba_strict_fails_before_decoding(celeba_dirs, tmp_path, monkeypatch):
     (celeba_dirs[2] / "000009.jpg").unlink()  # bob's test image
-    monkeypatch.setattr(leaf, "_decode_image", lambda *a: pytest.fail("decoded an image"))
+    monkeypatch.setattr(celeba, "_decode_image", lambda *a: pytest.fail("decoded an image"))
     with pytest.raises(ConfigError, match=r"1 of 3 CelebA users.*000009.jpg"):
         load_small_celeba(celeba_dirs, tmp_path / "cache", strict=True)
 

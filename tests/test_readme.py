@@ -516,6 +516,8 @@ COMMANDS: dict[str, Callable[[ReadmeCommand, Context], None]] = {
     "python train.py <same overrides> hydra.run.dir=<run> resume=true": check_resume,
     "tensorboard --logdir outputs": check_tensorboard,
     "python benchmarks/startup.py": check_startup,
+    # Your own model or data set (a process per node: a node group builds its template by model.name alone)
+    "python train.py --config-dir tests/plugin_example/conf dataset=blobs nodes=4": train(*SMALL),
 }
 
 README_SWEEP = next((c for c in COMMANDS_IN_README if COMMANDS.get(c.text) is check_readme_sweep), None)

@@ -4,24 +4,28 @@ A data set is prepared once per machine (parsed into the memory-mapped cache, or
 generated), before ranks fork or while other local ranks wait; each node then takes
 its slice. Ratings data sets test locally (each node on its own users' held-out
 ratings); LEAF data sets test globally (every node on the same shared test set).
+`DATASETS` names dpsgd's own, `dataset._target_` one of the user's own (`Dataset`: what each is).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from dpsgd.data.leaf import LeafSplit, LoadReport, load_celeba, load_femnist, partition_rows, partition_summary
+from dpsgd.data.celeba import CELEBA_CLASSES, load_celeba
+from dpsgd.data.femnist import FEMNIST_CLASSES, load_femnist
+from dpsgd.data.leaf import LeafSplit, LoadReport, partition_rows, partition_summary
 from dpsgd.data.partition import contiguous_blocks
 from dpsgd.data.ratings import RatingsTable, describe, load_movielens, make_synthetic, split_node_ratings
 from dpsgd.errors import ConfigError
 from dpsgd.seeding import torch_generator
-
-DATASETS = ("synthetic", "movielens", "femnist", "celeba")
+from dpsgd.settings import builder_for, call_target
 
 
 @dataclass
@@ -44,6 +48,25 @@ def eval_subset(tensors: tuple[torch.Tensor, ...], samples: int | None, generato
         return tensors
     chosen = torch.randperm(size, generator=generator)[:samples].sort().values
     return tuple(t[chosen] for t in tensors)
+
+
+class Dataset(Protocol):
+    """What DATASETS' builders, and a `dataset._target_` of the user's own, return when called as
+    builder(seed, cache_dir, **the other dataset keys): once per machine, before ranks fork or while the
+    machine's other ranks wait. The same seed must give every rank the same data (ranks share nothing else)."""
+
+    task: str  # "ratings": examples are (user, item, rating) tensors; "classification": (images, labels)
+    dims: dict  # what `build_model` builds for: {"num_users", "num_items"} or {"num_classes"}, and any more keys
+
+    def describe(self) -> str:
+        """One line for the log and partition.json (sizes, what was left out)."""
+
+    def partition(self, nodes: int, seed: int) -> dict:
+        """{"nodes": [{"node": i, "samples": n, ...}]}: what each node gets (partition.json); a ConfigError
+        when the data cannot feed `nodes` nodes (called before ranks start)."""
+
+    def node_data(self, node: int, nodes: int, seed: int, test_samples: int | None) -> NodeData:
+        """Node `node`'s train and test examples (`eval_subset`: at most `test_samples` test examples)."""
 
 
 @dataclass
@@ -126,32 +149,48 @@ def _shared_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+# Each data set of dpsgd's own, by `dataset.name`: builder(seed, cache_dir, **its keys) -> Dataset. A new one is
+# its module (the loader), a builder here and conf/dataset/<name>.yaml declaring its keys.
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "synthetic": lambda seed, cache_dir, train_fraction, **shape: RatingsDataset(make_synthetic(seed, **shape),
+                                                                                train_fraction),
+    "movielens": lambda seed, cache_dir, path, train_fraction: RatingsDataset(
+        load_movielens(Path(path).expanduser(), cache_dir), train_fraction),
+    "femnist": lambda seed, cache_dir, train_dir, test_dir, split_users: LeafDataset(
+        *load_femnist(Path(train_dir), Path(test_dir), cache_dir), FEMNIST_CLASSES, split_users, "writers"),
+    "celeba": lambda seed, cache_dir, train_dir, test_dir, images_dir, image_size, strict, split_users: LeafDataset(
+        *load_celeba(Path(train_dir), Path(test_dir), Path(images_dir), cache_dir, strict=strict,
+                     image_size=image_size), CELEBA_CLASSES, split_users, "celebrities"),
+}
 # The dataset keys that name files or folders (under data_dir, unless set on their own).
 DATA_PATH_KEYS = {"movielens": ("path",), "femnist": ("train_dir", "test_dir"),
                   "celeba": ("train_dir", "test_dir", "images_dir")}
 
 
-def prepare_dataset(name: str, options: dict, seed: int, cache_dir: Path, data_dir: str | Path | None = None):
-    """The data set named by `dataset.name`, parsed or generated once; `options` are the other dataset keys,
-    `data_dir` the folder their paths are under (named in the message when it is a file)."""
+def dataset_builder(name: str | None, target: str | None = None) -> Callable[..., Dataset]:
+    """DATASETS[name], or the callable `dataset._target_` names (`dpsgd.settings.builder_for`)."""
+    return builder_for("dataset", DATASETS, name, target, ", e.g. `dataset=movielens`")
+
+
+def prepare_dataset(name: str, options: dict, seed: int, cache_dir: Path, data_dir: str | Path | None = None
+                    ) -> Dataset:
+    """The data set named by `dataset.name`, or by `dataset._target_` among `options`, parsed or generated once;
+    `options` are the other dataset keys, `data_dir` the folder their paths are under (named in the message when
+    it is a file)."""
+    options = dict(options)
+    target = options.pop("_target_", None)
+    if target is not None:
+        return call_target("dataset", target, dataset_builder(name, target), {"seed": seed, "cache_dir": cache_dir},
+                           options, "a data set (dpsgd.data.datasets.Dataset: task, dims, describe, partition, "
+                           "node_data)", _is_dataset)
     check_data_paths(name, options, data_dir)
-    if name == "synthetic":
-        table = make_synthetic(seed, num_users=options["num_users"], num_items=options["num_items"],
-                               rank=options["rank"], min_ratings=options["min_ratings"],
-                               max_ratings=options["max_ratings"], noise_std=options["noise_std"])
-        return RatingsDataset(table, options["train_fraction"])
-    if name == "movielens":
-        return RatingsDataset(load_movielens(Path(options["path"]).expanduser(), cache_dir), options["train_fraction"])
-    if name == "femnist":
-        train, test, report = load_femnist(Path(options["train_dir"]), Path(options["test_dir"]), cache_dir)
-        return LeafDataset(train, test, report, 62, options["split_users"], "writers")
-    if name == "celeba":
-        train, test, report = load_celeba(Path(options["train_dir"]), Path(options["test_dir"]),
-                                          Path(options["images_dir"]), cache_dir, strict=options["strict"],
-                                          image_size=options["image_size"])
-        return LeafDataset(train, test, report, 2, options["split_users"], "celebrities")
-    raise ConfigError(f"dataset.name={name!r} is not known; choose one of {list(DATASETS)}, "
-                      "e.g. `dataset=movielens`.")
+    return dataset_builder(name)(seed, cache_dir, **options)
+
+
+def _is_dataset(made) -> bool:
+    return (getattr(made, "task", None) in ("ratings", "classification")
+            and isinstance(getattr(made, "dims", None), dict)
+            and all(callable(getattr(made, method, None)) for method in ("describe", "partition", "node_data")))
 
 
 def check_data_paths(name: str, options: dict, data_dir: str | Path | None = None) -> None:
