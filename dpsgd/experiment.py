@@ -19,25 +19,22 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dpsgd.algorithms.dpsgd import run_dpsgd, run_dpsgd_group
-from dpsgd.algorithms.hybrid import run_hybrid, run_hybrid_group
-from dpsgd.algorithms.peers import EpidemicDraws, FixedGraph, ResampledGraph, RoundPeers
-from dpsgd.algorithms.rwm import run_rwm, run_rwm_group
-from dpsgd.averaging import MERGE_RULES
+from dpsgd.algorithms.patterns import PATTERNS
+from dpsgd.algorithms.peers import FixedGraph, ResampledGraph, RoundPeers
+from dpsgd.averaging import AVERAGING_ONLY, MERGE_RULES
 from dpsgd.checkpoint import Checkpoints, agree_on_start_round, check_resumable
-from dpsgd.communication import FailureBoard, NeighbourLink, RandomWalkLink
-from dpsgd.data.datasets import DATASETS, NodeData, prepare_dataset
+from dpsgd.communication import FailureBoard
+from dpsgd.data.datasets import NodeData, dataset_builder, prepare_dataset
 from dpsgd.divergence import DivergenceWatch, describe, divergence_report
 from dpsgd.errors import ConfigError, NodeFailure
 from dpsgd.consensus import ModelSketch
-from dpsgd.group.compose import build_group, group_link, hosted_nodes
-from dpsgd.group.link import GroupLink
 from dpsgd.launch import RankContext
 from dpsgd.liveness import Liveness
 from dpsgd.metrics import EvalSchedule, RoundRecorder
-from dpsgd.models import build_model
-from dpsgd.models.flat import bind_model_to, flatten_model
+from dpsgd.models import build_model, model_builder
+from dpsgd.models.flat import bind_model_to, flatten_model, layout, num_parameters
 from dpsgd.node import Node
+from dpsgd.node_group import NodeByNode, NodeGroup, hosted_nodes, rank_label
 from dpsgd.progress import rank_arrived, run_store, startup_step
 from dpsgd.run_folder import check_fresh_node, write_atomic
 from dpsgd.run_outputs import (RESUME_AGGREGATED_KEY, Aggregator, NodeLog, RunInfo, earlier_rounds,
@@ -45,18 +42,15 @@ from dpsgd.run_outputs import (RESUME_AGGREGATED_KEY, Aggregator, NodeLog, RunIn
 from dpsgd.seeding import numpy_rng, stream_key, torch_generator
 from dpsgd.settings import alpha_note, check_known_keys, check_values
 from dpsgd.sharing import build_sharing, check_sharing
+from dpsgd.stacked_mf import StackedMFTrainer, sparse_sgd_applies, stacked_applies
+from dpsgd.transport.rounds import RoundTransport
+from dpsgd.transport.walks import WalkTransport
 from dpsgd.topology import DEFAULT_DEGREE, Topology, build_topology, default_degree
 from dpsgd.training import (BatchStream, ClassificationTask, RatingsTask, Task, Trainer, build_optimizer,
                             check_optimizer)
 
-# Each communication pattern: its loop for a rank hosting one node, and for a rank hosting a group (dpsgd.group).
-ALGORITHMS = {"dpsgd": (run_dpsgd, run_dpsgd_group), "epidemic": (run_dpsgd, run_dpsgd_group),
-              "rwm": (run_rwm, run_rwm_group), "hybrid": (run_hybrid, run_hybrid_group)}
-WALKING = ("rwm", "hybrid")  # patterns that start with a random walk (RandomWalkLink, GroupWalkLink)
 # Topologies drawn from the seed, which `topology.resample_every` can draw anew.
 RANDOM_TOPOLOGIES = ("regular", "smallworld")
-# The `algorithm.*` keys each pattern's loop reads (its config group declares them).
-PATTERN_KEYS = {"rwm": ("every",), "epidemic": ("fanout",), "hybrid": ("every", "switch_round", "byte_budget")}
 # What test_loss means, per task.
 TEST_LOSS_METRIC = {"ratings": "rmse", "classification": "cross_entropy"}
 
@@ -74,18 +68,18 @@ def check_config(cfg: DictConfig, world_size: int | None = None, choices=None) -
         check_known_keys(cfg, choices)
     check_values(cfg)  # every key's type and range first: the checks below rely on them
     _check_grouping(cfg, ranks_for(cfg) if world_size is None else world_size)
-    if cfg.algorithm.name not in ALGORITHMS:
+    if cfg.algorithm.name not in PATTERNS:
         raise ConfigError(f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of "
-                          f"{sorted(ALGORITHMS)}, e.g. `algorithm=dpsgd`.")
-    if cfg.dataset.name not in DATASETS:
-        raise ConfigError(f"dataset.name={cfg.dataset.name!r} is not known; choose one of "
-                          f"{list(DATASETS)}, e.g. `dataset=movielens`.")
+                          f"{sorted(PATTERNS)}, e.g. `algorithm=dpsgd`.")
+
+    dataset_builder(cfg.dataset.get("name"), cfg.dataset.get("_target_"))  # a known name, or a target that imports
+    model_builder(cfg.model.get("name"), cfg.model.get("_target_"))
     check_sharing(cfg.sharing.name, cfg.alpha, _options(cfg.sharing))
-    if cfg.algorithm.name == "rwm" and cfg.sharing.merge != "fill_own":
+    if cfg.algorithm.name == "rwm" and cfg.sharing.merge in AVERAGING_ONLY:
         raise ConfigError(f"sharing.merge={cfg.sharing.merge} applies to D-PSGD, whose nodes average several "
-                          "neighbours' messages; RWM merges each arriving model by age on the coordinates it "
-                          "carries (SPEC §5), so it has no merge rule to choose. Drop sharing.merge, or use "
-                          "`algorithm=dpsgd`.")
+                          "neighbours' messages at once; RWM merges each arriving model by age on the coordinates "
+                          "it carries (SPEC §5). Choose another rule, e.g. `sharing.merge=fill_own` (RWM's "
+                          "age-weighted average), or use `algorithm=dpsgd`.")
     _check_pattern(cfg)
     # No torch computation here: the standalone parent runs this before forking the ranks.
     check_optimizer(cfg.optimizer.name, cfg.optimizer.lr)
@@ -93,24 +87,14 @@ def check_config(cfg: DictConfig, world_size: int | None = None, choices=None) -
 
 
 def _check_pattern(cfg: DictConfig) -> None:
-    """The keys of the patterns beyond the study: epidemic's fanout, hybrid's switch, graph resampling."""
-    name, nodes = cfg.algorithm.name, cfg.nodes
-    missing = [key for key in PATTERN_KEYS.get(name, ()) if key not in cfg.algorithm]
+    """The pattern's own keys and rules (`dpsgd.algorithms.patterns`), and graph resampling."""
+    name, pattern = cfg.algorithm.name, PATTERNS[cfg.algorithm.name]
+    missing = [key for key in pattern.declared if key not in cfg.algorithm]
     if missing:
         raise ConfigError(f"algorithm.name={name} needs the keys {missing} of its config group; choose the "
                           f"pattern with `algorithm={name}` (which brings them) rather than `algorithm.name={name}`.")
-    if name == "epidemic" and cfg.algorithm.fanout >= nodes:
-        raise ConfigError(f"algorithm.fanout={cfg.algorithm.fanout} with nodes={nodes}: each node sends to fanout "
-                          f"other nodes, so fanout must be below nodes, e.g. `algorithm.fanout={min(4, nodes - 1)}`.")
-    if name == "hybrid":
-        switch_round, byte_budget = cfg.algorithm.switch_round, cfg.algorithm.byte_budget
-        if switch_round is None and byte_budget is None:
-            raise ConfigError("algorithm=hybrid walks until a switch condition, but neither algorithm.switch_round "
-                              "nor algorithm.byte_budget is set; set one, e.g. `algorithm.switch_round=100`.")
-        if switch_round is not None and switch_round >= cfg.rounds:
-            raise ConfigError(f"algorithm.switch_round={switch_round} with rounds={cfg.rounds} leaves no round for "
-                              f"D-PSGD; set it below rounds, e.g. `algorithm.switch_round={cfg.rounds // 5 or 1}`, "
-                              "or use `algorithm=rwm`.")
+    if pattern.check is not None:
+        pattern.check(pattern_options(cfg, pattern.declared), cfg.nodes, cfg.rounds)
     every = resample_every(cfg)
     if every is not None and (name != "dpsgd" or cfg.topology.kind not in RANDOM_TOPOLOGIES):
         raise ConfigError(f"topology.resample_every={every} draws a new random graph for D-PSGD, but this run has "
@@ -135,7 +119,7 @@ def config_notes(cfg: DictConfig) -> list[str]:
     notes = [note for note in (alpha_note(cfg),) if note]
     degree = topology_degree(cfg)
     if (cfg.topology.degree is None and cfg.topology.kind in RANDOM_TOPOLOGIES and degree != DEFAULT_DEGREE
-            and cfg.algorithm.name != "epidemic"):
+            and not PATTERNS[cfg.algorithm.name].complete_graph):
         notes.append(f"topology.degree={degree}: the largest valid degree up to {DEFAULT_DEGREE} for {cfg.nodes} nodes "
                      f"(set topology.degree to choose one)")
     return notes
@@ -204,7 +188,8 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     start_round = agree_on_start_round(list(checkpoints.values()), cfg.resume, cfg.rounds, cfg.comm.timeout_s)
     if ctx.rank == 0:
         write_run_files(cfg, dataset, run_dir)
-    nodes, run_algorithm = _build_hosted(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints)
+    group, run_algorithm = build_rank(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints)
+    nodes = group.nodes
     restored = {node.rank: checkpoints[node.rank].restore(node, start_round) for node in nodes}
     elapsed_s = restored[nodes[0].rank][0]
     aggregator = _start_aggregator(cfg, nodes[0], store, run_dir, dataset, start_round) if ctx.rank == 0 else None
@@ -236,44 +221,43 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     dist.destroy_process_group()
 
 
-def _build_hosted(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, store: dist.Store, run_dir: Path,
-                  start_round: int, checkpoints: dict[int, Checkpoints]) -> tuple[list[Node], Callable]:
-    """The rank's node(s), and its algorithm as run(rounds, start_round, states) -> {node: rounds completed},
-    where `states` maps each node to what its checkpoint kept for the algorithm (RWM's age)."""
-    peers = round_peers(cfg, topology)
-    run_alone, run_grouped = ALGORITHMS[cfg.algorithm.name]
-    if cfg.nodes_per_rank == 1:
-        node = build_node(cfg, ctx.rank, topology, dataset, store, run_dir, start_round, checkpoints[ctx.rank], peers)
-        options = _loop_options(cfg, peers, lambda: _neighbour_link(cfg, node.rank, topology, node.flat.numel(), store,
-                                                                    node.sharing.check_header, node.liveness))
-        return [node], lambda rounds, start, states: {node.rank: run_alone(node, rounds, start, states[node.rank],
-                                                                            **options)}
+def build_rank(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, store: dist.Store, run_dir: Path,
+               start_round: int = 0, checkpoints: dict[int, Checkpoints] | None = None,
+               peers: RoundPeers | None = None) -> tuple[NodeGroup, Callable]:
+    """The rank's nodes, and its algorithm as run(rounds, start_round, states) -> {node: rounds completed},
+    where `states` maps each node to what its checkpoint kept for the algorithm (RWM's age).
+
+    `peers`: the synchronous patterns' plan (default: the config's); `checkpoints`: per hosted node
+    (default: none are saved)."""
+    peers = peers or round_peers(cfg, topology)
+    checkpoints = checkpoints or dict.fromkeys(hosted_nodes(ctx.rank, cfg.nodes_per_rank))
+    pattern = PATTERNS[cfg.algorithm.name]
     group = build_group(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints,
-                        divergence=_divergence_watch(cfg, peers, store), walking=cfg.algorithm.name in WALKING)
-    options = _loop_options(cfg, peers, lambda: group_link(GroupLink, cfg, ctx, topology, group.rows, store,
-                                                           group.nodes[0].sharing.check_header, group.liveness))
-    return group.nodes, lambda rounds, start, states: run_grouped(group, rounds, start, states, **options)
+                        divergence=_divergence_watch(cfg, peers, store), walking=pattern.walks)
+    options = pattern_options(cfg, pattern.keys)
+    if pattern.plan is not None:
+        options["peers"] = peers
+    if pattern.plan is not None and pattern.walks:  # walks first, then averages (hybrid)
+        options["averaging"] = _transport(RoundTransport, cfg, ctx, topology, group.rows, store,
+                                          group.nodes[0].sharing.check_header, group.liveness)
+    return group, lambda rounds, start=0, states=None: pattern.loop(group, rounds, start, states, **options)
+
+
+def pattern_options(cfg: DictConfig, keys: tuple[str, ...]) -> dict:
+    """These `algorithm.*` keys (a pattern declares them), as keyword arguments."""
+    return {key: cfg.algorithm[key] for key in keys}
 
 
 def round_peers(cfg: DictConfig, topology: Topology) -> RoundPeers:
-    """Who sends to whom each round in the synchronous patterns (`dpsgd.algorithms.peers`)."""
-    if cfg.algorithm.name == "epidemic":
-        return EpidemicDraws(cfg.nodes, cfg.algorithm.fanout, cfg.seed)
+    """Who sends to whom each round in the synchronous patterns (`dpsgd.algorithms.peers`); a walking
+    pattern's graph otherwise (its spectral gap goes into summary.json)."""
     every = resample_every(cfg)
     if every is not None:
         return ResampledGraph(lambda period: _topology(cfg, period), every, cfg.nodes)
-    return FixedGraph(topology)
-
-
-def _loop_options(cfg: DictConfig, peers: RoundPeers, averaging_link: Callable) -> dict:
-    """What the pattern's loop takes besides the nodes: its keys from `algorithm.*`, and its plan of peers."""
-    algorithm = cfg.algorithm
-    if algorithm.name == "rwm":
-        return {"every": algorithm.every}  # present: check_config requires each pattern's keys
-    if algorithm.name == "hybrid":
-        return {"every": algorithm.every, "switch_round": algorithm.switch_round,
-                "byte_budget": algorithm.byte_budget, "peers": peers, "averaging_link": averaging_link()}
-    return {"peers": peers}
+    pattern = PATTERNS[cfg.algorithm.name]
+    if pattern.plan is None:
+        return FixedGraph(topology)
+    return pattern.plan(cfg.nodes, cfg.seed, pattern_options(cfg, pattern.plan_keys), topology)
 
 
 def _check_run_folder(cfg: DictConfig, run_dir: Path, rank: int) -> None:
@@ -314,40 +298,61 @@ def run_key(run_dir: Path) -> str:
     return "/".join(Path(run_dir).parts[-2:])
 
 
-def build_node(cfg: DictConfig, rank: int, topology: Topology, dataset, store: dist.Store, run_dir: Path,
-               start_round: int = 0, checkpoints: Checkpoints | None = None, peers: RoundPeers | None = None) -> Node:
-    peers = peers or round_peers(cfg, topology)
-    data = dataset.node_data(rank, cfg.nodes, cfg.seed, cfg.eval.test_samples)
-    trainer, flat = build_trainer(cfg, dataset, data, rank)
-    sharing = build_sharing(cfg.sharing.name, flat, cfg.alpha, _options(cfg.sharing), cfg.seed, rank)
-    liveness = Liveness(store, rank, cfg.nodes, slow_after_s=cfg.comm.timeout_s / 2).start()
-    if cfg.algorithm.name in WALKING:
-        link = RandomWalkLink(rank, topology.neighbours(rank), flat.numel(), cfg.comm.timeout_s, FailureBoard(store),
-                              peer_degrees=_peer_degrees(topology, rank), header_check=sharing.check_header,
-                              liveness=liveness)
-    else:
-        link = _neighbour_link(cfg, rank, topology, flat.numel(), store, sharing.check_header, liveness)
+def build_group(cfg: DictConfig, ctx: RankContext, topology: Topology, dataset, store: dist.Store, run_dir: Path,
+                start_round: int, checkpoints: dict[int, Checkpoints], divergence: DivergenceWatch,
+                walking: bool) -> NodeGroup:
+    """Every node the rank hosts, bound to its row, and the group's trainer and transport (`walking`: RWM's)."""
+    per_rank = cfg.nodes_per_rank
+    hosted = hosted_nodes(ctx.rank, per_rank)
+    template = build_model(cfg.model.name, dataset.dims, cfg.seed, **_model_options(cfg))
+    device = torch.device(cfg.device)
+    rows = torch.empty(per_rank, num_parameters(template), dtype=torch.float32, device=device)
+    liveness = Liveness(store, ctx.rank, ctx.world_size, slow_after_s=cfg.comm.timeout_s / 2,
+                        label=rank_label(per_rank)).start()
     schedule = EvalSchedule(cfg.eval.every, cfg.rounds)
-    recorder = RoundRecorder(rank, NodeLog(run_dir, rank, keep_through_round=start_round), store, schedule,
-                             sketch=model_sketch(cfg, flat.numel()))
-    node = Node(rank=rank, topology=topology, flat=flat, trainer=trainer, sharing=sharing,
-                merge=MERGE_RULES[cfg.sharing.merge], link=link, recorder=recorder, schedule=schedule,
-                evaluate=lambda: _evaluate(cfg, trainer, data), rng=numpy_rng(cfg.seed, "neighbour_choice", rank),
-                checkpoints=checkpoints, divergence=_divergence_watch(cfg, peers, store), liveness=liveness)
-    return node
+    sketch = model_sketch(cfg, rows.shape[1])  # one per rank: its hash is drawn once
+    nodes, trainers = [], []
+    for g, node_id in enumerate(hosted):
+        data = dataset.node_data(node_id, cfg.nodes, cfg.seed, cfg.eval.test_samples).to(device)
+        trainer, flat = build_trainer(cfg, dataset, data, node_id, row=rows[g])
+        trainers.append(trainer)
+        recorder = RoundRecorder(node_id, NodeLog(run_dir, node_id, keep_through_round=start_round), store, schedule,
+                                 sketch=sketch)
+        nodes.append(Node(rank=node_id, topology=topology, flat=flat, trainer=trainer,
+                          sharing=build_sharing(cfg.sharing.name, flat, cfg.alpha, _options(cfg.sharing), cfg.seed,
+                                                node_id),
+                          merge=MERGE_RULES[cfg.sharing.merge], link=None, recorder=recorder, schedule=schedule,
+                          evaluate=(lambda t=trainer, d=data: _evaluate(cfg, t, d)),
+                          rng=numpy_rng(cfg.seed, "neighbour_choice", node_id),
+                          checkpoints=checkpoints[node_id], divergence=divergence, liveness=liveness))
+    transport = _transport(WalkTransport if walking else RoundTransport, cfg, ctx, topology, rows, store,
+                           nodes[0].sharing.check_header, liveness)
+    for node in nodes:
+        node.link = transport.ports[node.rank]
+    trainer = _group_trainer(cfg, rows, template, trainers, build_task(cfg, dataset.task))
+    return NodeGroup(nodes, rows, torch.empty_like(rows), transport, trainer, liveness)
 
 
-def _neighbour_link(cfg: DictConfig, rank: int, topology: Topology, numel: int, store: dist.Store, header_check,
-                    liveness: Liveness) -> NeighbourLink:
-    """The synchronous transport of one node. Its graph neighbours are only its defaults: the loop
-    names each round's senders, receivers and their degrees (`dpsgd.algorithms.peers`)."""
-    return NeighbourLink(rank, topology.neighbours(rank), numel, cfg.comm.timeout_s, FailureBoard(store),
-                         peer_degrees=_peer_degrees(topology, rank), header_check=header_check, liveness=liveness)
+def _transport(kind: type, cfg: DictConfig, ctx: RankContext, topology: Topology, rows: torch.Tensor,
+               store: dist.Store, header_check, liveness: Liveness) -> RoundTransport | WalkTransport:
+    """The rank's transport (`kind`: RoundTransport to average, WalkTransport to walk)."""
+    per_rank = cfg.nodes_per_rank
+    rank_of = [node // per_rank for node in range(cfg.nodes)]
+    return kind(ctx.rank, rank_of, topology, rows.shape[1], cfg.comm.timeout_s,
+                FailureBoard(store, rank_label(per_rank)), header_check=header_check, liveness=liveness,
+                device=rows.device)
 
 
-def _peer_degrees(topology: Topology, rank: int) -> dict[int, int]:
-    """What each neighbour must announce as its degree: its degree in the graph."""
-    return {peer: topology.degree(peer) for peer in topology.neighbours(rank)}
+def _group_trainer(cfg: DictConfig, rows: torch.Tensor, template, trainers, task) -> StackedMFTrainer | NodeByNode:
+    """Stacked training where it applies to more than one node; a node alone trains with its own Trainer."""
+    options = {key: value for key, value in cfg.optimizer.items() if key not in ("name", "lr")}
+    if len(trainers) == 1 or not stacked_applies(cfg.model.name, cfg.optimizer.name):
+        return NodeByNode(trainers)
+    if sparse_sgd_applies(cfg.optimizer.name, options):
+        return StackedMFTrainer(rows, layout(template), trainers, task, cfg.optimizer.lr)
+    return StackedMFTrainer(rows, layout(template), trainers, task, cfg.optimizer.lr,
+                            make_optimizer=lambda params: build_optimizer(cfg.optimizer.name, params,
+                                                                          cfg.optimizer.lr, **options))
 
 
 def model_sketch(cfg: DictConfig, numel: int) -> ModelSketch | None:
@@ -358,7 +363,7 @@ def model_sketch(cfg: DictConfig, numel: int) -> ModelSketch | None:
 def _divergence_watch(cfg: DictConfig, peers: RoundPeers, store: dist.Store) -> DivergenceWatch:
     """Synchronous nodes stop together, a drift margin after the first divergence; RWM nodes at once
     (a hybrid run's walk too: `dpsgd.algorithms.hybrid` lifts the margin while it walks)."""
-    margin = None if cfg.algorithm.name == "rwm" else peers.stop_margin
+    margin = None if PATTERNS[cfg.algorithm.name].plan is None else peers.stop_margin
     return DivergenceWatch(store, cfg.train.stop_on_divergence, margin)
 
 
@@ -412,14 +417,18 @@ def no_learning_baseline(cfg: DictConfig, dataset=None) -> dict[str, float]:
 
 def build_task(cfg: DictConfig, task: str) -> Task:
     """What a node minimises and how it is judged: rating prediction or classification."""
-    return RatingsTask(cfg.model.regularization) if task == "ratings" else ClassificationTask()
+    regularization = OmegaConf.select(cfg, "model.regularization", default=0.0)  # a model of the user's own: none
+    return RatingsTask(regularization) if task == "ratings" else ClassificationTask()
 
 
-def _model_options(cfg: DictConfig, data: NodeData) -> dict:
-    if cfg.model.name != "mf":
-        return {"input_scale": float(OmegaConf.select(cfg, "model.input_scale", default=1.0))}
-    # SPEC §6: the global offset starts from the node's own train mean (no communication).
-    return {"embedding_dim": cfg.model.embedding_dim, "initial_offset": float(data.train[2].double().mean())}
+def _model_options(cfg: DictConfig, data: NodeData | None = None) -> dict:
+    """The model keys `build_model` takes: all but `name` and the loss's `regularization` (`build_task`).
+    SPEC §6: mf's global offset starts from the node's own train mean (no communication; 0 without `data`)."""
+    options = _options(cfg.model)
+    options.pop("regularization", None)
+    if cfg.model.name == "mf" and data is not None:
+        options["initial_offset"] = float(data.train[2].double().mean())
+    return options
 
 
 def _evaluate(cfg: DictConfig, trainer: Trainer, data: NodeData) -> dict[str, float]:
@@ -444,7 +453,7 @@ def _topology(cfg: DictConfig, period: int = 0) -> Topology:
     `topology.*` says.
     """
     t = cfg.topology
-    if cfg.algorithm.name == "epidemic":
+    if PATTERNS[cfg.algorithm.name].complete_graph:
         return build_topology("full", cfg.nodes)
     seed = cfg.seed if period == 0 else stream_key(cfg.seed, "resampled_topology", period)
     return build_topology(t.kind, cfg.nodes, seed=seed, degree=t.degree, path=t.path, rewire_p=t.rewire_p)

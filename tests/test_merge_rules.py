@@ -45,7 +45,7 @@ def coordinate_median(flat: torch.Tensor, self_weight: float, contributions: lis
 def _calls_by_rank(directory: Path) -> dict[str, list[dict]]:
     calls: dict[str, list[dict]] = {}
     for path in sorted(directory.glob("*.pt")):
-        calls.setdefault(path.name.split("_")[0], []).append(torch.load(path))
+        calls.setdefault(path.name.split("_")[0], []).append(torch.load(path, weights_only=True))
     return calls
 
 
