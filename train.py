@@ -34,7 +34,9 @@ from dpsgd.checkpoint import check_resumable
 from dpsgd import run_folder
 from dpsgd.config_help import composition_error
 from dpsgd.errors import ConfigError, Interrupted, NodeFailure, raise_interrupted, write_torchrun_error_file
-from dpsgd.experiment import check_config, config_notes, prepare_data, ranks_for, run_key, run_node
+from dpsgd.checks import check_config, config_notes, ranks_for
+from dpsgd.building import prepare_data
+from dpsgd.experiment import run_key, run_node
 from dpsgd.training import optimizers_without_compiler
 from dpsgd.node_group import rank_label
 from dpsgd.progress import startup_step

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from dpsgd.experiment import build_trainer, prepare_data  # noqa: E402
+from dpsgd.building import build_trainer, prepare_data  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

@@ -90,7 +90,7 @@ import sys, time, torch
 sys.path.insert(0, {str(REPO)!r})
 torch.set_num_threads(1)
 from tests.conftest import compose_config
-from dpsgd.experiment import build_trainer, prepare_data
+from dpsgd.building import build_trainer, prepare_data
 cfg = compose_config("experiment=femnist", "nodes={nodes}", "data_dir={data_dir}", "cache_dir=" + sys.argv[3])
 dataset = prepare_data(cfg)
 part, parts = int(sys.argv[1]), int(sys.argv[2])

@@ -104,7 +104,7 @@ def no_learning_baseline(row: Row, data_dir: str) -> float:
     """The row's task scored without learning (global train mean; majority class), on the same split."""
     from hydra import compose, initialize_config_dir
 
-    from dpsgd.experiment import no_learning_baseline as baseline
+    from dpsgd.building import no_learning_baseline as baseline
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="config", overrides=[f"experiment={row.preset}", f"data_dir={data_dir}",
@@ -180,7 +180,7 @@ def checkpoint_candidates(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from dpsgd.checkpoint import checkpoint_dir, load_checkpoint, saved_rounds
-    from dpsgd.experiment import build_trainer, prepare_data
+    from dpsgd.building import build_trainer, prepare_data
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     common = set.intersection(*(set(saved_rounds(run_dir, node)) for node in range(cfg.nodes)))

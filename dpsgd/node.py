@@ -1,4 +1,4 @@
-"""Everything one node owns during a run, built by `dpsgd.experiment` and driven, with the other
+"""Everything one node owns during a run, built by `dpsgd.building` and driven, with the other
 nodes of its rank, by an algorithm (`dpsgd.node_group`)."""
 
 from __future__ import annotations

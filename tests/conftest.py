@@ -27,7 +27,7 @@ def compose_config(*overrides: str):
 def no_learning_baseline(tmp_path: Path, *overrides: str) -> dict[str, float]:
     """What the task of this config scores without learning (global train mean; majority class),
     on the same split and test set as a run with these overrides: the line a learning test must beat."""
-    from dpsgd.experiment import no_learning_baseline as baseline
+    from dpsgd.building import no_learning_baseline as baseline
 
     return baseline(compose_config(*overrides, f"cache_dir={tmp_path / 'cache'}"))
 

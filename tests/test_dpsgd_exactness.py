@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dpsgd.experiment import build_rank, check_config, prepare_data
+from dpsgd.building import build_rank, prepare_data
+
+from dpsgd.checks import check_config
 from dpsgd.launch import spawn
 from dpsgd.topology import mh_matrix
 from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config

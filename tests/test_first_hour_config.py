@@ -19,7 +19,7 @@ from omegaconf import open_dict
 
 from dpsgd import config_help
 from dpsgd.errors import ConfigError
-from dpsgd.experiment import check_config, config_notes
+from dpsgd.checks import check_config, config_notes
 from dpsgd.launch import EXIT_CONFIG_ERROR
 from dpsgd.settings import check_known_keys
 from dpsgd.topology import default_degree

@@ -17,7 +17,7 @@ import pytest
 
 from dpsgd.checkpoint import load_checkpoint, saved_rounds
 from dpsgd.errors import ConfigError
-from dpsgd.experiment import check_config
+from dpsgd.checks import check_config
 from dpsgd.launch import EXIT_CONFIG_ERROR, EXIT_NODE_FAILURE
 from dpsgd.run_folder import MARKER, claim
 from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train, wait_for_rounds
@@ -258,7 +258,9 @@ def test_a_slow_node_is_the_one_named(tmp_path, monkeypatch):
     """Alive (its heartbeat goes on) but training far longer than comm.timeout_s: it, not a waiting neighbour."""
     import torch.distributed as dist
 
-    from dpsgd.experiment import prepare_data, run_node
+    from dpsgd.building import prepare_data
+
+    from dpsgd.experiment import run_node
     from dpsgd.launch import RankFailure, spawn
     from dpsgd.training import Trainer
 

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from dpsgd.averaging import MERGE_RULES, Contribution, merge_rule
-from dpsgd.experiment import check_config, prepare_data, run_node
+from dpsgd.checks import check_config
+from dpsgd.building import prepare_data
+from dpsgd.experiment import run_node
 from dpsgd.launch import spawn
 from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config, read_jsonl
 

@@ -11,7 +11,11 @@ import time
 import pytest
 import torch.distributed as dist
 
-from dpsgd.experiment import check_config, prepare_data, run_node
+from dpsgd.checks import check_config
+
+from dpsgd.building import prepare_data
+
+from dpsgd.experiment import run_node
 from dpsgd.launch import EXIT_NODE_FAILURE, RankFailure, spawn
 from dpsgd.liveness import CONFIRM_S, HEARTBEAT_S
 from dpsgd.training import Trainer

@@ -104,7 +104,7 @@ def test_mixing_rows_is_metropolis_hastings_like_fill_own(mix):
 ])
 def test_impossible_groupings_are_one_paragraph(overrides, words):
     from dpsgd.errors import ConfigError
-    from dpsgd.experiment import check_config
+    from dpsgd.checks import check_config
 
     with pytest.raises(ConfigError, match=words):
         check_config(compose_config(*overrides))
@@ -132,7 +132,9 @@ def test_a_killed_rank_is_named_by_the_nodes_it_hosted(tmp_path):
 
 
 def test_grouped_rwm_runs_never_hang_and_send_one_message_per_node_per_round(tmp_path):
-    from dpsgd.experiment import check_config, prepare_data, run_node
+    from dpsgd.checks import check_config
+    from dpsgd.building import prepare_data
+    from dpsgd.experiment import run_node
     from dpsgd.launch import spawn
     from tests.conftest import RANK_TEST_TIMEOUT_S
 

@@ -15,7 +15,8 @@ from dpsgd.algorithms.peers import EpidemicDraws
 from dpsgd.checkpoint import load_checkpoint
 from dpsgd.consensus import ModelSketch, consensus_distance
 from dpsgd.errors import ConfigError
-from dpsgd.experiment import check_config, round_peers
+from dpsgd.checks import check_config
+from dpsgd.building import round_peers
 from dpsgd.topology import mh_weights
 from tests.conftest import compose_config, read_jsonl, run_train
 from tests.test_dpsgd_exactness import _rounds_from_random_models, _random_model

@@ -60,7 +60,9 @@ def test_a_registered_synchronous_pattern_averages_with_its_planned_partner(tmp_
 
 def test_the_registered_pattern_runs_from_the_command_line_config(tmp_path):
     """Through run_node, as train.py runs it: every node sends one message a round."""
-    from dpsgd.experiment import check_config, prepare_data, run_node
+    from dpsgd.checks import check_config
+    from dpsgd.building import prepare_data
+    from dpsgd.experiment import run_node
     from dpsgd.launch import spawn
     from tests.conftest import RANK_TEST_TIMEOUT_S
 

@@ -12,7 +12,7 @@ import yaml
 
 from dpsgd.data.datasets import DATASETS, prepare_dataset
 from dpsgd.errors import ConfigError
-from dpsgd.experiment import check_config
+from dpsgd.checks import check_config
 from dpsgd.models import MODELS, build_model
 from dpsgd.models.flat import flatten_model
 from tests.conftest import REPO, compose_config, run_train

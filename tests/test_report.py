@@ -429,7 +429,7 @@ def test_a_run_records_its_no_learning_baseline(sweep: Path):
     recomputed here from each node's own data."""
     from omegaconf import OmegaConf
 
-    from dpsgd.experiment import prepare_data
+    from dpsgd.building import prepare_data
     config = OmegaConf.create((sweep / "0" / "config.yaml").read_text())
     dataset = prepare_data(config)
     parts = [dataset.node_data(node, NODES, config.seed, config.eval.test_samples) for node in range(NODES)]

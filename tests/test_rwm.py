@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 
 from dpsgd.averaging import merge_by_age
-from dpsgd.experiment import check_config, prepare_data, run_node
+from dpsgd.checks import check_config
+from dpsgd.building import prepare_data
+from dpsgd.experiment import run_node
 from dpsgd.launch import RankFailure, spawn
 from dpsgd.seeding import numpy_rng
 from dpsgd.sharing.wire import HEADER_BYTES

@@ -12,7 +12,7 @@ import torch
 from dpsgd.data.datasets import LeafDataset, RatingsDataset
 from dpsgd.data.leaf import LeafSplit, LoadReport
 from dpsgd.data.ratings import make_synthetic
-from dpsgd.experiment import build_trainer
+from dpsgd.building import build_trainer
 from dpsgd.models import build_model
 from dpsgd.models.flat import flatten_model, num_parameters
 from dpsgd.models.mf import MatrixFactorization
