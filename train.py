@@ -14,8 +14,6 @@ if __name__ == "__main__" and any(arg in ("--help", "-h") for arg in sys.argv[1:
     print(help_text())
     sys.exit(0)
 
-import torch  # noqa: F401  (first: forked ranks share the imported pages)
-
 import os
 import signal
 import time
@@ -24,22 +22,28 @@ from datetime import datetime
 from pathlib import Path
 
 import hydra
+import torch  # noqa: F401  (first: forked ranks share the imported pages)
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dpsgd import launch
-from dpsgd.checkpoint import check_resumable
-from dpsgd import run_folder
-from dpsgd.config_help import composition_error
-from dpsgd.errors import ConfigError, Interrupted, NodeFailure, raise_interrupted, write_torchrun_error_file
-from dpsgd.checks import check_config, config_notes, ranks_for
+from dpsgd import launch, run_folder
 from dpsgd.building import prepare_data
+from dpsgd.checkpoint import check_resumable
+from dpsgd.checks import check_config, config_notes, ranks_for
+from dpsgd.config_help import composition_error
+from dpsgd.errors import (
+    ConfigError,
+    Interrupted,
+    NodeFailure,
+    raise_interrupted,
+    write_torchrun_error_file,
+)
 from dpsgd.experiment import run_key, run_node
-from dpsgd.training import optimizers_without_compiler
 from dpsgd.node_group import rank_label
 from dpsgd.progress import startup_step
+from dpsgd.training import optimizers_without_compiler
 
 optimizers_without_compiler()  # here, before ranks fork, not at import of dpsgd.training (see its docstring)
 
@@ -48,13 +52,22 @@ EXIT_KEY = "dpsgd/config_error_exit"
 SIBLINGS_WAIT_S = 30.0  # how long a machine's first rank waits for its other ranks to leave first
 RANK_CONTEXT: launch.RankContext | None = None
 JOBS_RUN = 0
-FAILED_JOBS: list[tuple[int, str, str, int]] = []  # failed sweep jobs: (number, overrides, first line, exit code)
+FAILED_JOBS: list[
+    tuple[int, str, str, int]
+] = []  # failed sweep jobs: (number, overrides, first line, exit code)
 
 
 class JobFailed(Exception):
     """This run (or sweep job) cannot go on; a single run exits with `code`, a sweep records it and goes on."""
 
-    def __init__(self, message: str, code: int, show: bool = True, shared: bool = True, sweep_goes_on: bool = True):
+    def __init__(
+        self,
+        message: str,
+        code: int,
+        show: bool = True,
+        shared: bool = True,
+        sweep_goes_on: bool = True,
+    ):
         """`sweep_goes_on`: the next job can start. Under torchrun only if every rank surely failed the same
         way before joining the job's process group; otherwise ranks would drift into different jobs."""
         super().__init__(message)
@@ -89,36 +102,61 @@ def _record_failed_job(message: str, code: int, show: bool) -> None:
         print(f"dpsgd: {message}", file=sys.stderr, flush=True)
     hydra_cfg = HydraConfig.get()
     overrides = " ".join(arg for arg in hydra_cfg.overrides.task if not arg.startswith("hydra."))
-    FAILED_JOBS.append((hydra_cfg.job.num, overrides or "no overrides", message.splitlines()[0], code))
+    FAILED_JOBS.append(
+        (hydra_cfg.job.num, overrides or "no overrides", message.splitlines()[0], code)
+    )
 
 
 def _end_sweep() -> None:
     """After the last job: list the failed jobs with their first error line; exit with the first one's code."""
     if not FAILED_JOBS:
         return
-    rows = "\n".join(f"  job {number} ({overrides}): {line}" for number, overrides, line, _ in FAILED_JOBS)
-    _exit(f"{len(FAILED_JOBS)} of {JOBS_RUN} sweep jobs failed (the others ran):\n{rows}", FAILED_JOBS[0][3],
-          show=RANK_CONTEXT is None or RANK_CONTEXT.rank == 0)
+    rows = "\n".join(
+        f"  job {number} ({overrides}): {line}" for number, overrides, line, _ in FAILED_JOBS
+    )
+    _exit(
+        f"{len(FAILED_JOBS)} of {JOBS_RUN} sweep jobs failed (the others ran):\n{rows}",
+        FAILED_JOBS[0][3],
+        show=RANK_CONTEXT is None or RANK_CONTEXT.rank == 0,
+    )
 
 
 def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path) -> None:
-    signal.signal(signal.SIGTERM, raise_interrupted)  # torchrun forwards the user's signal to every rank
-    arrivals = launch.announce_start(ctx, run_key(run_dir))  # counted per run: a sweep's jobs share the store
+    signal.signal(
+        signal.SIGTERM, raise_interrupted
+    )  # torchrun forwards the user's signal to every rank
+    arrivals = launch.announce_start(
+        ctx, run_key(run_dir)
+    )  # counted per run: a sweep's jobs share the store
     try:
         check_config(cfg, ctx.world_size)  # run_node checks again; here to say the notes once
-    except ConfigError as error:  # the config and world size alone: every rank finds it, a sweep goes on
+    except (
+        ConfigError
+    ) as error:  # the config and world size alone: every rank finds it, a sweep goes on
         if not cfg.resume:
-            run_folder.release(run_dir)  # nothing was written: no folder is left holding only .hydra/
+            run_folder.release(
+                run_dir
+            )  # nothing was written: no folder is left holding only .hydra/
         raise JobFailed(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0) from None
     try:
         if ctx.rank == 0:
             _print_notes(cfg)
         run_node(cfg, ctx, run_dir)
-    except ConfigError as error:  # files or data: maybe not on every rank or machine, so a sweep ends here
-        sweep_ends = " (a sweep under torchrun ends at a job that fails on its files or data)" if (
-            HydraConfig.get().mode == RunMode.MULTIRUN) else ""
-        raise JobFailed(str(error) + sweep_ends, launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0 or error.rank_specific,
-                        shared=not error.rank_specific, sweep_goes_on=False) from None
+    except (
+        ConfigError
+    ) as error:  # files or data: maybe not on every rank or machine, so a sweep ends here
+        sweep_ends = (
+            " (a sweep under torchrun ends at a job that fails on its files or data)"
+            if (HydraConfig.get().mode == RunMode.MULTIRUN)
+            else ""
+        )
+        raise JobFailed(
+            str(error) + sweep_ends,
+            launch.EXIT_CONFIG_ERROR,
+            show=ctx.rank == 0 or error.rank_specific,
+            shared=not error.rank_specific,
+            sweep_goes_on=False,
+        ) from None
     except NodeFailure as error:
         _exit(str(error), launch.EXIT_NODE_FAILURE, hard=True)
     except (KeyboardInterrupt, Interrupted) as stop:
@@ -139,26 +177,39 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
         if cfg.resume:
             check_resumable(cfg, run_dir, all_nodes_local=True)
         dataset = prepare_data(cfg)  # before forking: ranks inherit or memory-map it
-        dataset.partition(cfg.nodes, cfg.seed)  # too few users for the nodes is a user error, found here
+        dataset.partition(
+            cfg.nodes, cfg.seed
+        )  # too few users for the nodes is a user error, found here
     except ConfigError as error:
         if not cfg.resume:
             run_folder.release(run_dir)  # nothing was written: the same folder may be used again
         raise JobFailed(str(error), launch.EXIT_CONFIG_ERROR) from None
     startup_step("data ready", f"{cfg.dataset.name}: {dataset.describe()}")
     ranks = ranks_for(cfg)
-    grouping = f" in {ranks} rank{'s' if ranks > 1 else ''} of {cfg.nodes_per_rank}" if cfg.nodes_per_rank > 1 else ""
+    grouping = (
+        f" in {ranks} rank{'s' if ranks > 1 else ''} of {cfg.nodes_per_rank}"
+        if cfg.nodes_per_rank > 1
+        else ""
+    )
     startup_step("spawn", f"{cfg.nodes} nodes{grouping} on this machine, results in {run_dir}")
     if ranks > 1:
         # torch.optim's step imports it (2 s of CPU): imported once here, every forked rank shares it.
         import torch._dynamo  # noqa: F401
     try:
-        launch.spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), ranks,
-                     grace_s=cfg.comm.timeout_s + 30, quiet_failures=True, label=rank_label(cfg.nodes_per_rank),
-                     announce_ranks=run_key(run_dir))
+        launch.spawn(
+            lambda ctx: run_node(cfg, ctx, run_dir, dataset),
+            ranks,
+            grace_s=cfg.comm.timeout_s + 30,
+            quiet_failures=True,
+            label=rank_label(cfg.nodes_per_rank),
+            announce_ranks=run_key(run_dir),
+        )
     except launch.RankFailure as failure:
         details = failure.errors.get(failure.first_failed, "")
-        raise JobFailed(f"{failure}\n{details}" if "crashed" in details else str(failure),
-                        launch.EXIT_NODE_FAILURE) from None
+        raise JobFailed(
+            f"{failure}\n{details}" if "crashed" in details else str(failure),
+            launch.EXIT_NODE_FAILURE,
+        ) from None
     except Interrupted as stop:  # spawn has stopped every rank
         _exit(_stopped_line(stop, cfg, run_dir), stop.exit_code)
 
@@ -174,7 +225,9 @@ def _print_notes(cfg: DictConfig) -> None:
         print(f"[dpsgd] note: {note}", flush=True)
 
 
-def _exit(message: str, code: int, show: bool = True, hard: bool = False, shared: bool = True) -> None:
+def _exit(
+    message: str, code: int, show: bool = True, hard: bool = False, shared: bool = True
+) -> None:
     """Report and exit; `hard` skips interpreter teardown, which can block on gloo after a peer died.
 
     `shared`: every rank has the same message (a configuration error): under torchrun it is said once.
@@ -242,15 +295,28 @@ def main() -> None:
             if nodes.isdigit() and int(nodes) % RANK_CONTEXT.world_size == 0:
                 _add_overrides([f"nodes_per_rank={int(nodes) // RANK_CONTEXT.world_size}"])
         if RANK_CONTEXT.rank != 0:
-            _add_overrides(["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
+            _add_overrides(
+                [
+                    "hydra.output_subdir=null",
+                    "hydra/job_logging=disabled",
+                    "hydra/hydra_logging=disabled",
+                ]
+            )
     start = _agree_start_time(RANK_CONTEXT)
-    OmegaConf.register_new_resolver("dpsgd_start", lambda pattern: start.strftime(pattern), replace=True)
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing and exiting 1: a config mistake exits 2
+    OmegaConf.register_new_resolver(
+        "dpsgd_start", lambda pattern: start.strftime(pattern), replace=True
+    )
+    os.environ["HYDRA_FULL_ERROR"] = (
+        "1"  # Hydra raises instead of printing and exiting 1: a config mistake exits 2
+    )
     try:
         task()
     except CompactHydraException as error:  # an unknown key, group option or override syntax
-        _exit(composition_error(error, sys.argv[1:]), launch.EXIT_CONFIG_ERROR,
-              show=RANK_CONTEXT is None or RANK_CONTEXT.rank == 0)
+        _exit(
+            composition_error(error, sys.argv[1:]),
+            launch.EXIT_CONFIG_ERROR,
+            show=RANK_CONTEXT is None or RANK_CONTEXT.rank == 0,
+        )
     _end_sweep()
 
 

@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -52,9 +50,15 @@ def main() -> None:
     for done in range(args.every, args.steps + 1, args.every):
         batch_loss = trainer.train_round()
         test = trainer.evaluate(data.test)
-        line = {"steps": done, "epochs": done * cfg.train.batch_size / len(data.train[0]),
-                "batch_loss": batch_loss, "test_loss": test["loss"], "test_acc": test["acc"],
-                "wall_s": time.perf_counter() - start, "baseline": baseline}
+        line = {
+            "steps": done,
+            "epochs": done * cfg.train.batch_size / len(data.train[0]),
+            "batch_loss": batch_loss,
+            "test_loss": test["loss"],
+            "test_acc": test["acc"],
+            "wall_s": time.perf_counter() - start,
+            "baseline": baseline,
+        }
         print(json.dumps(line), flush=True)
         if out:
             out.write(json.dumps(line) + "\n")

@@ -1,10 +1,13 @@
 """Per-node JSONL of a CPU and a CUDA run of the same node group: bytes equal, losses to float tolerance."""
-import json, sys
+
+import json
+import sys
+
 a, b = sys.argv[1], sys.argv[2]
 worst = 0.0
 for n in range(8):
-    ra = [json.loads(l) for l in open(f"{a}/nodes/{n}.jsonl")]
-    rb = [json.loads(l) for l in open(f"{b}/nodes/{n}.jsonl")]
+    ra = [json.loads(line) for line in open(f"{a}/nodes/{n}.jsonl")]
+    rb = [json.loads(line) for line in open(f"{b}/nodes/{n}.jsonl")]
     for x, y in zip(ra, rb):
         assert x["bytes_sent"] == y["bytes_sent"] and x["bytes_recv"] == y["bytes_recv"]
         for k in ("test_loss", "batch_loss", "train_loss"):

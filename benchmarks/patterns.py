@@ -36,9 +36,19 @@ CHECK_COLUMNS = ("run_dir", "algorithm", "round", "logged", "exact", "relative_e
 
 
 def sweep_command(data_dir: str, sweep_dir: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), "-m", "experiment=movielens_1", f"algorithm={ALGORITHMS}",
-            "nodes=96", "nodes_per_rank=96", "checkpoint.every=100", f"data_dir={data_dir}",
-            f"hydra.sweep.dir={sweep_dir}", *extra]
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "experiment=movielens_1",
+        f"algorithm={ALGORITHMS}",
+        "nodes=96",
+        "nodes_per_rank=96",
+        "checkpoint.every=100",
+        f"data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *extra,
+    ]
 
 
 def consensus_rows(sweep_dir: Path) -> list[dict]:
@@ -47,17 +57,34 @@ def consensus_rows(sweep_dir: Path) -> list[dict]:
     for summary_path in sorted(sweep_dir.glob("*/summary.json")):
         run_dir, summary = summary_path.parent, json.loads(summary_path.read_text())
         logged = {entry["round"]: entry["consensus_distance"] for entry in summary["per_round"]}
-        common = set.intersection(*(set(saved_rounds(run_dir, node)) for node in range(summary["nodes"])))
+        common = set.intersection(
+            *(set(saved_rounds(run_dir, node)) for node in range(summary["nodes"]))
+        )
         for round_number in sorted(common):
-            models = np.stack([load_checkpoint(run_dir / "checkpoints" / str(node) / f"{round_number}.pt")["flat"]
-                               .double().numpy() for node in range(summary["nodes"])])
+            models = np.stack(
+                [
+                    load_checkpoint(run_dir / "checkpoints" / str(node) / f"{round_number}.pt")[
+                        "flat"
+                    ]
+                    .double()
+                    .numpy()
+                    for node in range(summary["nodes"])
+                ]
+            )
             exact = float(np.mean(np.sum((models - models.mean(axis=0)) ** 2, axis=1)))
             # Named as the report names runs (relative to the sweep's folder): no machine's absolute path.
-            rows.append({"run_dir": shown_dir(run_dir, [sweep_dir]), "algorithm": summary["algorithm"],
-                         "round": round_number,
-                         "logged": logged.get(round_number), "exact": exact,
-                         "relative_error": None if logged.get(round_number) is None
-                         else logged[round_number] / exact - 1})
+            rows.append(
+                {
+                    "run_dir": shown_dir(run_dir, [sweep_dir]),
+                    "algorithm": summary["algorithm"],
+                    "round": round_number,
+                    "logged": logged.get(round_number),
+                    "exact": exact,
+                    "relative_error": None
+                    if logged.get(round_number) is None
+                    else logged[round_number] / exact - 1,
+                }
+            )
     return rows
 
 
@@ -66,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--sweep-dir", type=Path, default=REPO / "outputs" / "patterns")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "patterns")
-    parser.add_argument("--target", type=float, default=0.95, help="test RMSE whose first round the table gives")
+    parser.add_argument(
+        "--target", type=float, default=0.95, help="test RMSE whose first round the table gives"
+    )
     parser.add_argument("--no-run", action="store_true", help="report an existing sweep directory")
     parser.add_argument("extra", nargs="*", help="more overrides for every job, e.g. rounds=100")
     args = parser.parse_args(argv)
@@ -74,13 +103,27 @@ def main(argv: list[str] | None = None) -> int:
         command = sweep_command(args.data_dir, args.sweep_dir, args.extra)
         print("$", " ".join(command), flush=True)
         subprocess.run(command, cwd=REPO, check=True)
-    subprocess.run([sys.executable, "-m", "dpsgd.report", str(args.sweep_dir), "--out", str(args.out),
-                    "--target", str(args.target)], cwd=REPO, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpsgd.report",
+            str(args.sweep_dir),
+            "--out",
+            str(args.out),
+            "--target",
+            str(args.target),
+        ],
+        cwd=REPO,
+        check=True,
+    )
     rows = consensus_rows(args.sweep_dir)
     write_csv(args.out / "consensus_check.csv", CHECK_COLUMNS, rows)
     for row in rows:
-        print(f"{row['algorithm']:>8} round {row['round']}: logged {row['logged']:.6g}, exact {row['exact']:.6g}, "
-              f"relative error {row['relative_error']:+.2%}")
+        print(
+            f"{row['algorithm']:>8} round {row['round']}: logged {row['logged']:.6g}, exact {row['exact']:.6g}, "
+            f"relative error {row['relative_error']:+.2%}"
+        )
     return 0
 
 

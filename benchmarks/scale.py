@@ -39,27 +39,66 @@ sys.path.insert(0, str(REPO))
 from dpsgd.report.files import merge_rows_into_csv  # noqa: E402 - the repository is on the path from here
 
 PEAKMEM = REPO.parent / "shared" / "tools" / "peakmem"
-COLUMNS = ("row", "nodes", "nodes_per_rank", "ranks", "rounds", "wall_s", "run_s", "s_per_round", "peak_mb",
-           "final_test_rmse", "final_test_acc", "note")
-SYNTHETIC = ("dataset=synthetic", "dataset.num_users=2000", "dataset.num_items=9724", "optimizer.lr=0.25",
-             "train.local_steps=9", "train.batch_size=8")
+COLUMNS = (
+    "row",
+    "nodes",
+    "nodes_per_rank",
+    "ranks",
+    "rounds",
+    "wall_s",
+    "run_s",
+    "s_per_round",
+    "peak_mb",
+    "final_test_rmse",
+    "final_test_acc",
+    "note",
+)
+SYNTHETIC = (
+    "dataset=synthetic",
+    "dataset.num_users=2000",
+    "dataset.num_items=9724",
+    "optimizer.lr=0.25",
+    "train.local_steps=9",
+    "train.batch_size=8",
+)
 
 
 def _rows(data_dir: str) -> dict[str, list[str]]:
     ml1 = ["experiment=movielens_1", "nodes=96", "rounds=500", f"data_dir={data_dir}"]
     rows = {f"ml1_96x500_g{g}": [*ml1, f"nodes_per_rank={g}"] for g in (1, 48, 96)}
     for nodes in (96, 250, 500, 1000):
-        rows[f"synthetic_{nodes}x100"] = [*SYNTHETIC, f"nodes={nodes}", f"nodes_per_rank={nodes // 2}", "rounds=100"]
-    rows["femnist_96"] = ["experiment=femnist", "nodes=96", "nodes_per_rank=48", "rounds=3", "eval.every=1000",
-                          f"data_dir={data_dir}"]
+        rows[f"synthetic_{nodes}x100"] = [
+            *SYNTHETIC,
+            f"nodes={nodes}",
+            f"nodes_per_rank={nodes // 2}",
+            "rounds=100",
+        ]
+    rows["femnist_96"] = [
+        "experiment=femnist",
+        "nodes=96",
+        "nodes_per_rank=48",
+        "rounds=3",
+        "eval.every=1000",
+        f"data_dir={data_dir}",
+    ]
     return rows
 
 
 def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
     run_dir = runs_dir / name
-    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own scratch: a run never reuses a folder
-    command = [str(PEAKMEM), "--", sys.executable, str(REPO / "train.py"), *overrides, "log.progress=false",
-               "checkpoint.every=0", f"hydra.run.dir={run_dir}"]
+    shutil.rmtree(
+        run_dir, ignore_errors=True
+    )  # this script's own scratch: a run never reuses a folder
+    command = [
+        str(PEAKMEM),
+        "--",
+        sys.executable,
+        str(REPO / "train.py"),
+        *overrides,
+        "log.progress=false",
+        "checkpoint.every=0",
+        f"hydra.run.dir={run_dir}",
+    ]
     print("[scale]", name, " ".join(overrides), flush=True)
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
@@ -69,13 +108,20 @@ def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
     final = summary["final"] or {}
     values = dict(o.split("=", 1) for o in overrides)
     per_rank = int(values.get("nodes_per_rank", 1))
-    return {"row": name, "nodes": summary["nodes"], "nodes_per_rank": per_rank,
-            "ranks": summary["nodes"] // per_rank, "rounds": summary["rounds_completed"],
-            "wall_s": float(peak.group(1)), "run_s": round(summary["wall_s"], 1),
-            "s_per_round": round(summary["wall_s"] / max(1, summary["rounds_completed"]), 4),
-            "peak_mb": int(peak.group(2)),
-            "final_test_rmse": _mean(final, "test_loss") if summary["dataset"] != "femnist" else "",
-            "final_test_acc": _mean(final, "test_acc") if summary["dataset"] == "femnist" else "", "note": ""}
+    return {
+        "row": name,
+        "nodes": summary["nodes"],
+        "nodes_per_rank": per_rank,
+        "ranks": summary["nodes"] // per_rank,
+        "rounds": summary["rounds_completed"],
+        "wall_s": float(peak.group(1)),
+        "run_s": round(summary["wall_s"], 1),
+        "s_per_round": round(summary["wall_s"] / max(1, summary["rounds_completed"]), 4),
+        "peak_mb": int(peak.group(2)),
+        "final_test_rmse": _mean(final, "test_loss") if summary["dataset"] != "femnist" else "",
+        "final_test_acc": _mean(final, "test_acc") if summary["dataset"] == "femnist" else "",
+        "note": "",
+    }
 
 
 def _mean(final: dict, key: str):
@@ -104,12 +150,30 @@ print(time.perf_counter() - start)
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as cache:
         cache_dir = os.environ.get("DPSGD_CACHE", cache)
-        workers = [subprocess.Popen([sys.executable, "-c", code, str(i), str(cores), cache_dir], cwd=REPO,
-                                    stdout=subprocess.PIPE, text=True) for i in range(cores)]
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(i), str(cores), cache_dir],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(cores)
+        ]
         seconds = [float(w.communicate()[0].strip().splitlines()[-1]) for w in workers]
-    return {"row": "femnist_floor", "nodes": nodes, "nodes_per_rank": nodes // cores, "ranks": cores, "rounds": 1,
-            "wall_s": "", "run_s": "", "s_per_round": round(max(seconds), 4), "peak_mb": "", "final_test_rmse": "",
-            "final_test_acc": "", "note": "training alone (47 SGD steps of 16 images per node), no communication"}
+    return {
+        "row": "femnist_floor",
+        "nodes": nodes,
+        "nodes_per_rank": nodes // cores,
+        "ranks": cores,
+        "rounds": 1,
+        "wall_s": "",
+        "run_s": "",
+        "s_per_round": round(max(seconds), 4),
+        "peak_mb": "",
+        "final_test_rmse": "",
+        "final_test_acc": "",
+        "note": "training alone (47 SGD steps of 16 images per node), no communication",
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,8 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     for name in names:
         started = time.monotonic()
-        line = femnist_floor(args.data_dir) if name == "femnist_floor" else run_row(name, rows[name],
-                                                                                   Path(args.runs_dir))
+        line = (
+            femnist_floor(args.data_dir)
+            if name == "femnist_floor"
+            else run_row(name, rows[name], Path(args.runs_dir))
+        )
         merge_rows_into_csv(Path(args.csv), COLUMNS, [line], order=[row for row in rows])
         print(f"[scale] {name}: {line} ({time.monotonic() - started:.0f} s)", flush=True)
 

@@ -43,16 +43,24 @@ sys.path.insert(0, str(REPO))
 
 from dpsgd.progress import STARTUP_TRACE_ENV  # noqa: E402 - the repository is on the path from here
 
-DEFAULT_OVERRIDES = ("experiment=movielens_1", "nodes=16", "nodes_per_rank=16", "rounds=50", "checkpoint.every=0")
+DEFAULT_OVERRIDES = (
+    "experiment=movielens_1",
+    "nodes=16",
+    "nodes_per_rank=16",
+    "rounds=50",
+    "checkpoint.every=0",
+)
 # (phase, step it starts at, step it ends at); "launch" and "exit" are the benchmark's own clock.
-PHASES = (("hydra", "imported", "config composed"),
-          ("config_and_data", "config composed", "data ready"),
-          ("fork", "spawn", "rank started"),
-          ("process_group", "rank started", "process group"),
-          ("build_nodes", "process group", "nodes built"),
-          ("start_barrier", "nodes built", "rounds start"),
-          ("first_round", "rounds start", "first round done"),
-          ("rest", "first round done", "exit"))
+PHASES = (
+    ("hydra", "imported", "config composed"),
+    ("config_and_data", "config composed", "data ready"),
+    ("fork", "spawn", "rank started"),
+    ("process_group", "rank started", "process group"),
+    ("build_nodes", "process group", "nodes built"),
+    ("start_barrier", "nodes built", "rounds start"),
+    ("first_round", "rounds start", "first round done"),
+    ("rest", "first round done", "exit"),
+)
 
 
 def _children_cpu_s() -> float:
@@ -64,12 +72,19 @@ def run_once(overrides: list[str], scratch: Path, index: int) -> dict:
     """One traced run; returns each phase's wall and CPU seconds."""
     trace = scratch / f"trace-{index}.jsonl"
     env = {**os.environ, STARTUP_TRACE_ENV: str(trace), "DPSGD_CACHE": str(scratch / "cache")}
-    command = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={scratch / f'run-{index}'}"]
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *overrides,
+        f"hydra.run.dir={scratch / f'run-{index}'}",
+    ]
     cpu_before, launched = _children_cpu_s(), time.time()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     exited = time.time()
     if result.returncode != 0:
-        raise SystemExit(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise SystemExit(
+            f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     steps = [json.loads(line) for line in trace.read_text().splitlines()]
     last = {}  # step -> the last process to reach it (the critical path)
     for entry in steps:
@@ -85,8 +100,10 @@ def run_once(overrides: list[str], scratch: Path, index: int) -> dict:
         cpu = stop["cpu"] - start["cpu"] if same_process else stop["cpu"]
         phases[name] = {"wall_s": stop["wall"] - start["wall"], "cpu_s": cpu}
     # CPU on the critical path: the parent's until it forked, then the last rank's own.
-    phases["launch_to_round_1"] = {"wall_s": last["rounds start"]["wall"] - launched,
-                                   "cpu_s": last["spawn"]["cpu"] + last["rounds start"]["cpu"]}
+    phases["launch_to_round_1"] = {
+        "wall_s": last["rounds start"]["wall"] - launched,
+        "cpu_s": last["spawn"]["cpu"] + last["rounds start"]["cpu"],
+    }
     phases["total"] = {"wall_s": exited - launched, "cpu_s": _children_cpu_s() - cpu_before}
     return phases
 
@@ -94,25 +111,44 @@ def run_once(overrides: list[str], scratch: Path, index: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data-dir", default=os.environ.get("DPSGD_DATA", str(REPO.parent / "shared" / "data")))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "startup.json")
-    parser.add_argument("overrides", nargs="*", help="train.py overrides (default: the issue's MovieLens run)")
+    parser.add_argument(
+        "--data-dir", default=os.environ.get("DPSGD_DATA", str(REPO.parent / "shared" / "data"))
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "startup.json"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="train.py overrides (default: the issue's MovieLens run)"
+    )
     args = parser.parse_args()
     overrides = args.overrides or [*DEFAULT_OVERRIDES, f"data_dir={args.data_dir}"]
     with tempfile.TemporaryDirectory(prefix="dpsgd-startup-") as scratch:
         scratch = Path(scratch)
-        run_once(overrides, scratch, -1)  # builds the data cache; a warm cache is what a second run sees
+        run_once(
+            overrides, scratch, -1
+        )  # builds the data cache; a warm cache is what a second run sees
         runs = []
         for index in range(args.repeats):
             runs.append(run_once(overrides, scratch, index))
-    order = ["imports", *(name for name, _, _ in PHASES[:6]), "launch_to_round_1",
-             *(name for name, _, _ in PHASES[6:]), "total"]
-    medians = {name: {kind: _median([run[name][kind] for run in runs]) for kind in ("wall_s", "cpu_s")}
-               for name in order}
+    order = [
+        "imports",
+        *(name for name, _, _ in PHASES[:6]),
+        "launch_to_round_1",
+        *(name for name, _, _ in PHASES[6:]),
+        "total",
+    ]
+    medians = {
+        name: {kind: _median([run[name][kind] for run in runs]) for kind in ("wall_s", "cpu_s")}
+        for name in order
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # No absolute path of this machine in a result file.
-    recorded = ["data_dir=<data_dir>" if item.startswith("data_dir=") else item for item in overrides]
-    args.out.write_text(json.dumps({"overrides": recorded, "repeats": runs, "median": medians}, indent=1) + "\n")
+    recorded = [
+        "data_dir=<data_dir>" if item.startswith("data_dir=") else item for item in overrides
+    ]
+    args.out.write_text(
+        json.dumps({"overrides": recorded, "repeats": runs, "median": medians}, indent=1) + "\n"
+    )
     print(f"{'phase':<20}{'wall s':>9}{'cpu s':>9}")
     for name in order:
         cpu = medians[name]["cpu_s"]

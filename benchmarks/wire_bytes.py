@@ -32,26 +32,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dpsgd.transport.walks import wire_parts
 from dpsgd.launch import spawn
 from dpsgd.models import build_model
 from dpsgd.models.flat import num_parameters
+from dpsgd.seeding import torch_generator
 from dpsgd.sharing import build_sharing
 from dpsgd.sharing.partial import coordinates_to_send
 from dpsgd.sharing.wire import HEADER_DTYPE, HEADER_LENGTH, VALUE_TYPES, Message, read_index
-from dpsgd.seeding import torch_generator
+from dpsgd.transport.walks import wire_parts
 
 SEED = 90
 ALPHAS = (0.001, 0.01, 0.05, 0.1, 0.3, 0.5)
-ROUND, DEGREE = 12, 4                 # what the message's header says; sizes do not depend on it
-TRAINING_CHANGE_STD = 0.01            # scale of the fake training step that partial sharing ranks
+ROUND, DEGREE = 12, 4  # what the message's header says; sizes do not depend on it
+TRAINING_CHANGE_STD = 0.01  # scale of the fake training step that partial sharing ranks
 REPEATS = 15
 MODELS = {  # the study's two model sizes, built by the library (SPEC §6)
     "movielens-mf": ("mf", {"num_users": 610, "num_items": 9724}),
     "femnist-cnn": ("femnist_cnn", {"num_classes": 62}),
 }
-SHARING_OPTIONS = {"merge": "fill_own", "accumulation": True, "accumulate_averaging_changes": True,
-                   "metadata_cap": 1.0}  # cap above every alpha measured: partial rows are always top-k
+SHARING_OPTIONS = {
+    "merge": "fill_own",
+    "accumulation": True,
+    "accumulate_averaging_changes": True,
+    "metadata_cap": 1.0,
+}  # cap above every alpha measured: partial rows are always top-k
 
 
 def model_parameters(name: str) -> int:
@@ -72,7 +76,9 @@ def floor_bytes(numel: int, k: float) -> int:
     """k float32 values, plus the bits needed to name which k of numel coordinates they are."""
     if k >= numel:
         return 4 * numel
-    log2_choices = (math.lgamma(numel + 1) - math.lgamma(k + 1) - math.lgamma(numel - k + 1)) / math.log(2)
+    log2_choices = (
+        math.lgamma(numel + 1) - math.lgamma(k + 1) - math.lgamma(numel - k + 1)
+    ) / math.log(2)
     return math.ceil(4 * k + math.ceil(log2_choices / 8))
 
 
@@ -87,8 +93,15 @@ def best_ms(action, setup=lambda: None, repeats: int = REPEATS) -> float:
     return 1000 * min(times[1:])
 
 
-def measure(model: str, flat: torch.Tensor, change: torch.Tensor, sharing_name: str, alpha: float,
-            values: str, timing: bool) -> tuple[dict, Message]:
+def measure(
+    model: str,
+    flat: torch.Tensor,
+    change: torch.Tensor,
+    sharing_name: str,
+    alpha: float,
+    values: str,
+    timing: bool,
+) -> tuple[dict, Message]:
     """Pack one message with the library, size it three ways, time packing and decoding."""
     numel = flat.numel()
     options = {**SHARING_OPTIONS, "values": values}
@@ -101,18 +114,31 @@ def measure(model: str, flat: torch.Tensor, change: torch.Tensor, sharing_name: 
 
     sharing, model_now = ready_to_pack()
     message = sharing.pack(model_now, ROUND, DEGREE)
-    expected_k = {"full": numel, "partial": coordinates_to_send(alpha, numel)}.get(sharing_name, alpha * numel)
+    expected_k = {"full": numel, "partial": coordinates_to_send(alpha, numel)}.get(
+        sharing_name, alpha * numel
+    )
     ours, floor = message.total_bytes, floor_bytes(numel, expected_k)
     reference = reference_bytes(message.values, sharing.last_sent_index)
     row = {
-        "model": model, "numel": numel, "sharing": sharing_name, "alpha": alpha, "values": values,
-        "k_sent": message.values.numel(), "encoding": message.encoding.name, "our_bytes": ours,
-        "our_data_bytes": message.data_bytes, "our_meta_bytes": message.meta_bytes,
-        "reference_bytes": reference, "floor_bytes": floor, "ours_over_floor": round(ours / floor, 4),
+        "model": model,
+        "numel": numel,
+        "sharing": sharing_name,
+        "alpha": alpha,
+        "values": values,
+        "k_sent": message.values.numel(),
+        "encoding": message.encoding.name,
+        "our_bytes": ours,
+        "our_data_bytes": message.data_bytes,
+        "our_meta_bytes": message.meta_bytes,
+        "reference_bytes": reference,
+        "floor_bytes": floor,
+        "ours_over_floor": round(ours / floor, 4),
         "saving_vs_reference_pct": round(100 * (reference - ours) / reference, 2),
     }
     if timing:
-        row["pack_ms"] = round(best_ms(lambda ready: ready[0].pack(ready[1], ROUND, DEGREE), ready_to_pack), 3)
+        row["pack_ms"] = round(
+            best_ms(lambda ready: ready[0].pack(ready[1], ROUND, DEGREE), ready_to_pack), 3
+        )
         row["decode_ms"] = round(best_ms(lambda _: receive_side(sharing, message, numel)), 3)
         row["at_1gbit_ms"] = round(ours * 8 / 1e6, 3)
     return row, message
@@ -122,10 +148,22 @@ def receive_side(sharing, message: Message, numel: int) -> None:
     """A receiver's work on an arrived message before merging: check (and decode) its index, decode."""
     coordinates = None
     if message.index is not None:
-        coordinates, problem = read_index(message.encoding, message.index, message.values.numel(), numel)
+        coordinates, problem = read_index(
+            message.encoding, message.index, message.values.numel(), numel
+        )
         assert problem is None, problem
-    sharing.decode(Message(message.round, message.degree, message.age, message.encoding, message.values,
-                           message.index, message.seed, coordinates))
+    sharing.decode(
+        Message(
+            message.round,
+            message.degree,
+            message.age,
+            message.encoding,
+            message.values,
+            message.index,
+            message.seed,
+            coordinates,
+        )
+    )
 
 
 def receive_times_ms(messages: list[Message]) -> list[float]:
@@ -134,8 +172,9 @@ def receive_times_ms(messages: list[Message]) -> list[float]:
         result = Path(scratch) / "times.pt"
 
         def rank(ctx) -> None:
-            dist.init_process_group("gloo", store=ctx.store, rank=ctx.rank, world_size=2,
-                                    timeout=timedelta(seconds=120))
+            dist.init_process_group(
+                "gloo", store=ctx.store, rank=ctx.rank, world_size=2, timeout=timedelta(seconds=120)
+            )
             ask = torch.zeros(1, dtype=torch.int32)
             times = []
             for message in messages:
@@ -160,7 +199,9 @@ def receive_times_ms(messages: list[Message]) -> list[float]:
             dist.destroy_process_group()
 
         spawn(rank, 2, timeout_s=600)
-        return torch.load(result, weights_only=True)  # a list of floats: nothing to unpickle beyond data
+        return torch.load(
+            result, weights_only=True
+        )  # a list of floats: nothing to unpickle beyond data
 
 
 def run_all(timing: bool) -> list[dict]:
@@ -171,7 +212,9 @@ def run_all(timing: bool) -> list[dict]:
         generator = torch_generator(SEED, "wire_bytes", numel)
         flat = torch.randn(numel, generator=generator)
         change = TRAINING_CHANGE_STD * torch.randn(numel, generator=generator)
-        settings = [("full", 1.0)] + [(name, alpha) for name in ("partial", "subsampling") for alpha in ALPHAS]
+        settings = [("full", 1.0)] + [
+            (name, alpha) for name in ("partial", "subsampling") for alpha in ALPHAS
+        ]
         for sharing_name, alpha in settings:
             for values in VALUE_TYPES:
                 row, message = measure(model, flat, change, sharing_name, alpha, values, timing)
@@ -184,30 +227,53 @@ def run_all(timing: bool) -> list[dict]:
 
 
 COLUMNS = [  # (title, row key, width, number format; "" for text, which is left-aligned)
-    ("model", "model", 12, ""), ("row", "label", 17, ""), ("values", "values", 8, ""),
-    ("k sent", "k_sent", 9, ","), ("encoding", "encoding", 11, ""), ("ours", "our_bytes", 10, ","),
-    ("meta", "our_meta_bytes", 8, ","), ("reference", "reference_bytes", 10, ","),
-    ("floor", "floor_bytes", 10, ","), ("/floor", "ours_over_floor", 7, ".3f"),
-    ("pack ms", "pack_ms", 8, ".3f"), ("decode ms", "decode_ms", 9, ".3f"), ("recv ms", "receive_ms", 8, ".3f"),
+    ("model", "model", 12, ""),
+    ("row", "label", 17, ""),
+    ("values", "values", 8, ""),
+    ("k sent", "k_sent", 9, ","),
+    ("encoding", "encoding", 11, ""),
+    ("ours", "our_bytes", 10, ","),
+    ("meta", "our_meta_bytes", 8, ","),
+    ("reference", "reference_bytes", 10, ","),
+    ("floor", "floor_bytes", 10, ","),
+    ("/floor", "ours_over_floor", 7, ".3f"),
+    ("pack ms", "pack_ms", 8, ".3f"),
+    ("decode ms", "decode_ms", 9, ".3f"),
+    ("recv ms", "receive_ms", 8, ".3f"),
     ("1Gbit ms", "at_1gbit_ms", 8, ".3f"),
 ]
 
 
 def print_table(rows: list[dict]) -> None:
     columns = [column for column in COLUMNS if column[1] in rows[0] or column[1] == "label"]
-    print("  ".join(format(title, f"{'>' if number else '<'}{width}") for title, _, width, number in columns))
+    print(
+        "  ".join(
+            format(title, f"{'>' if number else '<'}{width}") for title, _, width, number in columns
+        )
+    )
     for row in rows:
-        cells = {**row, "label": "full" if row["sharing"] == "full" else f"{row['sharing']} {row['alpha']}"}
-        print("  ".join(format(cells[key], f"{'>' if number else '<'}{width}{number}")
-                        for _, key, width, number in columns))
-    print(f"bytes per message; reference = len(pickle.dumps(dict)), pickle protocol {pickle.DEFAULT_PROTOCOL}; "
-          "/floor = ours / the float32 information floor")
+        cells = {
+            **row,
+            "label": "full" if row["sharing"] == "full" else f"{row['sharing']} {row['alpha']}",
+        }
+        print(
+            "  ".join(
+                format(cells[key], f"{'>' if number else '<'}{width}{number}")
+                for _, key, width, number in columns
+            )
+        )
+    print(
+        f"bytes per message; reference = len(pickle.dumps(dict)), pickle protocol {pickle.DEFAULT_PROTOCOL}; "
+        "/floor = ours / the float32 information floor"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--csv", help="write the rows as CSV to this path")
-    parser.add_argument("--no-timing", action="store_true", help="sizes only: skip the pack/decode/receive timings")
+    parser.add_argument(
+        "--no-timing", action="store_true", help="sizes only: skip the pack/decode/receive timings"
+    )
     args = parser.parse_args()
     rows = run_all(timing=not args.no_timing)
     print_table(rows)

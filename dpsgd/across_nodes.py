@@ -12,9 +12,23 @@ import math
 import statistics
 
 # Per-node record keys that are aggregated across nodes when present.
-AGGREGATED_KEYS = ("train_loss", "batch_loss", "test_loss", "test_acc", "bytes_sent", "bytes_sent_data",
-                   "bytes_sent_meta", "bytes_recv", "bytes_recv_data", "bytes_recv_meta", "time_s", "train_s",
-                   "comm_s", "eval_s", "age")
+AGGREGATED_KEYS = (
+    "train_loss",
+    "batch_loss",
+    "test_loss",
+    "test_acc",
+    "bytes_sent",
+    "bytes_sent_data",
+    "bytes_sent_meta",
+    "bytes_recv",
+    "bytes_recv_data",
+    "bytes_recv_meta",
+    "time_s",
+    "train_s",
+    "comm_s",
+    "eval_s",
+    "age",
+)
 
 
 def across_nodes(records: list[dict]) -> dict[str, dict[str, float]]:
@@ -23,8 +37,13 @@ def across_nodes(records: list[dict]) -> dict[str, dict[str, float]]:
     for key in AGGREGATED_KEYS:
         values = [float(record[key]) for record in records if is_finite_number(record.get(key))]
         if values:
-            stats[key] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values),
-                          "min": min(values), "max": max(values), "n": len(values)}
+            stats[key] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.pstdev(values),
+                "min": min(values),
+                "max": max(values),
+                "n": len(values),
+            }
     return stats
 
 

@@ -32,15 +32,22 @@ class Contribution:
     age: int = 0  # RWM: the training steps the sender's model has seen
 
 
-def merge_fill_own(flat: torch.Tensor, self_weight: float, contributions: list[Contribution],
-                   own_index: torch.Tensor | None = None) -> None:
+def merge_fill_own(
+    flat: torch.Tensor,
+    self_weight: float,
+    contributions: list[Contribution],
+    own_index: torch.Tensor | None = None,
+) -> None:
     """x_new[c] = x[c] + sum_j w_j (v_j[c] - x[c]) over the neighbours j that sent c.
 
     That is w_ii x + sum_j w_ij x_j when every neighbour sent everything. `self_weight`
     and `own_index` are implied by the rule and accepted for a common signature.
     """
-    partial_updates = [(c.index, c.weight * (c.values - flat[c.index]))
-                       for c in contributions if c.index is not None]
+    partial_updates = [
+        (c.index, c.weight * (c.values - flat[c.index]))
+        for c in contributions
+        if c.index is not None
+    ]
     full = [c for c in contributions if c.index is None]
     if full:
         flat.mul_(1.0 - sum(c.weight for c in full))
@@ -50,10 +57,14 @@ def merge_fill_own(flat: torch.Tensor, self_weight: float, contributions: list[C
         flat.index_add_(0, index, update)
 
 
-MIX_BLOCK_COLUMNS = 16_384  # a block of every row of a group (96 x 64 KB) stays in cache while its readers use it
+MIX_BLOCK_COLUMNS = (
+    16_384  # a block of every row of a group (96 x 64 KB) stays in cache while its readers use it
+)
 
 
-def mix_rows_into(out: torch.Tensor, rows: torch.Tensor, weights: list[tuple[int, int, float]]) -> None:
+def mix_rows_into(
+    out: torch.Tensor, rows: torch.Tensor, weights: list[tuple[int, int, float]]
+) -> None:
     """out = W rows for the sparse mixing matrix W given as (out row, input row, weight) entries:
     Metropolis-Hastings averaging of the whole models of a node group, out of place so that the
     rows stay as they were while every node reads its neighbours' rows.
@@ -68,16 +79,26 @@ def mix_rows_into(out: torch.Tensor, rows: torch.Tensor, weights: list[tuple[int
         return
     targets, sources, values = zip(*weights)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # addmm's CSR path is stable
-        mixing = torch.sparse_coo_tensor(torch.tensor([targets, sources]), torch.tensor(values, dtype=rows.dtype),
-                                         (out.shape[0], rows.shape[0]), check_invariants=True)
+        warnings.filterwarnings(
+            "ignore", message="Sparse CSR tensor support is in beta"
+        )  # addmm's CSR path is stable
+        mixing = torch.sparse_coo_tensor(
+            torch.tensor([targets, sources]),
+            torch.tensor(values, dtype=rows.dtype),
+            (out.shape[0], rows.shape[0]),
+            check_invariants=True,
+        )
         mixing = mixing.coalesce().to_sparse_csr()
     for start in range(0, rows.shape[1], MIX_BLOCK_COLUMNS):
-        block = slice(start, start + MIX_BLOCK_COLUMNS)  # beta=0: out's old values are never read (tested with NaN)
+        block = slice(
+            start, start + MIX_BLOCK_COLUMNS
+        )  # beta=0: out's old values are never read (tested with NaN)
         torch.addmm(out[:, block], mixing, rows[:, block], beta=0, out=out[:, block])
 
 
-def _mix_row_by_row(out: torch.Tensor, rows: torch.Tensor, weights: list[tuple[int, int, float]]) -> None:
+def _mix_row_by_row(
+    out: torch.Tensor, rows: torch.Tensor, weights: list[tuple[int, int, float]]
+) -> None:
     """The same product one weighted row at a time: a GPU runs each as one kernel over a whole row."""
     started: set[int] = set()
     for target, source, weight in weights:
@@ -88,8 +109,12 @@ def _mix_row_by_row(out: torch.Tensor, rows: torch.Tensor, weights: list[tuple[i
             started.add(target)
 
 
-def merge_renormalize(flat: torch.Tensor, self_weight: float, contributions: list[Contribution],
-                      own_index: torch.Tensor | None = None) -> None:
+def merge_renormalize(
+    flat: torch.Tensor,
+    self_weight: float,
+    contributions: list[Contribution],
+    own_index: torch.Tensor | None = None,
+) -> None:
     """Per coordinate, a weighted mean over the nodes that have a value for it (see module doc)."""
     mh_sum = torch.zeros_like(flat)
     mh_weight = torch.zeros_like(flat)
@@ -101,12 +126,18 @@ def merge_renormalize(flat: torch.Tensor, self_weight: float, contributions: lis
         mh_weight.index_add_(0, index, torch.full_like(c.values, c.weight))
         inverse_degree_sum.index_add_(0, index, c.values / c.degree)
         inverse_degree_weight.index_add_(0, index, torch.full_like(c.values, 1.0 / c.degree))
-    own = torch.ones_like(flat, dtype=torch.bool) if own_index is None else torch.zeros_like(flat, dtype=torch.bool)
+    own = (
+        torch.ones_like(flat, dtype=torch.bool)
+        if own_index is None
+        else torch.zeros_like(flat, dtype=torch.bool)
+    )
     if own_index is not None:
         own[own_index] = True
     with_self = (self_weight * flat + mh_sum) / (self_weight + mh_weight)
     neighbours_only = inverse_degree_sum / inverse_degree_weight.clamp_min(1e-30)
-    merged = torch.where(own, with_self, torch.where(inverse_degree_weight > 0, neighbours_only, flat))
+    merged = torch.where(
+        own, with_self, torch.where(inverse_degree_weight > 0, neighbours_only, flat)
+    )
     flat.copy_(merged)
 
 
@@ -117,8 +148,13 @@ def age_weights(own_age: int, received_age: int) -> tuple[float, float]:
     return 1.0 - received, received
 
 
-def merge_by_age(flat: torch.Tensor, own_age: int, received_age: int, values: torch.Tensor,
-                 index: torch.Tensor | None = None) -> None:
+def merge_by_age(
+    flat: torch.Tensor,
+    own_age: int,
+    received_age: int,
+    values: torch.Tensor,
+    index: torch.Tensor | None = None,
+) -> None:
     """RWM's age-weighted merge, x <- (a_own x + a_recv x_recv) / (a_own + a_recv) on the received
     coordinates: `fill_own` with the weights the ages give."""
     own, received = age_weights(own_age, received_age)
@@ -136,11 +172,13 @@ AVERAGING_ONLY: set[str] = set()
 
 def merge_rule(name: str, averaging_only: bool = False) -> Callable[[MergeRule], MergeRule]:
     """Register a merge rule under `name` (then `sharing.merge=<name>` chooses it)."""
+
     def register(rule: MergeRule) -> MergeRule:
         MERGE_RULES[name] = rule
         if averaging_only:
             AVERAGING_ONLY.add(name)
         return rule
+
     return register
 
 

@@ -80,9 +80,11 @@ class FailureBoard:
         """The error this node stops with: it names the first node that failed in the run."""
         first = self.report(peer, seen if peer == rank else f"{self.label(rank)} saw: {seen}")
         failed_node, text = first.split("|", 1)
-        return NodeFailure(f"{self.label(rank)} stops: {self.label(int(failed_node))} failed ({text}). The run "
-                           f"cannot continue without it; rounds completed so far are in nodes/*.jsonl.",
-                           failed_node=int(failed_node))
+        return NodeFailure(
+            f"{self.label(rank)} stops: {self.label(int(failed_node))} failed ({text}). The run "
+            f"cannot continue without it; rounds completed so far are in nodes/*.jsonl.",
+            failed_node=int(failed_node),
+        )
 
 
 def is_timeout(error: Exception) -> bool:

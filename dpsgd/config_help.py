@@ -26,18 +26,20 @@ GLOBAL_PACKAGE = "# @package _global_"  # a preset's keys are top-level keys (co
 # What each metric of nodes/<node>.jsonl, summary.json, TensorBoard and the report means.
 METRICS = {
     "test_loss": "ratings: RMSE of the node's predictions on its test ratings; images: mean cross-entropy "
-                 "on the test set",
+    "on the test set",
     "test_acc": "ratings: the share of test ratings predicted exactly, after clipping the prediction to the "
-                "rating scale and rounding it to the nearest half star (a 3.7 counts as 3.5); images: accuracy",
+    "rating scale and rounding it to the nearest half star (a 3.7 counts as 3.5); images: accuracy",
     "train_loss": "test_loss's measure over the node's whole train set (eval.train_loss=true)",
     "batch_loss": "mean mini-batch loss of the round's local steps (with the MF regularization for ratings)",
     "bytes_sent": "cumulative bytes a node sent: bytes_sent_data (values) + bytes_sent_meta (headers, indices); "
-                  "bytes_recv likewise",
+    "bytes_recv likewise",
     "consensus_distance": "(1/n) sum_i ||x_i - x_mean||^2 over the nodes' models: how far apart averaging "
-                          "leaves them (estimated from count sketches, eval.consensus_sketch)",
+    "leaves them (estimated from count sketches, eval.consensus_sketch)",
 }
 
-_KEY_LINE = re.compile(r"^(?P<indent>\s*)(?P<dash>-\s+)?(?P<key>[A-Za-z_][\w]*|override\s+/\w+)\s*:(?P<rest>.*)$")
+_KEY_LINE = re.compile(
+    r"^(?P<indent>\s*)(?P<dash>-\s+)?(?P<key>[A-Za-z_][\w]*|override\s+/\w+)\s*:(?P<rest>.*)$"
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class ConfFile:
 
     description: str
     keys: tuple[KeyDoc, ...]
-    defaults: tuple[KeyDoc, ...]   # `- group: option  # doc` (or `- option` within a group)
+    defaults: tuple[KeyDoc, ...]  # `- group: option  # doc` (or `- option` within a group)
     is_global: bool
 
 
@@ -72,7 +74,7 @@ def _split_comment(text: str) -> tuple[str, str]:
         elif char == "}":
             depth -= 1
         elif char == "#" and depth == 0 and (position == 0 or text[position - 1].isspace()):
-            return text[:position].strip(), text[position + 1:].strip()
+            return text[:position].strip(), text[position + 1 :].strip()
     return text.strip(), ""
 
 
@@ -114,9 +116,12 @@ def read_conf(relative: str) -> ConfFile:
         else:
             stack.append((indent, match["key"]))
             if doc:
-                keys.append(KeyDoc(path, "", doc))  # a section's own comment (e.g. hydra.callbacks.*)
-    return ConfFile(" ".join(description), tuple(keys), tuple(defaults),
-                    is_global=GLOBAL_PACKAGE in lines[:1])
+                keys.append(
+                    KeyDoc(path, "", doc)
+                )  # a section's own comment (e.g. hydra.callbacks.*)
+    return ConfFile(
+        " ".join(description), tuple(keys), tuple(defaults), is_global=GLOBAL_PACKAGE in lines[:1]
+    )
 
 
 def group_options(group: str) -> list[str]:
@@ -149,8 +154,14 @@ def option_keys(group: str, option: str) -> frozenset[str]:
 
 def _find_option(group: str, option: str, roots: tuple[Path, ...]) -> Path | None:
     """The file of `group=option` in the first config folder that has it (Hydra's search order)."""
-    return next((root / group / f"{option}.yaml" for root in roots if (root / group / f"{option}.yaml").exists()),
-                None)
+    return next(
+        (
+            root / group / f"{option}.yaml"
+            for root in roots
+            if (root / group / f"{option}.yaml").exists()
+        ),
+        None,
+    )
 
 
 @cache
@@ -178,7 +189,9 @@ class DeclaredKeys(frozenset):
     unchecked: tuple[str, ...] = ()
 
     def __contains__(self, key: object) -> bool:
-        return frozenset.__contains__(self, key) or (isinstance(key, str) and key.startswith(self.unchecked))
+        return frozenset.__contains__(self, key) or (
+            isinstance(key, str) and key.startswith(self.unchecked)
+        )
 
 
 def config_roots() -> tuple[Path, ...]:
@@ -188,12 +201,17 @@ def config_roots() -> tuple[Path, ...]:
 
     if not HydraConfig.initialized():
         return (CONF_DIR,)
-    roots = tuple(Path(source["path"]) for source in HydraConfig.get().runtime.config_sources
-                  if source["schema"] == "file" and source["path"])
+    roots = tuple(
+        Path(source["path"])
+        for source in HydraConfig.get().runtime.config_sources
+        if source["schema"] == "file" and source["path"]
+    )
     return roots if CONF_DIR in roots else (CONF_DIR, *roots)
 
 
-def declared_keys(choices: Mapping[str, str | None], roots: tuple[Path, ...] | None = None) -> frozenset[str]:
+def declared_keys(
+    choices: Mapping[str, str | None], roots: tuple[Path, ...] | None = None
+) -> frozenset[str]:
     """Every key the primary config and the chosen group options declare (Hydra's runtime choices).
 
     `roots`: the config folders to find an option in (default `config_roots()`), so an option a user
@@ -201,7 +219,11 @@ def declared_keys(choices: Mapping[str, str | None], roots: tuple[Path, ...] | N
     of them (a `pkg://` source) is not checked.
     """
     roots = config_roots() if roots is None else roots
-    primary = {key: value for key, value in _load("config.yaml").items() if key not in ("defaults", "hydra")}
+    primary = {
+        key: value
+        for key, value in _load("config.yaml").items()
+        if key not in ("defaults", "hydra")
+    }
     keys = set(leaf_keys(primary))
     unchecked: list[str] = []
     for group in GROUPS:
@@ -211,7 +233,9 @@ def declared_keys(choices: Mapping[str, str | None], roots: tuple[Path, ...] | N
         path = _find_option(group, option, roots)
         option_keys_ = None if path is None else _file_keys(path, group, roots)
         if option_keys_ is None:
-            unchecked.append("" if group == "experiment" else f"{group}.")  # a preset sets top-level keys
+            unchecked.append(
+                "" if group == "experiment" else f"{group}."
+            )  # a preset sets top-level keys
         else:
             keys |= option_keys_
     declared = DeclaredKeys(keys)
@@ -236,30 +260,58 @@ def closest_keys(key: str, known: set[str] | frozenset[str]) -> list[str]:
 def help_text() -> str:
     """`python train.py --help`: usage, the groups, every key with its default and meaning, the metrics."""
     primary = read_conf("config.yaml")
-    lines = ["dpsgd: decentralized learning on torch.distributed (README.md explains the library).", "",
-             "usage: python train.py [key=value ...] [group=option ...]",
-             "       python train.py -m key=a,b ...      a sweep: one run per combination",
-             "       torchrun --nproc_per_node N train.py [key=value ...]",
-             "       python train.py --cfg job [...]     print the composed config; --hydra-help: Hydra's flags",
-             "", "Config groups (group=option; the default shown):"]
+    lines = [
+        "dpsgd: decentralized learning on torch.distributed (README.md explains the library).",
+        "",
+        "usage: python train.py [key=value ...] [group=option ...]",
+        "       python train.py -m key=a,b ...      a sweep: one run per combination",
+        "       torchrun --nproc_per_node N train.py [key=value ...]",
+        "       python train.py --cfg job [...]     print the composed config; --hydra-help: Hydra's flags",
+        "",
+        "Config groups (group=option; the default shown):",
+    ]
     for entry in primary.defaults:
         if entry.key in GROUPS:
-            lines.append(_row(f"{entry.key}={entry.default}", f"{entry.doc} [{', '.join(group_options(entry.key))}]"))
+            lines.append(
+                _row(
+                    f"{entry.key}={entry.default}",
+                    f"{entry.doc} [{', '.join(group_options(entry.key))}]",
+                )
+            )
     lines += ["", "Keys (key=default):"]
-    lines += [_row(f"{k.key}={k.default}", k.doc) for k in primary.keys if not k.key.startswith("hydra")]
-    lines += [_row("hydra.run.dir=<folder>", "the run folder (default outputs/<date>/<time>); sweeps: hydra.sweep.dir")]
+    lines += [
+        _row(f"{k.key}={k.default}", k.doc) for k in primary.keys if not k.key.startswith("hydra")
+    ]
+    lines += [
+        _row(
+            "hydra.run.dir=<folder>",
+            "the run folder (default outputs/<date>/<time>); sweeps: hydra.sweep.dir",
+        )
+    ]
     for group in GROUPS:
         lines += ["", f"{group}=<option> and its keys:"]
         for option in group_options(group):
             conf = read_conf(f"{group}/{option}.yaml")
             name_doc = next((k.doc for k in conf.keys if k.key == "name" and k.doc), "")
-            bases = [entry.default for entry in conf.defaults if not entry.key and entry.default != "_self_"]
-            based = f" (and the keys of {group}={', '.join(bases)})" if bases and group != "model" else ""
+            bases = [
+                entry.default
+                for entry in conf.defaults
+                if not entry.key and entry.default != "_self_"
+            ]
+            based = (
+                f" (and the keys of {group}={', '.join(bases)})"
+                if bases and group != "model"
+                else ""
+            )
             lines.append(f"  {group}={option}: {conf.description or name_doc}{based}".rstrip())
             if group == "experiment":
                 continue  # a preset's keys are the keys above, set to the study's values
             prefix = "" if conf.is_global else f"{group}."
-            lines += [_row(f"{prefix}{k.key}={k.default}", k.doc, indent=4) for k in conf.keys if k.key != "name"]
+            lines += [
+                _row(f"{prefix}{k.key}={k.default}", k.doc, indent=4)
+                for k in conf.keys
+                if k.key != "name"
+            ]
     lines += ["", "Metrics (nodes/<node>.jsonl, summary.json, TensorBoard, the report):"]
     lines += [_row(name, meaning) for name, meaning in METRICS.items()]
     return "\n".join(lines)
@@ -280,28 +332,41 @@ def composition_error(error: Exception, argv: list[str]) -> str:
     if unknown:
         key = unknown[1]
         given = next((arg for arg in argv if arg.lstrip("+~").startswith(f"{key}=")), key)
-        owners = [f"{group}={option}" for group in GROUPS for option in group_options(group)
-                  if key in option_keys(group, option) and not read_conf(f"{group}/{option}.yaml").is_global]
+        owners = [
+            f"{group}={option}"
+            for group in GROUPS
+            for option in group_options(group)
+            if key in option_keys(group, option)
+            and not read_conf(f"{group}/{option}.yaml").is_global
+        ]
         if owners:
-            return (f"{given}: `{key}` belongs to {' and '.join(owners)}, not to the option chosen in this run, "
-                    f"so nothing would read it. Choose that option too (e.g. `{owners[0]} {given}`) or drop "
-                    f"the key. {listed}")
+            return (
+                f"{given}: `{key}` belongs to {' and '.join(owners)}, not to the option chosen in this run, "
+                f"so nothing would read it. Choose that option too (e.g. `{owners[0]} {given}`) or drop "
+                f"the key. {listed}"
+            )
         group = key.split(".")[0]
         if any(arg.lstrip("+").startswith((f"{group}._target_=", f"{group}=own")) for arg in argv):
-            return (f"{given}: `{key}` is a key of your own {group} (`{group}._target_`), which no config file "
-                    f"declares: add it with a +, `+{given}`, or declare it in an option file of your own "
-                    f"(`--config-dir`). {listed}")
+            return (
+                f"{given}: `{key}` is a key of your own {group} (`{group}._target_`), which no config file "
+                f"declares: add it with a +, `+{given}`, or declare it in an option file of your own "
+                f"(`--config-dir`). {listed}"
+            )
         similar = closest_keys(key, every_declared_key())
         hint = f"Did you mean {' or '.join(f'`{k}`' for k in similar)}? " if similar else ""
         return f"{given}: `{key}` is not a key of the configuration, so nothing would read it. {hint}{listed}"
     if isinstance(error, MissingConfigException) and error.options:
         missing = Path(error.missing_cfg_file or "group/option")
-        return (f"{missing.parent.name}={missing.name}: the config group {missing.parent.name} has no option "
-                f"{missing.name}; its options are {', '.join(error.options)}, e.g. "
-                f"`{missing.parent.name}={error.options[0]}`. {listed}")
+        return (
+            f"{missing.parent.name}={missing.name}: the config group {missing.parent.name} has no option "
+            f"{missing.name}; its options are {', '.join(error.options)}, e.g. "
+            f"`{missing.parent.name}={error.options[0]}`. {listed}"
+        )
     if isinstance(error, OverrideParseException):
-        return (f"`{error.override}` cannot be read as an override ({_one_line(error.message)}); write key=value, "
-                f"e.g. `nodes=16` or `sharing.alpha_list=[0.1,0.5]`. {listed}")
+        return (
+            f"`{error.override}` cannot be read as an override ({_one_line(error.message)}); write key=value, "
+            f"e.g. `nodes=16` or `sharing.alpha_list=[0.1,0.5]`. {listed}"
+        )
     cause = f" ({_one_line(str(error.__cause__))})" if error.__cause__ else ""
     return f"The command line does not compose into a configuration: {_one_line(str(error))}{cause}. {listed}"
 

@@ -24,8 +24,10 @@ import torch
 
 from dpsgd.seeding import torch_generator
 
-CHUNK = 1 << 20          # coordinates hashed at a time: bounds the temporary memory of big models
-CACHE_LIMIT = 1 << 22    # models up to this size keep their hash (5 bytes a coordinate); larger redraw it
+CHUNK = 1 << 20  # coordinates hashed at a time: bounds the temporary memory of big models
+CACHE_LIMIT = (
+    1 << 22
+)  # models up to this size keep their hash (5 bytes a coordinate); larger redraw it
 
 
 class ModelSketch:
@@ -44,15 +46,17 @@ class ModelSketch:
         if self.exact:
             return values.numpy().copy()
         sketch = torch.zeros(self.size, dtype=torch.float64)
-        for start, bucket, sign in (self._cached or self._chunks()):
-            sketch.index_add_(0, bucket, values[start:start + bucket.numel()] * sign)
+        for start, bucket, sign in self._cached or self._chunks():
+            sketch.index_add_(0, bucket, values[start : start + bucket.numel()] * sign)
         return sketch.numpy()
 
     def _chunks(self):
         """(first coordinate, bucket h(c), sign s(c)) per chunk, each drawn from its own seeded stream."""
         for number, start in enumerate(range(0, self.numel, CHUNK)):
             length = min(CHUNK, self.numel - start)
-            codes = torch.randint(0, 2 * self.size, (length,), generator=torch_generator(self.seed, "sketch", number))
+            codes = torch.randint(
+                0, 2 * self.size, (length,), generator=torch_generator(self.seed, "sketch", number)
+            )
             yield start, (codes >> 1).to(torch.int32), (1 - 2 * (codes & 1)).to(torch.int8)
 
 

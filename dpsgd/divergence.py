@@ -36,7 +36,9 @@ class DivergenceWatch:
         self._noted: set[int] = set()
         self._stop_after: int | None = None
 
-    def note(self, node: int, round_number: int, batch_loss: float, flat: torch.Tensor, check_model: bool) -> None:
+    def note(
+        self, node: int, round_number: int, batch_loss: float, flat: torch.Tensor, check_model: bool
+    ) -> None:
         """After a node's round: record its first non-finite loss, or parameter when `check_model`.
 
         The loss is checked every round. The model costs a pass over it, so it is checked on
@@ -71,8 +73,12 @@ def divergence_report(store: dist.Store, nodes: int) -> dict | None:
         return None
     first = min(rounds.values())
     stop_after = int(store.get(STOP_KEY)) if store.check([STOP_KEY]) else None
-    return {"round": first, "nodes": sorted(node for node, r in rounds.items() if r == first),
-            "nodes_diverged": len(rounds), "stop_after": stop_after}
+    return {
+        "round": first,
+        "nodes": sorted(node for node, r in rounds.items() if r == first),
+        "nodes_diverged": len(rounds),
+        "stop_after": stop_after,
+    }
 
 
 def describe(report: dict) -> str:
@@ -82,8 +88,10 @@ def describe(report: dict) -> str:
         then = "the run went on (train.stop_on_divergence=false)"
     else:
         then = f"every node stopped by round {report['stop_after']} (train.stop_on_divergence=true)"
-    return (f"training diverged at round {report['round']} on node(s) {nodes} (non-finite loss or parameters; "
-            f"{report['nodes_diverged']} node(s) diverged in all); {then}. Lower optimizer.lr, e.g. by 10x.")
+    return (
+        f"training diverged at round {report['round']} on node(s) {nodes} (non-finite loss or parameters; "
+        f"{report['nodes_diverged']} node(s) diverged in all); {then}. Lower optimizer.lr, e.g. by 10x."
+    )
 
 
 def finite_or_none(value):

@@ -51,17 +51,32 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
         _check_run_folder(cfg, run_dir, node_id)
     dataset = dataset or _prepare_on_every_rank(cfg, ctx.rank)
     store = _join_process_group(cfg, ctx, run_dir)
-    startup_step("process group", f"process group ready ({ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}); "
-                 f"building {cfg.nodes} nodes", show=ctx.rank == 0)
-    checkpoints = {node_id: Checkpoints(run_dir, node_id, cfg.nodes, cfg.checkpoint.every, store) for node_id in hosted}
-    start_round = agree_on_start_round(list(checkpoints.values()), cfg.resume, cfg.rounds, cfg.comm.timeout_s)
+    startup_step(
+        "process group",
+        f"process group ready ({ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}); "
+        f"building {cfg.nodes} nodes",
+        show=ctx.rank == 0,
+    )
+    checkpoints = {
+        node_id: Checkpoints(run_dir, node_id, cfg.nodes, cfg.checkpoint.every, store)
+        for node_id in hosted
+    }
+    start_round = agree_on_start_round(
+        list(checkpoints.values()), cfg.resume, cfg.rounds, cfg.comm.timeout_s
+    )
     if ctx.rank == 0:
         write_run_files(cfg, dataset, run_dir)
-    group, run_algorithm = build_rank(cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints)
+    group, run_algorithm = build_rank(
+        cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints
+    )
     nodes = group.nodes
     restored = {node.rank: checkpoints[node.rank].restore(node, start_round) for node in nodes}
     elapsed_s = restored[nodes[0].rank][0]
-    aggregator = _start_aggregator(cfg, nodes[0], store, run_dir, dataset, start_round) if ctx.rank == 0 else None
+    aggregator = (
+        _start_aggregator(cfg, nodes[0], store, run_dir, dataset, start_round)
+        if ctx.rank == 0
+        else None
+    )
     if start_round:  # rank 0 may not have aggregated every round the nodes had logged
         aggregated = int(store.get(RESUME_AGGREGATED_KEY))
         for node in nodes:
@@ -76,7 +91,9 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
         aggregator.start_clock(elapsed_s)
         if start_round:
             print(f"[dpsgd] resumed after round {start_round}", flush=True)
-    rounds_completed = run_algorithm(cfg.rounds, start_round, {node: state for node, (_, state) in restored.items()})
+    rounds_completed = run_algorithm(
+        cfg.rounds, start_round, {node: state for node, (_, state) in restored.items()}
+    )
     for node in nodes:
         node.recorder.log.close()
         publish_rounds_completed(store, node.rank, rounds_completed[node.rank])
@@ -113,9 +130,16 @@ def _join_process_group(cfg: DictConfig, ctx: RankContext, run_dir: Path) -> dis
     dead peer can block, and the launcher ends the process right after.
     """
     store = run_store(ctx.store, run_key(run_dir))
-    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=ctx.rank,
-                            world_size=ctx.world_size, timeout=timedelta(seconds=cfg.comm.timeout_s))
-    Path(run_dir).mkdir(parents=True, exist_ok=True)  # Hydra made it on rank 0's machine, not elsewhere
+    dist.init_process_group(
+        "gloo",
+        store=dist.PrefixStore("pg", store),
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        timeout=timedelta(seconds=cfg.comm.timeout_s),
+    )
+    Path(run_dir).mkdir(
+        parents=True, exist_ok=True
+    )  # Hydra made it on rank 0's machine, not elsewhere
     return store
 
 
@@ -139,12 +163,17 @@ def write_run_files(cfg: DictConfig, dataset, run_dir: Path) -> None:
     if recorded.topology.get("degree") is None and recorded.topology.kind in RANDOM_TOPOLOGIES:
         recorded.topology.degree = topology_degree(cfg)
     write_atomic(Path(run_dir) / "config.yaml", notes + OmegaConf.to_yaml(recorded))
-    partition = {"dataset": cfg.dataset.name, "description": dataset.describe(), **dataset.partition(cfg.nodes, cfg.seed)}
+    partition = {
+        "dataset": cfg.dataset.name,
+        "description": dataset.describe(),
+        **dataset.partition(cfg.nodes, cfg.seed),
+    }
     write_atomic(Path(run_dir) / "partition.json", json.dumps(partition, indent=1) + "\n")
 
 
-def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, dataset,
-                      start_round: int) -> Aggregator:
+def _start_aggregator(
+    cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, dataset, start_round: int
+) -> Aggregator:
     """Rank 0's aggregator, carrying over on resume the aggregates written before the interruption.
 
     The no-learning scores go into summary.json so that a report draws every result against
@@ -153,14 +182,29 @@ def _start_aggregator(cfg: DictConfig, node: Node, store: dist.Store, run_dir: P
     carried = earlier_rounds(run_dir, start_round)
     store.set(RESUME_AGGREGATED_KEY, str(carried[-1]["round"] if carried else 0))
     baseline = no_learning_baseline(cfg, dataset)
-    info = RunInfo(nodes=cfg.nodes, rounds=cfg.rounds, num_parameters=node.flat.numel(), model=cfg.model.name,
-                   dataset=cfg.dataset.name, algorithm=cfg.algorithm.name, sharing=cfg.sharing.name,
-                   metric_name=TEST_LOSS_METRIC[dataset.task],
-                   spectral_gap=round_peers(cfg, node.topology).mixing_gap(),
-                   no_learning={f"test_{key}": value for key, value in baseline.items()})
-    return Aggregator(store, run_dir, info, node.schedule.rounds_due(), per_node_tb=cfg.log.per_node_tb,
-                      progress=cfg.log.progress, earlier_rounds=carried, reached=node.recorder.reached,
-                      progress_every_s=cfg.log.progress_every_s).start()
+    info = RunInfo(
+        nodes=cfg.nodes,
+        rounds=cfg.rounds,
+        num_parameters=node.flat.numel(),
+        model=cfg.model.name,
+        dataset=cfg.dataset.name,
+        algorithm=cfg.algorithm.name,
+        sharing=cfg.sharing.name,
+        metric_name=TEST_LOSS_METRIC[dataset.task],
+        spectral_gap=round_peers(cfg, node.topology).mixing_gap(),
+        no_learning={f"test_{key}": value for key, value in baseline.items()},
+    )
+    return Aggregator(
+        store,
+        run_dir,
+        info,
+        node.schedule.rounds_due(),
+        per_node_tb=cfg.log.per_node_tb,
+        progress=cfg.log.progress,
+        earlier_rounds=carried,
+        reached=node.recorder.reached,
+        progress_every_s=cfg.log.progress_every_s,
+    ).start()
 
 
 def _barrier(rank: int) -> None:
@@ -168,7 +212,9 @@ def _barrier(rank: int) -> None:
     try:
         dist.barrier()
     except Exception as error:  # noqa: BLE001
-        raise NodeFailure(f"node {rank} stops: not every node reached the barrier ({error})") from None
+        raise NodeFailure(
+            f"node {rank} stops: not every node reached the barrier ({error})"
+        ) from None
 
 
 def _print_final(summary: dict, run_dir: Path) -> None:
@@ -176,10 +222,20 @@ def _print_final(summary: dict, run_dir: Path) -> None:
     if final is None:
         outcome = "no evaluated round was reached by every node (lower eval.every to measure one)"
     else:
-        loss = final.get("test_loss", {}).get("mean")  # absent when every node's loss was non-finite
+        loss = final.get("test_loss", {}).get(
+            "mean"
+        )  # absent when every node's loss was non-finite
         loss_text = "not finite on any node" if loss is None else f"{loss:.4f}"
-        outcome = (f"mean test {summary['test_loss_metric']} {loss_text} at round {final['round']}; "
-                   f"mean bytes sent per node {final['bytes_sent']['mean']:,.0f}")
-    rounds = summary["rounds_min"] if summary["rounds_min"] == summary["rounds_max"] else \
-        f"{summary['rounds_min']}-{summary['rounds_max']}"
-    print(f"[dpsgd] done: {rounds} rounds in {summary['wall_s']:.1f} s; {outcome}; results in {run_dir}", flush=True)
+        outcome = (
+            f"mean test {summary['test_loss_metric']} {loss_text} at round {final['round']}; "
+            f"mean bytes sent per node {final['bytes_sent']['mean']:,.0f}"
+        )
+    rounds = (
+        summary["rounds_min"]
+        if summary["rounds_min"] == summary["rounds_max"]
+        else f"{summary['rounds_min']}-{summary['rounds_max']}"
+    )
+    print(
+        f"[dpsgd] done: {rounds} rounds in {summary['wall_s']:.1f} s; {outcome}; results in {run_dir}",
+        flush=True,
+    )

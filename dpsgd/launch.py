@@ -90,7 +90,11 @@ def announce_start(ctx: RankContext, run_key: str) -> RankArrivals | None:
     (a thread that ends once every rank is ready; the caller stops it when the run ends earlier)."""
     store = run_store(ctx.store, run_key)
     rank_arrived(store, "started")
-    return RankArrivals(store, ctx.world_size).start() if ctx.rank == 0 and ctx.world_size > 1 else None
+    return (
+        RankArrivals(store, ctx.world_size).start()
+        if ctx.rank == 0 and ctx.world_size > 1
+        else None
+    )
 
 
 def free_port() -> int:
@@ -125,8 +129,15 @@ def loopback_store(listener: socket.socket) -> dist.TCPStore:
     port = listener.getsockname()[1]
     fd = listener.detach()  # the store closes it when it is destroyed
     try:
-        return dist.TCPStore(LOOPBACK, port, world_size=None, is_master=True, wait_for_workers=False,
-                             timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S), master_listen_fd=fd)
+        return dist.TCPStore(
+            LOOPBACK,
+            port,
+            world_size=None,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S),
+            master_listen_fd=fd,
+        )
     except BaseException:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -151,7 +162,9 @@ def spawn(
     while ranks are slow to start, say now and then how many started and built their nodes, as the
     ranks count them in the run's namespace of the store (`dpsgd.progress.RankArrivals`).
     """
-    listener = loopback_listener()  # bound before forking, so the ranks know the port and nobody can take it
+    listener = (
+        loopback_listener()
+    )  # bound before forking, so the ranks know the port and nobody can take it
     port = listener.getsockname()[1]
     table = liveness.RankTable(world_size)  # mapped before forking: shared with every rank
     context = mp.get_context("fork")
@@ -162,8 +175,19 @@ def spawn(
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(
                 target=_rank_main,
-                args=(fn, rank, world_size, port, listener.fileno(), writer, quiet_failures, parent, label, table,
-                      announce_ranks),
+                args=(
+                    fn,
+                    rank,
+                    world_size,
+                    port,
+                    listener.fileno(),
+                    writer,
+                    quiet_failures,
+                    parent,
+                    label,
+                    table,
+                    announce_ranks,
+                ),
                 name=f"dpsgd-node-{rank}",
                 daemon=True,
             )
@@ -179,10 +203,17 @@ def spawn(
     finally:
         listener.close()  # a no-op once the store took it over
     # Ctrl-C or SIGTERM raise Interrupted, which unwinds through the finally below: every rank is killed.
-    previous = {number: signal.signal(number, raise_interrupted) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        number: signal.signal(number, raise_interrupted)
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
     killed: set[int] = set()
     reports: dict[int, tuple[str, int | None]] = {}
-    arrivals = RankArrivals(run_store(store, announce_ranks), world_size).start() if announce_ranks else None
+    arrivals = (
+        RankArrivals(run_store(store, announce_ranks), world_size).start()
+        if announce_ranks
+        else None
+    )
     try:
         _watch(processes, timeout_s, grace_s, table, error_pipes, reports)
     finally:
@@ -203,8 +234,19 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failures, parent, label, table,
-               run_key) -> None:
+def _rank_main(
+    fn,
+    rank,
+    world_size,
+    port,
+    listener_fd,
+    error_pipe,
+    quiet_failures,
+    parent,
+    label,
+    table,
+    run_key,
+) -> None:
     """Body of one forked rank: connect to the parent's store, run, report how it ended."""
     _die_with_parent(parent)
     liveness.attach(table, rank)
@@ -214,13 +256,25 @@ def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failur
     torch.set_num_threads(1)
     code = 0
     try:
-        store = dist.TCPStore(LOOPBACK, port, world_size=None, is_master=False,
-                              timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S))
+        store = dist.TCPStore(
+            LOOPBACK,
+            port,
+            world_size=None,
+            is_master=False,
+            timeout=timedelta(seconds=STORE_CONNECT_TIMEOUT_S),
+        )
         startup_step("rank started")
         if run_key:
             rank_arrived(run_store(store, run_key), "started")
-        fn(RankContext(rank=rank, world_size=world_size, store=store,
-                       local_rank=rank, local_world_size=world_size))
+        fn(
+            RankContext(
+                rank=rank,
+                world_size=world_size,
+                store=store,
+                local_rank=rank,
+                local_world_size=world_size,
+            )
+        )
     except NodeFailure as failure:
         code = EXIT_NODE_FAILURE
         _report(error_pipe, str(failure), failure.failed_node, quiet_failures)
@@ -229,7 +283,9 @@ def _rank_main(fn, rank, world_size, port, listener_fd, error_pipe, quiet_failur
         _report(error_pipe, str(error), None, quiet_failures or rank != 0)
     except BaseException:  # noqa: BLE001 - a rank must always report, then exit
         code = 1
-        _report(error_pipe, f"{label(rank)} crashed:\n{traceback.format_exc()}", rank, quiet_failures)
+        _report(
+            error_pipe, f"{label(rank)} crashed:\n{traceback.format_exc()}", rank, quiet_failures
+        )
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -246,8 +302,14 @@ def _report(pipe, message: str, failed_node: int | None, quiet: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _watch(processes, timeout_s: float | None, grace_s: float, table: liveness.RankTable,
-           error_pipes, reports: dict[int, tuple[str, int | None]]) -> None:
+def _watch(
+    processes,
+    timeout_s: float | None,
+    grace_s: float,
+    table: liveness.RankTable,
+    error_pipes,
+    reports: dict[int, tuple[str, int | None]],
+) -> None:
     """Wait until every rank exited; after the first failure allow only `grace_s` more.
 
     A rank that dies on its own (a signal we did not send, a crash) is written to `table` at
@@ -267,8 +329,10 @@ def _watch(processes, timeout_s: float | None, grace_s: float, table: liveness.R
         if not ready:
             if grace_deadline is not None and time.monotonic() >= grace_deadline:
                 return
-            raise TimeoutError(f"ranks still running after {timeout_s:.0f} s: "
-                               f"{sorted(p.name for p in running.values())}")
+            raise TimeoutError(
+                f"ranks still running after {timeout_s:.0f} s: "
+                f"{sorted(p.name for p in running.values())}"
+            )
         for sentinel in ready:
             process = running.pop(sentinel)
             process.join()
@@ -281,7 +345,11 @@ def _watch(processes, timeout_s: float | None, grace_s: float, table: liveness.R
             if process.exitcode != 0 and grace_deadline is None:
                 grace_deadline = time.monotonic() + grace_s
         named = {failed_node for _, failed_node in reports.values()}
-        if grace_deadline is not None and running and all(processes.index(p) in named for p in running.values()):
+        if (
+            grace_deadline is not None
+            and running
+            and all(processes.index(p) in named for p in running.values())
+        ):
             return
 
 
@@ -295,8 +363,14 @@ def _kill_all(processes) -> set[int]:
     return killed
 
 
-def _raise_on_failure(processes, error_pipes, killed: set[int], label: Callable[[int], str],
-                      table: liveness.RankTable, reports: dict[int, tuple[str, int | None]]) -> None:
+def _raise_on_failure(
+    processes,
+    error_pipes,
+    killed: set[int],
+    label: Callable[[int], str],
+    table: liveness.RankTable,
+    reports: dict[int, tuple[str, int | None]],
+) -> None:
     errors: dict[int, str] = {}
     blamed_by: dict[int, int] = {}  # failing rank -> the node it blames
     for rank, (process, pipe) in enumerate(zip(processes, error_pipes)):
@@ -312,13 +386,22 @@ def _raise_on_failure(processes, error_pipes, killed: set[int], label: Callable[
         pipe.close()
     if not errors:
         return
-    died = sorted((table.death_order(rank), rank) for rank in range(len(processes)) if table.death_order(rank))
-    if died and table.exit_code(died[0][1]) == -signal.SIGABRT:  # gloo's abort: it names the sender, if one
+    died = sorted(
+        (table.death_order(rank), rank) for rank in range(len(processes)) if table.death_order(rank)
+    )
+    if (
+        died and table.exit_code(died[0][1]) == -signal.SIGABRT
+    ):  # gloo's abort: it names the sender, if one
         verdict = liveness.death_verdict(table, died[0][1], label)
-        raise RankFailure(f"{len(errors)} rank(s) failed; the first was {label(verdict.node)}: {verdict.why}",
-                          errors, verdict.node)
+        raise RankFailure(
+            f"{len(errors)} rank(s) failed; the first was {label(verdict.node)}: {verdict.why}",
+            errors,
+            verdict.node,
+        )
     first_failed = _first_failed(processes, errors, list(blamed_by.values()), killed)
-    raise RankFailure(_failure_summary(errors, blamed_by, first_failed, killed, label), errors, first_failed)
+    raise RankFailure(
+        _failure_summary(errors, blamed_by, first_failed, killed, label), errors, first_failed
+    )
 
 
 def _read_report(pipe) -> tuple[str, int | None] | None:
@@ -329,7 +412,9 @@ def _read_report(pipe) -> tuple[str, int | None] | None:
         return None
 
 
-def _first_failed(processes, errors: dict[int, str], named: list[int], killed: set[int]) -> int | None:
+def _first_failed(
+    processes, errors: dict[int, str], named: list[int], killed: set[int]
+) -> int | None:
     """A rank killed by a signal (not by us) or that crashed is the cause; else the node the others blame."""
     for rank, process in enumerate(processes):
         if rank not in killed and process.exitcode is not None and process.exitcode < 0:
@@ -348,14 +433,25 @@ def _describe_exit(exitcode: int) -> str:
     return f"exit code {exitcode}"
 
 
-def _failure_summary(errors: dict[int, str], blamed_by: dict[int, int], first_failed: int | None,
-                     killed: set[int], label: Callable[[int], str]) -> str:
+def _failure_summary(
+    errors: dict[int, str],
+    blamed_by: dict[int, int],
+    first_failed: int | None,
+    killed: set[int],
+    label: Callable[[int], str],
+) -> str:
     """One line: the first failure, in the words of a node that blamed it (it saw what happened),
     and whether the launcher had to kill it (a frozen node never stops on its own)."""
     witnesses = [rank for rank, node in blamed_by.items() if node == first_failed]
-    cause = errors.get(witnesses[0] if witnesses else first_failed, "") if first_failed is not None else ""
-    line = (f"{len(errors)} rank(s) failed; the first was {label(first_failed)}: "
-            f"{cause.strip().splitlines()[0] if cause else 'unknown cause'}")
+    cause = (
+        errors.get(witnesses[0] if witnesses else first_failed, "")
+        if first_failed is not None
+        else ""
+    )
+    line = (
+        f"{len(errors)} rank(s) failed; the first was {label(first_failed)}: "
+        f"{cause.strip().splitlines()[0] if cause else 'unknown cause'}"
+    )
     if first_failed in killed:
         line += f" [{label(first_failed)} did not stop on its own; the launcher killed it]"
     return line

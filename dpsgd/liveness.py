@@ -59,15 +59,25 @@ class Beat:
 class Verdict:
     node: int
     why: str
-    found: bool = True  # the heartbeats showed a stalled or slow node (False: only the peer waited for)
-    source: str = "the heartbeats show"  # who saw it: the heartbeats, or the launcher that saw a rank die
+    found: bool = (
+        True  # the heartbeats showed a stalled or slow node (False: only the peer waited for)
+    )
+    source: str = (
+        "the heartbeats show"  # who saw it: the heartbeats, or the launcher that saw a rank die
+    )
 
 
 class Liveness:
     """This node's heartbeat, and the verdict on who stalled when a wait expires."""
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, slow_after_s: float,
-                 label: Callable[[int], str] = "node {}".format):
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        slow_after_s: float,
+        label: Callable[[int], str] = "node {}".format,
+    ):
         """`slow_after_s`: a node busy outside communication this long counts as too slow;
         `label(rank)` names a rank in verdicts ("node 3", or "rank 1 (nodes 24-47)" for node groups)."""
         self.store = store
@@ -79,7 +89,9 @@ class Liveness:
         self._phase_started = time.monotonic()
         self._count = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat_forever, name=f"dpsgd-heartbeat-{rank}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat_forever, name=f"dpsgd-heartbeat-{rank}", daemon=True
+        )
 
     def start(self) -> "Liveness":
         self._beat()
@@ -108,29 +120,51 @@ class Liveness:
             if death is not None:
                 return death
             second = self._read()
-            stalled = [node for node in range(self.world_size)
-                       if node != self.rank and (node not in second or first.get(node) == second.get(node))
-                       and (node not in second or second[node].phase not in ENDED_PHASES)]
+            stalled = [
+                node
+                for node in range(self.world_size)
+                if node != self.rank
+                and (node not in second or first.get(node) == second.get(node))
+                and (node not in second or second[node].phase not in ENDED_PHASES)
+            ]
             if not stalled or time.monotonic() > deadline:
                 break
         if stalled:
             node = max(stalled, key=lambda n: second[n].phase_s if n in second else float("inf"))
-            return Verdict(node, f"{self.label(node)} stopped answering: its heartbeat stopped (frozen or dead)")
-        busy = {node: beat for node, beat in second.items() if node != self.rank
-                and beat.phase not in WAITING_PHASES + ENDED_PHASES and beat.phase_s >= self.slow_after_s}
+            return Verdict(
+                node,
+                f"{self.label(node)} stopped answering: its heartbeat stopped (frozen or dead)",
+            )
+        busy = {
+            node: beat
+            for node, beat in second.items()
+            if node != self.rank
+            and beat.phase not in WAITING_PHASES + ENDED_PHASES
+            and beat.phase_s >= self.slow_after_s
+        }
         if busy:
             node = max(busy, key=lambda n: busy[n].phase_s)
             beat = busy[node]
-            return Verdict(node, f"{self.label(node)} has been in its {beat.phase} phase for {beat.phase_s:.0f} s while "
-                                 "its neighbours waited for it (too slow for comm.timeout_s)")
+            return Verdict(
+                node,
+                f"{self.label(node)} has been in its {beat.phase} phase for {beat.phase_s:.0f} s while "
+                "its neighbours waited for it (too slow for comm.timeout_s)",
+            )
         return Verdict(waited_for, f"neighbour {waited_for} did not answer", found=False)
 
     def _death_within(self, seconds: float) -> Verdict | None:
         """Wait `seconds`, returning early with the launcher's verdict once it saw another rank die."""
         end = time.monotonic() + seconds
         while True:
-            died = [] if _TABLE is None else [(order, rank) for rank in range(min(self.world_size, _TABLE.world_size))
-                                              if rank != self.rank and (order := _TABLE.death_order(rank))]
+            died = (
+                []
+                if _TABLE is None
+                else [
+                    (order, rank)
+                    for rank in range(min(self.world_size, _TABLE.world_size))
+                    if rank != self.rank and (order := _TABLE.death_order(rank))
+                ]
+            )
             if died:
                 return death_verdict(_TABLE, min(died)[1], self.label)
             left = end - time.monotonic()
@@ -148,7 +182,9 @@ class Liveness:
     def _beat(self) -> None:
         self._count += 1
         seconds = time.monotonic() - self._phase_started
-        self.store.set(f"{HEARTBEAT_PREFIX}/{self.rank}", f"{self._count} {self._phase} {seconds:.3f}")
+        self.store.set(
+            f"{HEARTBEAT_PREFIX}/{self.rank}", f"{self._count} {self._phase} {seconds:.3f}"
+        )
 
     def _read(self) -> dict[int, Beat]:
         beats = {}
@@ -162,6 +198,7 @@ class Liveness:
 @dataclass(frozen=True)
 class OpenReceive:
     """A receive a rank had posted and not completed: from `peer`, of `kind` ("header", "payload"...)."""
+
     peer: int
     kind: str
     what: str  # in words, e.g. "values of round 3"
@@ -170,6 +207,7 @@ class OpenReceive:
 @dataclass(frozen=True)
 class OpenReceives:
     """What a rank last wrote about its open receives: `shown` in full, and how many more did not fit."""
+
     shown: tuple[OpenReceive, ...]
     payloads: int  # open payload receives, counted even when not all are shown
     more: int = 0
@@ -199,14 +237,18 @@ class RankTable:
 
     def __init__(self, world_size: int):
         self.world_size = world_size
-        self._memory = mmap.mmap(-1, max(1, world_size) * self.SLOT_BYTES)  # MAP_SHARED: forked ranks see it
+        self._memory = mmap.mmap(
+            -1, max(1, world_size) * self.SLOT_BYTES
+        )  # MAP_SHARED: forked ranks see it
         self._deaths = 0
 
     def record_death(self, rank: int, exit_code: int) -> None:
         """The launcher saw `rank` end with `exit_code` (negative: killed by that signal), on its own."""
         self._deaths += 1
         _, _, *receives = self._head(rank)
-        self._HEAD.pack_into(self._memory, rank * self.SLOT_BYTES, self._deaths, exit_code, *receives)
+        self._HEAD.pack_into(
+            self._memory, rank * self.SLOT_BYTES, self._deaths, exit_code, *receives
+        )
 
     def death_order(self, rank: int) -> int:
         """1 for the first rank the launcher saw die, 2 for the next...; 0 while it has not."""
@@ -221,7 +263,9 @@ class RankTable:
         receives = sorted(receives, key=lambda receive: receive.kind != "payload")
         encoded, used = [], 0
         for receive in receives:
-            entry = f"{receive.peer} {receive.kind} {receive.what}".replace(";", ",").encode() + b";"
+            entry = (
+                f"{receive.peer} {receive.kind} {receive.what}".replace(";", ",").encode() + b";"
+            )
             if used + len(entry) > self.TEXT_BYTES:
                 break
             encoded.append(entry)
@@ -231,15 +275,23 @@ class RankTable:
         start = rank * self.SLOT_BYTES
         order, code, *_ = self._head(rank)
         self._HEAD.pack_into(self._memory, start, order, code, 0, 0, 0, 0)
-        self._memory[start + self._HEAD.size:start + self._HEAD.size + len(data)] = data
-        self._HEAD.pack_into(self._memory, start, order, code, len(data), len(encoded),
-                             len(receives) - len(encoded), payloads)
+        self._memory[start + self._HEAD.size : start + self._HEAD.size + len(data)] = data
+        self._HEAD.pack_into(
+            self._memory,
+            start,
+            order,
+            code,
+            len(data),
+            len(encoded),
+            len(receives) - len(encoded),
+            payloads,
+        )
 
     def open_receives(self, rank: int) -> OpenReceives:
         """What `rank` was receiving, as the rank last wrote it."""
         _, _, length, shown, more, payloads = self._head(rank)
         start = rank * self.SLOT_BYTES + self._HEAD.size
-        entries = self._memory[start:start + length].decode().split(";")[:shown]
+        entries = self._memory[start : start + length].decode().split(";")[:shown]
         receives = []
         for entry in entries:
             peer, kind, what = entry.split(" ", 2)
@@ -283,10 +335,14 @@ def received(peer: int, kind: str) -> None:
 
 
 def _publish() -> None:
-    _TABLE.write_receives(_RANK, [OpenReceive(peer, kind, what) for (peer, kind), what in _open.items()])
+    _TABLE.write_receives(
+        _RANK, [OpenReceive(peer, kind, what) for (peer, kind), what in _open.items()]
+    )
 
 
-def death_verdict(table: RankTable, rank: int, label: Callable[[int], str] = "node {}".format) -> Verdict:
+def death_verdict(
+    table: RankTable, rank: int, label: Callable[[int], str] = "node {}".format
+) -> Verdict:
     """Who to blame for `rank`'s death as its launcher saw it.
 
     Killed by SIGABRT while receiving: some sender put more on the wire than the receive posted for
@@ -302,13 +358,23 @@ def death_verdict(table: RankTable, rank: int, label: Callable[[int], str] = "no
     payloads = receives.payload_senders()
     if code == -signal.SIGABRT and receives.payloads == 1 and len(payloads) == 1:
         (payload,) = payloads
-        others = OpenReceives(tuple(r for r in receives.shown if r is not payload), 0, receives.more)
+        others = OpenReceives(
+            tuple(r for r in receives.shown if r is not payload), 0, receives.more
+        )
         also = f" (also open: {others.words(label)})" if others.shown or others.more else ""
-        return Verdict(payload.peer, f"{label(rank)} was killed by gloo (SIGABRT) while receiving "
-                                     f"{label(payload.peer)}'s {payload.what}{also}: {label(payload.peer)} sent more "
-                                     "than its header announced", source=source)
+        return Verdict(
+            payload.peer,
+            f"{label(rank)} was killed by gloo (SIGABRT) while receiving "
+            f"{label(payload.peer)}'s {payload.what}{also}: {label(payload.peer)} sent more "
+            "than its header announced",
+            source=source,
+        )
     if code == -signal.SIGABRT and (receives.shown or receives.more):
-        return Verdict(rank, f"{label(rank)} was killed by gloo (SIGABRT) while receiving {receives.words(label)}: "
-                             "one of them sent more than it announced", source=source)
+        return Verdict(
+            rank,
+            f"{label(rank)} was killed by gloo (SIGABRT) while receiving {receives.words(label)}: "
+            "one of them sent more than it announced",
+            source=source,
+        )
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
     return Verdict(rank, f"{label(rank)} died ({how})", source=source)

@@ -18,6 +18,7 @@ from dpsgd.divergence import finite_or_none
 from dpsgd.progress import RoundsReached, startup_step
 from dpsgd.run_outputs import NodeLog, publish, publish_sketch
 
+
 @dataclass(frozen=True)
 class EvalSchedule:
     """Evaluate every `every` rounds and always at the last round, so a run ends measured."""
@@ -59,8 +60,14 @@ class _Phase:
 class RoundRecorder:
     """Turns one round's numbers into a JSONL line, and publishes evaluated rounds."""
 
-    def __init__(self, node: int, log: NodeLog, store: dist.Store, schedule: EvalSchedule,
-                 sketch: ModelSketch | None = None):
+    def __init__(
+        self,
+        node: int,
+        log: NodeLog,
+        store: dist.Store,
+        schedule: EvalSchedule,
+        sketch: ModelSketch | None = None,
+    ):
         """`sketch`: what an evaluated round publishes of the model for the consensus distance (None: nothing)."""
         self.node = node
         self.log = log
@@ -68,7 +75,9 @@ class RoundRecorder:
         self.schedule = schedule
         self.sketch = sketch
         self.started = time.monotonic()
-        self.reached = RoundsReached()  # rank 0's progress line reads its first node's (`dpsgd.progress`)
+        self.reached = (
+            RoundsReached()
+        )  # rank 0's progress line reads its first node's (`dpsgd.progress`)
 
     def start_clock(self, offset_s: float = 0.0) -> None:
         """time_s counts from here (after the start barrier), plus the time before a resume."""
@@ -77,19 +86,35 @@ class RoundRecorder:
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
-    def record(self, round_number: int, clock: PhaseClock, byte_counts, model: torch.Tensor | None = None,
-               **metrics) -> dict:
-        record = {"node": self.node, "round": round_number, "time_s": time.monotonic() - self.started,
-                  **clock.seconds, "bytes_sent": byte_counts.sent, "bytes_sent_data": byte_counts.sent_data,
-                  "bytes_sent_meta": byte_counts.sent_meta, "bytes_recv": byte_counts.recv,
-                  "bytes_recv_data": byte_counts.recv_data, "bytes_recv_meta": byte_counts.recv_meta,
-                  **{k: finite_or_none(v) for k, v in metrics.items()}}
+    def record(
+        self,
+        round_number: int,
+        clock: PhaseClock,
+        byte_counts,
+        model: torch.Tensor | None = None,
+        **metrics,
+    ) -> dict:
+        record = {
+            "node": self.node,
+            "round": round_number,
+            "time_s": time.monotonic() - self.started,
+            **clock.seconds,
+            "bytes_sent": byte_counts.sent,
+            "bytes_sent_data": byte_counts.sent_data,
+            "bytes_sent_meta": byte_counts.sent_meta,
+            "bytes_recv": byte_counts.recv,
+            "bytes_recv_data": byte_counts.recv_data,
+            "bytes_recv_meta": byte_counts.recv_meta,
+            **{k: finite_or_none(v) for k, v in metrics.items()},
+        }
         self.log.write(record)
         if self.reached.latest[0] == 0:
             startup_step("first round done", show=False)
         self.reached.note(round_number, byte_counts.sent)
         if self.schedule.due(round_number):
-            if self.sketch is not None and model is not None:  # first: the aggregator reads it with the record
+            if (
+                self.sketch is not None and model is not None
+            ):  # first: the aggregator reads it with the record
                 publish_sketch(self.store, self.node, round_number, self.sketch(model))
             publish(self.store, self.node, record)
         return record

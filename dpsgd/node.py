@@ -26,19 +26,21 @@ if TYPE_CHECKING:
 class Node:
     rank: int
     topology: Topology
-    flat: torch.Tensor                      # the model's parameters, as one vector
+    flat: torch.Tensor  # the model's parameters, as one vector
     trainer: Trainer
     sharing: Sharing
-    merge: MergeRule                        # how received values enter the model (sharing.merge)
-    link: "NodePort"                        # what the rank's transport keeps for this node (its byte counts)
+    merge: MergeRule  # how received values enter the model (sharing.merge)
+    link: "NodePort"  # what the rank's transport keeps for this node (its byte counts)
     recorder: RoundRecorder
     schedule: EvalSchedule
     evaluate: Callable[[], dict[str, float]]
-    rng: np.random.Generator                # this node's algorithm-level choices (RWM's next neighbour)
-    checkpoints: "Checkpoints | None" = None  # saves this node's state every checkpoint.every rounds
+    rng: np.random.Generator  # this node's algorithm-level choices (RWM's next neighbour)
+    checkpoints: "Checkpoints | None" = (
+        None  # saves this node's state every checkpoint.every rounds
+    )
     divergence: DivergenceWatch | None = None  # notes non-finite training; says when to stop
-    liveness: Liveness | None = None          # heartbeat: what this node is doing, for failure verdicts
-    phase: str | None = None                  # hybrid runs: the pattern the node is in, written in each record
+    liveness: Liveness | None = None  # heartbeat: what this node is doing, for failure verdicts
+    phase: str | None = None  # hybrid runs: the pattern the node is in, written in each record
 
     def clock(self) -> PhaseClock:
         """This round's phase timer; entering a phase also tells the heartbeat (dpsgd.liveness)."""
@@ -54,7 +56,9 @@ class Node:
     def note_divergence(self, round_number: int, batch_loss: float) -> None:
         """After a round: tell the run's divergence watch how this node's round ended."""
         if self.divergence is not None:
-            self.divergence.note(self.rank, round_number, batch_loss, self.flat, self.schedule.due(round_number))
+            self.divergence.note(
+                self.rank, round_number, batch_loss, self.flat, self.schedule.due(round_number)
+            )
 
     def checkpoint(self, round_number: int, algorithm_state: dict) -> None:
         """After a round: save the node's state if a checkpoint is due (algorithms call this)."""

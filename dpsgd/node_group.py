@@ -33,9 +33,9 @@ class NodeGroup:
     """The nodes one rank hosts, and what they share."""
 
     nodes: list[Node]
-    rows: torch.Tensor                     # [group, P]: row g is node nodes[g]'s flat model
-    spare: torch.Tensor                    # [group, P]: whole models are averaged here, then swapped in (or: a
-                                           # snapshot of the rows that in-place merges read)
+    rows: torch.Tensor  # [group, P]: row g is node nodes[g]'s flat model
+    spare: torch.Tensor  # [group, P]: whole models are averaged here, then swapped in (or: a
+    # snapshot of the rows that in-place merges read)
     transport: RoundTransport | WalkTransport
     trainer: "StackedMFTrainer | NodeByNode"
     liveness: Liveness
@@ -92,4 +92,5 @@ def rank_label(nodes_per_rank: int) -> Callable[[int], str]:
     def label(rank: int) -> str:
         hosted = hosted_nodes(rank, nodes_per_rank)
         return f"rank {rank} (nodes {hosted[0]}-{hosted[-1]})"
+
     return label

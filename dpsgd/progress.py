@@ -37,7 +37,9 @@ def startup_step(step: str, message: str | None = None, show: bool = True) -> No
         print(f"[dpsgd] {message}", flush=True)
     path = os.environ.get(STARTUP_TRACE_ENV)
     if path:
-        line = json.dumps({"step": step, "pid": os.getpid(), "wall": time.time(), "cpu": time.process_time()})
+        line = json.dumps(
+            {"step": step, "pid": os.getpid(), "wall": time.time(), "cpu": time.process_time()}
+        )
         # One short write in append mode: the lines of several processes do not interleave.
         with open(path, "a") as trace:
             trace.write(line + "\n")
@@ -46,8 +48,8 @@ def startup_step(step: str, message: str | None = None, show: bool = True) -> No
 # + "started" / "ready": how many ranks got that far (`RankArrivals`), counted in the run's own
 # namespace of the store (`run_store`): a torchrun sweep's jobs and restarts share one store.
 STARTUP_KEY = "startup/"
-STARTUP_QUIET_S = 2.0      # a start-up quicker than this says nothing about ranks
-STARTUP_EVERY_S = 5.0      # then a line at least this often while ranks are still starting
+STARTUP_QUIET_S = 2.0  # a start-up quicker than this says nothing about ranks
+STARTUP_EVERY_S = 5.0  # then a line at least this often while ranks are still starting
 
 
 def run_store(store, run_key: str):
@@ -72,8 +74,14 @@ class RankArrivals:
     counts change, at most every `every_s` seconds, until every rank is ready.
     """
 
-    def __init__(self, store, world_size: int, quiet_s: float = STARTUP_QUIET_S, every_s: float = STARTUP_EVERY_S,
-                 stream: TextIO | None = None):
+    def __init__(
+        self,
+        store,
+        world_size: int,
+        quiet_s: float = STARTUP_QUIET_S,
+        every_s: float = STARTUP_EVERY_S,
+        stream: TextIO | None = None,
+    ):
         self.store = store
         self.world_size = world_size
         self.quiet_s = quiet_s
@@ -107,8 +115,11 @@ class RankArrivals:
                 return
             if (started, ready) != said:
                 n = self.world_size
-                print(f"[dpsgd] ranks: {started} of {n} started, {ready} of {n} have built their nodes",
-                      file=self.stream or sys.stdout, flush=True)
+                print(
+                    f"[dpsgd] ranks: {started} of {n} started, {ready} of {n} have built their nodes",
+                    file=self.stream or sys.stdout,
+                    flush=True,
+                )
                 said = (started, ready)
             if self._stop.wait(self.every_s):
                 return
@@ -136,8 +147,16 @@ def shares_console() -> bool:
 class ProgressLine:
     """Rank 0's one progress line: a live tqdm bar on a terminal, else plain lines every `every_s`."""
 
-    def __init__(self, rounds: int, metric_name: str, reached: RoundsReached | None, first_round: int = 0,
-                 every_s: float = 10.0, stream: TextIO | None = None, live: bool | None = None):
+    def __init__(
+        self,
+        rounds: int,
+        metric_name: str,
+        reached: RoundsReached | None,
+        first_round: int = 0,
+        every_s: float = 10.0,
+        stream: TextIO | None = None,
+        live: bool | None = None,
+    ):
         """`first_round`: the round a resumed run starts after (rounds per second count this process's own).
 
         `live`: None decides from the stream (a terminal no other rank writes to).
@@ -166,10 +185,18 @@ class ProgressLine:
         if self.live:
             from tqdm import tqdm  # imported here: only a live line needs it
 
-            self._bar = tqdm(total=self.rounds, initial=self.first_round, unit="round", file=self.stream,
-                             desc="[dpsgd]", dynamic_ncols=True, leave=True, mininterval=0.2,
-                             bar_format="{desc} {n_fmt}/{total_fmt} rounds |{bar}| {rate_fmt} | {remaining} left"
-                                        "{postfix}")
+            self._bar = tqdm(
+                total=self.rounds,
+                initial=self.first_round,
+                unit="round",
+                file=self.stream,
+                desc="[dpsgd]",
+                dynamic_ncols=True,
+                leave=True,
+                mininterval=0.2,
+                bar_format="{desc} {n_fmt}/{total_fmt} rounds |{bar}| {rate_fmt} | {remaining} left"
+                "{postfix}",
+            )
 
     def tick(self) -> None:
         """Called often (every poll of the aggregator): redraw the live line, or print a plain line when due."""
@@ -178,10 +205,15 @@ class ProgressLine:
             if self._bar is not None:
                 self._bar.set_postfix_str(self._bar_postfix(), refresh=False)
                 self._bar.update(self._round - self._bar.n)
-            elif time.monotonic() - self._last_line >= self.every_s and self._round > self.first_round:
+            elif (
+                time.monotonic() - self._last_line >= self.every_s
+                and self._round > self.first_round
+            ):
                 self._print(self.line())
 
-    def evaluated(self, round_number: int, metrics: dict[str, float], bytes_sent: float | None = None) -> None:
+    def evaluated(
+        self, round_number: int, metrics: dict[str, float], bytes_sent: float | None = None
+    ) -> None:
         """An evaluated round every node reported: its line is printed (kept above a live bar).
 
         `metrics`: the across-node means of test_loss and test_acc; `bytes_sent`: the mean bytes a

@@ -31,18 +31,26 @@ if TYPE_CHECKING:
     from dpsgd.metrics import EvalSchedule
 
 METRICS_PREFIX = "metrics"
-SKETCH_PREFIX = "sketch"          # a node's model sketch per evaluated round (`dpsgd.consensus`)
+SKETCH_PREFIX = "sketch"  # a node's model sketch per evaluated round (`dpsgd.consensus`)
 DONE_PREFIX = "done"
-STOP_PREFIX = "stop"              # a node's evaluated record of the round it stopped after
+STOP_PREFIX = "stop"  # a node's evaluated record of the round it stopped after
 STOP_SKETCH_PREFIX = "stop_sketch"  # and its model's sketch then
 SWITCH_KEY = "hybrid/switch_round"  # the round after which a hybrid run's nodes switched to D-PSGD
-RESUME_AGGREGATED_KEY = "resume/aggregated"  # on resume: the last round rank 0 had aggregated before
-CONSENSUS_FILE = "consensus.jsonl"  # per evaluated round: the consensus distance of the nodes' models
+RESUME_AGGREGATED_KEY = (
+    "resume/aggregated"  # on resume: the last round rank 0 had aggregated before
+)
+CONSENSUS_FILE = (
+    "consensus.jsonl"  # per evaluated round: the consensus distance of the nodes' models
+)
 POLL_INTERVAL_S = 0.2
 
 
 CURVE_KEYS = ("train_loss", "test_loss", "test_acc", "bytes_sent")
-EVALUATED_KEYS = ("test_loss", "test_acc", "train_loss")  # what a node's evaluation adds to its record
+EVALUATED_KEYS = (
+    "test_loss",
+    "test_acc",
+    "train_loss",
+)  # what a node's evaluation adds to its record
 
 
 def node_log_path(run_dir: Path, node: int) -> Path:
@@ -61,14 +69,17 @@ class NodeLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if keep_through_round and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if _round_of(line) is not None and _round_of(line) <= keep_through_round]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if _round_of(line) is not None and _round_of(line) <= keep_through_round
+            ]
         # The kept lines replace the file in one step, so an interruption here loses no round.
         write_atomic(path, "".join(line + "\n" for line in kept))
         self._file = open(path, "a", buffering=1)
         self.kept_records = [json.loads(line) for line in kept]
         self.last_record: dict | None = None  # the last line written by this process
-        self._last_start = 0                  # where that line starts in the file
+        self._last_start = 0  # where that line starts in the file
 
     def write(self, record: dict) -> None:
         self._last_start = self._file.tell()
@@ -116,13 +127,18 @@ def _metrics_key(round_number: int, node: int) -> str:
 
 def publish_sketch(store: dist.Store, node: int, round_number: int, sketch: np.ndarray) -> None:
     """The node's model sketch for an evaluated round, published before its record."""
-    store.set(f"{SKETCH_PREFIX}/{round_number}/{node}", np.asarray(sketch, dtype=np.float64).tobytes())
+    store.set(
+        f"{SKETCH_PREFIX}/{round_number}/{node}", np.asarray(sketch, dtype=np.float64).tobytes()
+    )
 
 
 def publish_skipped(store: dist.Store, node: int, round_number: int) -> None:
     """An evaluated round this node never ran (a hybrid run's walk stopped before it), so the
     aggregator does not wait for it."""
-    store.set(_metrics_key(round_number, node), json.dumps({"node": node, "round": round_number, "skipped": True}))
+    store.set(
+        _metrics_key(round_number, node),
+        json.dumps({"node": node, "round": round_number, "skipped": True}),
+    )
 
 
 def publish_at_stop(store: dist.Store, node: int, record: dict, sketch: np.ndarray | None) -> None:
@@ -151,7 +167,9 @@ class RunInfo:
     algorithm: str
     sharing: str
     metric_name: str  # what test_loss means: "rmse" or "cross_entropy"
-    spectral_gap: float | None  # of the graph's Metropolis-Hastings matrix (None: the mixing changes)
+    spectral_gap: (
+        float | None
+    )  # of the graph's Metropolis-Hastings matrix (None: the mixing changes)
     # What the task scores without learning (test_loss, test_acc): the line figures draw a result against.
     no_learning: dict[str, float] | None = None
 
@@ -164,9 +182,18 @@ def summarize(records: list[dict]) -> dict:
 class Aggregator:
     """Rank 0's reader of published records: TensorBoard curves, progress line, summary.json."""
 
-    def __init__(self, store: dist.Store, run_dir: Path, info: RunInfo, eval_rounds: list[int],
-                 per_node_tb: bool = False, progress: bool = True, earlier_rounds: list[dict] | None = None,
-                 reached: RoundsReached | None = None, progress_every_s: float = 10.0):
+    def __init__(
+        self,
+        store: dist.Store,
+        run_dir: Path,
+        info: RunInfo,
+        eval_rounds: list[int],
+        per_node_tb: bool = False,
+        progress: bool = True,
+        earlier_rounds: list[dict] | None = None,
+        reached: RoundsReached | None = None,
+        progress_every_s: float = 10.0,
+    ):
         """`earlier_rounds`: on resume, the aggregates already written before the interruption.
 
         `reached`: how far rank 0's first node got (round, bytes), for the progress line between
@@ -179,14 +206,25 @@ class Aggregator:
         aggregated_through = self.per_round[-1]["round"] if self.per_round else 0
         self.pending = [r for r in eval_rounds if r > aggregated_through]
         self.per_node_tb = per_node_tb
-        self._progress = ProgressLine(info.rounds, info.metric_name, reached, first_round=aggregated_through,
-                                      every_s=progress_every_s) if progress else None
+        self._progress = (
+            ProgressLine(
+                info.rounds,
+                info.metric_name,
+                reached,
+                first_round=aggregated_through,
+                every_s=progress_every_s,
+            )
+            if progress
+            else None
+        )
         self._stop = threading.Event()
-        self._started = time.monotonic()       # origin of wall_s (moved back on resume)
+        self._started = time.monotonic()  # origin of wall_s (moved back on resume)
         # On resume, events after the last aggregated round are dropped: they are logged again.
         self._writer = _summary_writer(self.run_dir / "tb", purge_after=aggregated_through)
         bytes_through = int(self.per_round[-1]["bytes_sent"]["mean"]) if self.per_round else 0
-        self._bytes_writer = _summary_writer(self.run_dir / "tb" / "vs_bytes", purge_after=bytes_through)
+        self._bytes_writer = _summary_writer(
+            self.run_dir / "tb" / "vs_bytes", purge_after=bytes_through
+        )
         self._node_writers = {}
         self._thread = threading.Thread(target=self._loop, name="dpsgd-aggregator", daemon=True)
 
@@ -211,7 +249,9 @@ class Aggregator:
         if self._progress is not None:
             self._progress.close()
         done_keys = [f"{DONE_PREFIX}/{node}" for node in range(self.info.nodes)]
-        summary = self._summary([int(raw) for raw in self.store.multi_get(done_keys)], self._at_stop())
+        summary = self._summary(
+            [int(raw) for raw in self.store.multi_get(done_keys)], self._at_stop()
+        )
         summary["diverged"] = diverged
         if self.store.check([SWITCH_KEY]):
             summary["switch_round"] = int(self.store.get(SWITCH_KEY))
@@ -232,11 +272,17 @@ class Aggregator:
             return None
         records = [json.loads(raw) for raw in self.store.multi_get(keys)]
         sketch_keys = [f"{STOP_SKETCH_PREFIX}/{node}" for node in nodes]
-        sketches = ([np.frombuffer(raw, dtype=np.float64) for raw in self.store.multi_get(sketch_keys)]
-                    if self.store.check(sketch_keys) else [])
+        sketches = (
+            [np.frombuffer(raw, dtype=np.float64) for raw in self.store.multi_get(sketch_keys)]
+            if self.store.check(sketch_keys)
+            else []
+        )
         consensus = finite_or_none(consensus_distance(sketches)) if len(sketches) > 1 else None
-        return {"round": max(record["round"] for record in records), **summarize(records),
-                "consensus_distance": consensus}
+        return {
+            "round": max(record["round"] for record in records),
+            **summarize(records),
+            "consensus_distance": consensus,
+        }
 
     def _loop(self) -> None:
         while not self._stop.wait(POLL_INTERVAL_S):
@@ -270,13 +316,21 @@ class Aggregator:
         keys = [f"{SKETCH_PREFIX}/{round_number}/{record['node']}" for record in records]
         # Every record's sketch is there (published before it), unless sketching is off or a resumed
         # run republished records it had logged: then ask key by key.
-        present = keys if self.store.check(keys) else [key for key in keys if self.store.check([key])]
-        sketches = [np.frombuffer(raw, dtype=np.float64) for raw in self.store.multi_get(present)] if present else []
+        present = (
+            keys if self.store.check(keys) else [key for key in keys if self.store.check([key])]
+        )
+        sketches = (
+            [np.frombuffer(raw, dtype=np.float64) for raw in self.store.multi_get(present)]
+            if present
+            else []
+        )
         for key in present:
             self.store.delete_key(key)
         return finite_or_none(consensus_distance(sketches)) if len(sketches) > 1 else None
 
-    def _log_round(self, round_number: int, records: list[dict], consensus: float | None = None) -> None:
+    def _log_round(
+        self, round_number: int, records: list[dict], consensus: float | None = None
+    ) -> None:
         stats = summarize(records)
         self.per_round.append({"round": round_number, **stats, "consensus_distance": consensus})
         for key in CURVE_KEYS:
@@ -307,21 +361,33 @@ class Aggregator:
 
     def _write_consensus(self) -> None:
         """consensus.jsonl, rewritten whole from the aggregates (so a resumed run continues it)."""
-        lines = [json.dumps({"round": entry["round"], "consensus_distance": entry.get("consensus_distance"),
-                             "nodes_reporting": entry["nodes_reporting"]}) for entry in self.per_round]
+        lines = [
+            json.dumps(
+                {
+                    "round": entry["round"],
+                    "consensus_distance": entry.get("consensus_distance"),
+                    "nodes_reporting": entry["nodes_reporting"],
+                }
+            )
+            for entry in self.per_round
+        ]
         write_atomic(self.run_dir / CONSENSUS_FILE, "".join(line + "\n" for line in lines))
 
     def _log_nodes(self, round_number: int, records: list[dict]) -> None:
         for record in records:
             node = record["node"]
             if node not in self._node_writers:
-                self._node_writers[node] = _summary_writer(self.run_dir / "tb" / "nodes" / str(node))
+                self._node_writers[node] = _summary_writer(
+                    self.run_dir / "tb" / "nodes" / str(node)
+                )
             for key in CURVE_KEYS:
                 if record.get(key) is not None:
                     self._node_writers[node].add_scalar(key, record[key], round_number)
 
     def _write_summary(self, summary: dict) -> None:
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n")
+        write_atomic(
+            self.run_dir / "summary.json", json.dumps(summary, indent=1, allow_nan=False) + "\n"
+        )
 
     def _summary(self, rounds_per_node: list[int] | None, at_stop: dict | None = None) -> dict:
         """`final` is the end of the run (`at_stop`: each node evaluated when it stopped; RWM nodes
@@ -334,15 +400,28 @@ class Aggregator:
             reached = self.per_round[-1]["round"] if self.per_round else 0
             rounds_per_node = [reached] * info.nodes
         rounds_min = min(rounds_per_node)
-        complete = [entry for entry in self.per_round
-                    if entry["round"] <= rounds_min and entry["nodes_reporting"] == info.nodes]
+        complete = [
+            entry
+            for entry in self.per_round
+            if entry["round"] <= rounds_min and entry["nodes_reporting"] == info.nodes
+        ]
         return {
-            "nodes": info.nodes, "rounds": info.rounds, "rounds_completed": rounds_min,
-            "rounds_min": rounds_min, "rounds_max": max(rounds_per_node), "rounds_per_node": rounds_per_node,
-            "num_parameters": info.num_parameters, "model": info.model, "dataset": info.dataset,
-            "algorithm": info.algorithm, "sharing": info.sharing, "test_loss_metric": info.metric_name,
-            "spectral_gap": info.spectral_gap, "no_learning": info.no_learning,
-            "wall_s": time.monotonic() - self._started, "in_progress": not self._stop.is_set(),
+            "nodes": info.nodes,
+            "rounds": info.rounds,
+            "rounds_completed": rounds_min,
+            "rounds_min": rounds_min,
+            "rounds_max": max(rounds_per_node),
+            "rounds_per_node": rounds_per_node,
+            "num_parameters": info.num_parameters,
+            "model": info.model,
+            "dataset": info.dataset,
+            "algorithm": info.algorithm,
+            "sharing": info.sharing,
+            "test_loss_metric": info.metric_name,
+            "spectral_gap": info.spectral_gap,
+            "no_learning": info.no_learning,
+            "wall_s": time.monotonic() - self._started,
+            "in_progress": not self._stop.is_set(),
             "final": at_stop if at_stop is not None else complete[-1] if complete else None,
             "per_round": self.per_round,
         }
@@ -353,11 +432,16 @@ def earlier_rounds(run_dir: Path, through_round: int) -> list[dict]:
     path = Path(run_dir) / "summary.json"
     if not through_round or not path.exists():
         return []
-    return [entry for entry in json.loads(path.read_text())["per_round"] if entry["round"] <= through_round]
+    return [
+        entry
+        for entry in json.loads(path.read_text())["per_round"]
+        if entry["round"] <= through_round
+    ]
 
 
-def republish_kept_rounds(store: dist.Store, node: int, log: NodeLog, after_round: int,
-                          schedule: "EvalSchedule") -> None:
+def republish_kept_rounds(
+    store: dist.Store, node: int, log: NodeLog, after_round: int, schedule: "EvalSchedule"
+) -> None:
     """On resume: evaluated rounds that rank 0 had not aggregated yet are published again."""
     for record in log.kept_records:
         if record["round"] > after_round and schedule.due(record["round"]):
@@ -368,4 +452,6 @@ def _summary_writer(log_dir: Path, purge_after: int = 0):
     # Imported here: tensorboard's import is slow and only rank 0 needs it.
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(log_dir), flush_secs=5, purge_step=purge_after + 1 if purge_after else None)
+    return SummaryWriter(
+        log_dir=str(log_dir), flush_secs=5, purge_step=purge_after + 1 if purge_after else None
+    )

@@ -29,12 +29,12 @@ class Rule:
     """What one key may hold: a kind, an optional range, and an example for the message."""
 
     key: str
-    kind: str                  # "whole", "number", "flag", "text" or "fractions"
+    kind: str  # "whole", "number", "flag", "text" or "fractions"
     low: float | None = None
     high: float | None = None
-    low_open: bool = False     # low itself is not allowed
-    high_open: bool = False    # high itself is not allowed
-    optional: bool = False     # null is allowed
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False  # high itself is not allowed
+    optional: bool = False  # null is allowed
     example: str = ""
 
     def problem(self, value) -> str | None:
@@ -43,7 +43,13 @@ class Rule:
             return None if self.optional else "must be set"
         if not _KIND_CHECKS[self.kind](value):
             return f"must be {_KIND_WORDS[self.kind]}"
-        values = list(value) if self.kind == "fractions" else [value] if self.kind in ("whole", "number") else []
+        values = (
+            list(value)
+            if self.kind == "fractions"
+            else [value]
+            if self.kind in ("whole", "number")
+            else []
+        )
         if not all(self._in_range(v) for v in values):
             return f"must be {self._range_words()}"
         return None
@@ -72,7 +78,9 @@ _KIND_CHECKS = {
     "number": _is_number,
     "flag": lambda value: isinstance(value, bool),
     "text": lambda value: isinstance(value, str),
-    "fractions": lambda value: isinstance(value, (list, tuple)) and len(value) > 0 and all(map(_is_number, value)),
+    "fractions": lambda value: (
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(map(_is_number, value))
+    ),
 }
 _KIND_WORDS = {
     "whole": "a whole number",
@@ -134,7 +142,15 @@ RULES = (
     Rule("algorithm.byte_budget", "whole", low=1, optional=True, example="50000000"),
     Rule("dataset._target_", "text", optional=True, example="mypkg.data.MyRatings"),
     Rule("dataset.name", "text", example="movielens"),
-    Rule("dataset.train_fraction", "number", low=0, high=1, low_open=True, high_open=True, example="0.7"),
+    Rule(
+        "dataset.train_fraction",
+        "number",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+        example="0.7",
+    ),
     Rule("dataset.image_size", "whole", low=1, example="84"),
     Rule("dataset.strict", "flag", example="false"),
     Rule("dataset.split_users", "flag", example="false"),
@@ -149,19 +165,26 @@ RULES = (
 
 def check_values(cfg: DictConfig) -> None:
     """Raise a ConfigError for the first key whose value has the wrong type or range."""
-    for group in ("dataset", "model"):  # `=own` without its target (dataset=own picks model=own too)
+    for group in (
+        "dataset",
+        "model",
+    ):  # `=own` without its target (dataset=own picks model=own too)
         if group in cfg and OmegaConf.is_missing(cfg[group], "_target_"):
-            raise ConfigError(f"{group}=own needs {group}._target_, the dotted path of your own {group}'s callable, "
-                              f"e.g. `{group}._target_=mypkg.{'nets.TinyNet' if group == 'model' else 'data.MyData'}`"
-                              " (dataset=own picks model=own too: `model=mf` or another model gives dpsgd's own).")
+            raise ConfigError(
+                f"{group}=own needs {group}._target_, the dotted path of your own {group}'s callable, "
+                f"e.g. `{group}._target_=mypkg.{'nets.TinyNet' if group == 'model' else 'data.MyData'}`"
+                " (dataset=own picks model=own too: `model=mf` or another model gives dpsgd's own)."
+            )
     for rule in RULES:
         value = _select(cfg, rule.key)
         if value is _ABSENT:
             continue  # a key of another group member (e.g. momentum with adam)
         problem = rule.problem(value)
         if problem is not None:
-            raise ConfigError(f"{rule.key}={value!r} {problem}. Set it on the command line or in its "
-                              f"config file, e.g. `{rule.key}={rule.example}`.")
+            raise ConfigError(
+                f"{rule.key}={value!r} {problem}. Set it on the command line or in its "
+                f"config file, e.g. `{rule.key}={rule.example}`."
+            )
 
 
 def alpha_note(cfg: DictConfig) -> str | None:
@@ -174,8 +197,11 @@ def alpha_note(cfg: DictConfig) -> str | None:
     """
     if cfg.sharing.name not in ("full", "random_alpha") or cfg.alpha == 1.0:
         return None
-    why = ("every message carries the whole model" if cfg.sharing.name == "full"
-           else "each round's fraction is drawn from sharing.alpha_list")
+    why = (
+        "every message carries the whole model"
+        if cfg.sharing.name == "full"
+        else "each round's fraction is drawn from sharing.alpha_list"
+    )
     return f"alpha={cfg.alpha} does not apply to sharing={cfg.sharing.name} ({why})"
 
 
@@ -188,43 +214,63 @@ def check_known_keys(cfg: DictConfig, choices) -> None:
     """
     declared = declared_keys(choices)
     # A `_target_` of the user's own takes the group's keys, whatever they are: its call says which it lacks.
-    own = tuple(f"{group}." for group in ("dataset", "model") if OmegaConf.select(cfg, f"{group}._target_") is not None)
-    undeclared = sorted(key for key in leaf_keys(OmegaConf.to_container(cfg, resolve=False))
-                        if key not in declared and not key.startswith(own))
+    own = tuple(
+        f"{group}."
+        for group in ("dataset", "model")
+        if OmegaConf.select(cfg, f"{group}._target_") is not None
+    )
+    undeclared = sorted(
+        key
+        for key in leaf_keys(OmegaConf.to_container(cfg, resolve=False))
+        if key not in declared and not key.startswith(own)
+    )
     if undeclared:
         key = undeclared[0]
         value = OmegaConf.select(cfg, key)
         similar = closest_keys(key, declared)
         hint = f"Did you mean {' or '.join(f'`{k}`' for k in similar)}? " if similar else ""
         more = f" (also {', '.join(undeclared[1:])})" if len(undeclared) > 1 else ""
-        raise ConfigError(f"{key}={value} is not a key of this configuration{more}: no part of dpsgd reads it, so "
-                          f"the run would silently ignore it. {hint}Drop it from the command line; "
-                          "`python train.py --help` lists every key with its meaning (a group option's keys come "
-                          "with the option, e.g. `optimizer=sgd optimizer.momentum=0.9`).")
+        raise ConfigError(
+            f"{key}={value} is not a key of this configuration{more}: no part of dpsgd reads it, so "
+            f"the run would silently ignore it. {hint}Drop it from the command line; "
+            "`python train.py --help` lists every key with its meaning (a group option's keys come "
+            "with the option, e.g. `optimizer=sgd optimizer.momentum=0.9`)."
+        )
 
 
 def _select(cfg: DictConfig, key: str):
     """The value at `key`; a value that cannot be resolved (a bad interpolation) is reported as such."""
     try:
         value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
-        return OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+        return (
+            OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+        )
     except Exception as error:  # noqa: BLE001 - omegaconf raises several kinds for one cause
-        raise ConfigError(f"{key} cannot be read from the configuration ({error}). Give it a value, "
-                          f"e.g. `{key}=...` on the command line.") from None
+        raise ConfigError(
+            f"{key} cannot be read from the configuration ({error}). Give it a value, "
+            f"e.g. `{key}=...` on the command line."
+        ) from None
 
 
-def builder_for(group: str, registry: Mapping[str, Callable], name: str | None, target: str | None,
-                hint: str) -> Callable:
+def builder_for(
+    group: str, registry: Mapping[str, Callable], name: str | None, target: str | None, hint: str
+) -> Callable:
     """`registry[name]` (`<group>.name`), or the callable `<group>._target_` names: the user's own, from their
     package, whose `name` is then only the label that logs and summaries show. One paragraph when neither fits."""
     if target is None:
         if name not in registry:
-            raise ConfigError(f"{group}.name={name!r} is not known; choose one of {list(registry)}{hint}.")
+            raise ConfigError(
+                f"{group}.name={name!r} is not known; choose one of {list(registry)}{hint}."
+            )
         return registry[name]
-    if name is None or name in registry:  # dpsgd's own name: its keys and its special cases would apply
-        raise ConfigError(f"{group}._target_={target} names your own {group}, so {group}.name must be a label of "
-                          f"your own, not {name!r}: choose `{group}=own {group}._target_={target}` (your keys: "
-                          f"`+{group}.<key>=<value>`) or an option file of your own (`--config-dir`) with a `name`.")
+    if (
+        name is None or name in registry
+    ):  # dpsgd's own name: its keys and its special cases would apply
+        raise ConfigError(
+            f"{group}._target_={target} names your own {group}, so {group}.name must be a label of "
+            f"your own, not {name!r}: choose `{group}=own {group}._target_={target}` (your keys: "
+            f"`+{group}.<key>=<value>`) or an option file of your own (`--config-dir`) with a `name`."
+        )
     from hydra.utils import get_method  # here: a config without targets needs no more of Hydra
 
     logger = logging.getLogger("hydra.utils")
@@ -232,17 +278,28 @@ def builder_for(group: str, registry: Mapping[str, Callable], name: str | None, 
     try:
         return get_method(target)
     except Exception as error:  # noqa: BLE001 - whatever importing the user's module raised
-        reason = " ".join(str(error).split()).removeprefix(f"Error loading '{target}': ")  # Hydra's own words
-        raise ConfigError(f"{group}._target_={target} cannot be imported ({reason}). Give "
-                          "the dotted path of a callable in a package Python finds, e.g. `mypkg.nets.TinyNet` for "
-                          "class TinyNet in mypkg/nets.py, with mypkg installed (`pip install -e .` in its project) "
-                          "or its folder on PYTHONPATH.") from None
+        reason = " ".join(str(error).split()).removeprefix(
+            f"Error loading '{target}': "
+        )  # Hydra's own words
+        raise ConfigError(
+            f"{group}._target_={target} cannot be imported ({reason}). Give "
+            "the dotted path of a callable in a package Python finds, e.g. `mypkg.nets.TinyNet` for "
+            "class TinyNet in mypkg/nets.py, with mypkg installed (`pip install -e .` in its project) "
+            "or its folder on PYTHONPATH."
+        ) from None
     finally:
         logger.disabled = False
 
 
-def call_target(group: str, target: str, built_by: Callable, arguments: dict, options: dict, wanted: str,
-                fits: Callable[[object], bool]):
+def call_target(
+    group: str,
+    target: str,
+    built_by: Callable,
+    arguments: dict,
+    options: dict,
+    wanted: str,
+    fits: Callable[[object], bool],
+):
     """What `built_by`, the callable `<group>._target_` names, returns when called as dpsgd calls its own builders:
     `arguments` in order, then the group's other keys; one paragraph when it does not take them or returns
     something other than `wanted`."""
@@ -250,12 +307,16 @@ def call_target(group: str, target: str, built_by: Callable, arguments: dict, op
     try:
         inspect.signature(built_by).bind(*arguments.values(), **options)
     except TypeError as error:
-        raise ConfigError(f"{group}._target_={target}: dpsgd calls {call}, but {error}. Give it those parameters "
-                          f"(`**options` takes any keys), or drop the {group} keys it does not take.") from None
+        raise ConfigError(
+            f"{group}._target_={target}: dpsgd calls {call}, but {error}. Give it those parameters "
+            f"(`**options` takes any keys), or drop the {group} keys it does not take."
+        ) from None
     except ValueError:
         pass  # no signature to check: the call itself says what does not fit
     made = built_by(*arguments.values(), **options)
     if not fits(made):
-        raise ConfigError(f"{group}._target_={target}: {call} returned {type(made).__name__}, but dpsgd needs "
-                          f"{wanted}. Return one from it (README \"Your own model or data set\").")
+        raise ConfigError(
+            f"{group}._target_={target}: {call} returned {type(made).__name__}, but dpsgd needs "
+            f'{wanted}. Return one from it (README "Your own model or data set").'
+        )
     return made

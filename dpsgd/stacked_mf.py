@@ -46,15 +46,24 @@ def stacked_applies(model_name: str, optimizer_name: str) -> bool:
 
 def sparse_sgd_applies(optimizer_name: str, options: dict) -> bool:
     """Only plain SGD leaves the untouched coordinates alone."""
-    plain = all(not options.get(key) for key in ("momentum", "weight_decay", "nesterov", "maximize"))
+    plain = all(
+        not options.get(key) for key in ("momentum", "weight_decay", "nesterov", "maximize")
+    )
     return optimizer_name == "sgd" and plain
 
 
 class StackedMFTrainer:
     """Trains every hosted node's MF for one round; each node's batches and step count are its own."""
 
-    def __init__(self, rows: torch.Tensor, layout: list[Slot], trainers: list[Trainer], task: RatingsTask, lr: float,
-                 make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None):
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        layout: list[Slot],
+        trainers: list[Trainer],
+        task: RatingsTask,
+        lr: float,
+        make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+    ):
         """`make_optimizer(params)`: the config's optimizer over one node's flat row, for every node
         (None: plain SGD with `lr` on the touched rows). Each node's Trainer then holds its row's
         optimizer, so checkpoints save and restore its state as they do alone."""
@@ -62,21 +71,33 @@ class StackedMFTrainer:
         self.task = task
         self.lr = lr
         self.slots = {slot.name: slot for slot in layout}
-        streams = [trainer.batches for trainer in trainers]  # every node's (user, item, rating), end to end
-        self.examples = tuple(torch.cat([stream.tensors[k] for stream in streams]) for k in range(3))
+        streams = [
+            trainer.batches for trainer in trainers
+        ]  # every node's (user, item, rating), end to end
+        self.examples = tuple(
+            torch.cat([stream.tensors[k] for stream in streams]) for k in range(3)
+        )
         sizes = torch.tensor([0] + [stream.num_examples for stream in streams[:-1]])
         self.first_example = torch.cumsum(sizes, 0)  # where node g's examples start in `examples`
-        for stream, start in zip(streams, self.first_example.tolist()):  # streams and group read the same tensors
-            stream.tensors = tuple(examples[start:start + stream.num_examples] for examples in self.examples)
+        for stream, start in zip(
+            streams, self.first_example.tolist()
+        ):  # streams and group read the same tensors
+            stream.tensors = tuple(
+                examples[start : start + stream.num_examples] for examples in self.examples
+            )
         self.row_params: list[torch.nn.Parameter] = []
         if make_optimizer is not None:
             self.gradients = torch.zeros_like(rows)
-            self._zero = torch.zeros((), device=rows.device)  # written back where a step's gradient was
+            self._zero = torch.zeros(
+                (), device=rows.device
+            )  # written back where a step's gradient was
             self.row_params = [torch.nn.Parameter(row, requires_grad=False) for row in rows]
             for trainer, param, gradient in zip(trainers, self.row_params, self.gradients):
                 param.grad = gradient
                 trainer.optimizer = make_optimizer([param])
-            self.gradient_views = self._slot_views(self.gradients)  # the buffers never move: viewed once
+            self.gradient_views = self._slot_views(
+                self.gradients
+            )  # the buffers never move: viewed once
         self.rebind(rows)
 
     def rebind(self, rows: torch.Tensor) -> None:
@@ -87,8 +108,12 @@ class StackedMFTrainer:
 
     def _slot_views(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each MF parameter of every node as a [group, *shape] view into a [group, P] tensor."""
-        return {name: stacked[:, self.slots[name].offset:self.slots[name].offset + self.slots[name].numel]
-                .view(stacked.shape[0], *self.slots[name].shape) for name in MF_SLOTS}
+        return {
+            name: stacked[
+                :, self.slots[name].offset : self.slots[name].offset + self.slots[name].numel
+            ].view(stacked.shape[0], *self.slots[name].shape)
+            for name in MF_SLOTS
+        }
 
     def train_round(self, only: list[int] | None = None) -> list[float]:
         """Every node's steps for this round (or only the group positions `only`, e.g. RWM's nodes
@@ -104,21 +129,33 @@ class StackedMFTrainer:
                     by_length[len(chosen)].append((node, chosen))
             for members in by_length.values():
                 nodes = torch.tensor([node for node, _ in members])
-                where = torch.stack([chosen for _, chosen in members]) + self.first_example[nodes, None]
+                where = (
+                    torch.stack([chosen for _, chosen in members]) + self.first_example[nodes, None]
+                )
                 where = where.to(self.examples[0].device)
                 batch = [examples[where] for examples in self.examples]  # [nodes, batch] each
                 totals[nodes] += self._step(nodes.to(where.device), *batch).double().cpu()
         return [totals[g].item() / max(1, steps[g]) for g in positions]
 
-    def _step(self, nodes: torch.Tensor, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+    def _step(
+        self, nodes: torch.Tensor, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor
+    ) -> torch.Tensor:
         """One SGD step of the given nodes on their [nodes, batch] ratings; return each node's loss."""
         views = self.views
         owner = nodes[:, None].expand_as(user)
-        touched = {"user_factors": (owner, user), "item_factors": (owner, item), "user_bias": (owner, user),
-                   "item_bias": (owner, item), "offset": (nodes,)}
+        touched = {
+            "user_factors": (owner, user),
+            "item_factors": (owner, item),
+            "user_bias": (owner, user),
+            "item_bias": (owner, item),
+            "offset": (nodes,),
+        }
         leaves = {name: views[name][where].requires_grad_() for name, where in touched.items()}
         x, y = leaves["user_factors"], leaves["item_factors"]
-        error = predict(x, y, leaves["user_bias"], leaves["item_bias"], leaves["offset"][:, None]) - rating
+        error = (
+            predict(x, y, leaves["user_bias"], leaves["item_bias"], leaves["offset"][:, None])
+            - rating
+        )
         losses = self.task.example_losses(error, factor_penalty(x, y)).mean(dim=1)
         losses.sum().backward()  # nodes do not share leaves: each gets its own loss's gradient
         with torch.no_grad():

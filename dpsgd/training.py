@@ -24,7 +24,9 @@ IMAGES_EVAL_BATCH = 64
 class BatchStream:
     """Endless mini-batches: shuffled passes over the examples, a fresh shuffle per pass."""
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, generator: torch.Generator):
+    def __init__(
+        self, tensors: tuple[torch.Tensor, ...], batch_size: int, generator: torch.Generator
+    ):
         self.tensors = tensors
         self.batch_size = batch_size
         self.generator = generator
@@ -35,7 +37,9 @@ class BatchStream:
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         chosen = self.next_positions()
-        if self.tensors[0].device != chosen.device:  # the order is drawn on the CPU generator, the data may be on a GPU
+        if (
+            self.tensors[0].device != chosen.device
+        ):  # the order is drawn on the CPU generator, the data may be on a GPU
             chosen = chosen.to(self.tensors[0].device, non_blocking=True)
         return tuple(t[chosen] for t in self.tensors)
 
@@ -45,13 +49,17 @@ class BatchStream:
         if self._position >= len(self._order):
             self._order = torch.randperm(self.num_examples, generator=self.generator)
             self._position = 0
-        chosen = self._order[self._position:self._position + self.batch_size]
+        chosen = self._order[self._position : self._position + self.batch_size]
         self._position += self.batch_size
         return chosen
 
     def state_dict(self) -> dict:
         """Where the stream is: a resumed run draws exactly the batches it would have."""
-        return {"order": self._order, "position": self._position, "generator": self.generator.get_state()}
+        return {
+            "order": self._order,
+            "position": self._position,
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._order, self._position = state["order"], state["position"]
@@ -65,7 +73,9 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> dict[str, float]: ...
 
-    def no_learning(self, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]) -> dict[str, float]: ...
+    def no_learning(
+        self, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]
+    ) -> dict[str, float]: ...
 
 
 @dataclass
@@ -83,7 +93,9 @@ class RatingsTask:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         user, item, rating = batch
-        return self.example_losses(model(user, item) - rating, model.factor_penalty(user, item)).mean()
+        return self.example_losses(
+            model(user, item) - rating, model.factor_penalty(user, item)
+        ).mean()
 
     def example_losses(self, error: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
         """Per rating: half the squared error plus half lambda times the factor penalty."""
@@ -103,12 +115,17 @@ class RatingsTask:
             exact += (snapped == rating[part]).sum().item()
         return {"loss": math.sqrt(squared_error / len(rating)), "acc": exact / len(rating)}
 
-    def no_learning(self, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    def no_learning(
+        self, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]
+    ) -> dict[str, float]:
         """What predicting the train mean rating for everything scores on `test`: the line a
         model that learned nothing about users or items sits on (about 1.04 RMSE on MovieLens)."""
         mean, rating = train[2].double().mean(), test[2].double()
         snapped = (mean.clamp(self.min_rating, self.max_rating) * 2).round() / 2
-        return {"loss": (rating - mean).pow(2).mean().sqrt().item(), "acc": (rating == snapped).double().mean().item()}
+        return {
+            "loss": (rating - mean).pow(2).mean().sqrt().item(),
+            "acc": (rating == snapped).double().mean().item(),
+        }
 
 
 @dataclass
@@ -132,7 +149,9 @@ class ClassificationTask:
             correct += (logits.argmax(dim=1) == labels[part]).sum().item()
         return {"loss": total_loss / len(labels), "acc": correct / len(labels)}
 
-    def no_learning(self, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    def no_learning(
+        self, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]
+    ) -> dict[str, float]:
         """What always answering the train set's most common class scores on `test` (and the
         cross-entropy of predicting the train class frequencies): a stricter line than chance."""
         num_classes = int(max(train[1].max(), test[1].max())) + 1
@@ -163,18 +182,26 @@ def optimizers_without_compiler() -> None:
     for value in vars(torch.optim.Optimizer).values():
         code = getattr(value, "__code__", None)
         wrapped = getattr(value, "__wrapped__", None)
-        if (code is not None and wrapped is not None and code.co_name == "inner"
-                and code.co_filename == getattr(compile_module, "__file__", None)):
+        if (
+            code is not None
+            and wrapped is not None
+            and code.co_name == "inner"
+            and code.co_filename == getattr(compile_module, "__file__", None)
+        ):
             setattr(wrapped, "__dynamo_disable", wrapped)
 
 
 def check_optimizer(name: str, lr: float) -> None:
     """Reject an unknown optimizer or a bad learning rate (without building anything)."""
     if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.name={name!r} is not known. Choose one of "
-                          f"{sorted(OPTIMIZERS)} (for example `optimizer=sgd`).")
+        raise ConfigError(
+            f"optimizer.name={name!r} is not known. Choose one of "
+            f"{sorted(OPTIMIZERS)} (for example `optimizer=sgd`)."
+        )
     if not lr >= 0:
-        raise ConfigError(f"optimizer.lr={lr} must be a non-negative number, e.g. `optimizer.lr=0.1`.")
+        raise ConfigError(
+            f"optimizer.lr={lr} must be a non-negative number, e.g. `optimizer.lr=0.1`."
+        )
 
 
 # Adam's update touches every coordinate on every step (the dense moments decay even where the
@@ -194,13 +221,22 @@ def build_optimizer(name: str, parameters, lr: float, **options) -> torch.optim.
 class Trainer:
     """One node's local training; the optimizer (and its state) lives across rounds."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, task: Task,
-                 batches: BatchStream, local_steps: int, full_epochs: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        task: Task,
+        batches: BatchStream,
+        local_steps: int,
+        full_epochs: bool = False,
+    ):
         self.model = model
         self.optimizer = optimizer
         self.task = task
         self.batches = batches
-        self.steps_per_round = local_steps * batches.batches_per_pass if full_epochs else local_steps
+        self.steps_per_round = (
+            local_steps * batches.batches_per_pass if full_epochs else local_steps
+        )
 
     def train_round(self) -> float:
         """Run this round's optimizer steps; return the mean mini-batch loss."""

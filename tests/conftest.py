@@ -32,15 +32,25 @@ def no_learning_baseline(tmp_path: Path, *overrides: str) -> dict[str, float]:
     return baseline(compose_config(*overrides, f"cache_dir={tmp_path / 'cache'}"))
 
 
-def run_train(tmp_path: Path, *overrides: str, timeout_s: float = RANK_TEST_TIMEOUT_S,
-              check: bool = True) -> subprocess.CompletedProcess:
+def run_train(
+    tmp_path: Path, *overrides: str, timeout_s: float = RANK_TEST_TIMEOUT_S, check: bool = True
+) -> subprocess.CompletedProcess:
     """`python train.py` in a subprocess with its run directory in tmp_path/run."""
     env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
     # Overrides first: a "-m" among them must precede every positional override.
-    command = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *overrides,
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 

@@ -14,34 +14,64 @@ import pytest
 from tests.conftest import REPO, read_jsonl, run_train, wait_for_rounds
 
 TIMINGS = {"time_s", "train_s", "comm_s", "eval_s"}
-COMMON = ("nodes=4", "topology=ring", "eval.every=4", "checkpoint.every=4", "sharing=random_alpha",
-          "optimizer=adam", "optimizer.lr=0.01")
+COMMON = (
+    "nodes=4",
+    "topology=ring",
+    "eval.every=4",
+    "checkpoint.every=4",
+    "sharing=random_alpha",
+    "optimizer=adam",
+    "optimizer.lr=0.01",
+)
 
 
 def _numbers(run_dir, node):
-    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")]
+    return [
+        {k: v for k, v in r.items() if k not in TIMINGS}
+        for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
+    ]
 
 
 def test_resumed_dpsgd_run_equals_the_uninterrupted_one(tmp_path):
     run_train(tmp_path / "whole", *COMMON, "rounds=12")
     run_train(tmp_path / "parts", *COMMON, "rounds=8")
-    assert sorted(p.name for p in (tmp_path / "parts" / "run" / "checkpoints" / "0").iterdir()) == ["4.pt", "8.pt"]
+    assert sorted(p.name for p in (tmp_path / "parts" / "run" / "checkpoints" / "0").iterdir()) == [
+        "4.pt",
+        "8.pt",
+    ]
     result = run_train(tmp_path / "parts", *COMMON, "rounds=12", "resume=true")
     assert "resumed after round 8" in result.stdout
     for node in range(4):
-        assert _numbers(tmp_path / "parts" / "run", node) == _numbers(tmp_path / "whole" / "run", node)
+        assert _numbers(tmp_path / "parts" / "run", node) == _numbers(
+            tmp_path / "whole" / "run", node
+        )
     whole = json.loads((tmp_path / "whole" / "run" / "summary.json").read_text())
     parts = json.loads((tmp_path / "parts" / "run" / "summary.json").read_text())
-    assert [e["round"] for e in parts["per_round"]] == [e["round"] for e in whole["per_round"]] == [4, 8, 12]
+    assert (
+        [e["round"] for e in parts["per_round"]]
+        == [e["round"] for e in whole["per_round"]]
+        == [4, 8, 12]
+    )
     assert parts["final"]["test_loss"]["mean"] == pytest.approx(whole["final"]["test_loss"]["mean"])
 
 
 def test_an_interrupted_run_keeps_its_rounds_and_resumes_after_the_last_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
-    command = [sys.executable, str(REPO / "train.py"), "nodes=4", "topology=ring", "rounds=100000", "eval.every=2",
-               "checkpoint.every=3", f"hydra.run.dir={run_dir}", "log.progress=false"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "nodes=4",
+        "topology=ring",
+        "rounds=100000",
+        "eval.every=2",
+        "checkpoint.every=3",
+        f"hydra.run.dir={run_dir}",
+        "log.progress=false",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for_rounds(run_dir, 4, 8, timeout_s=120)
         process.send_signal(signal.SIGKILL)  # no cleanup at all: ranks die with their parent
@@ -51,7 +81,13 @@ def test_an_interrupted_run_keeps_its_rounds_and_resumes_after_the_last_checkpoi
     time.sleep(1)
     written = min(len(read_jsonl(run_dir / "nodes" / f"{n}.jsonl")) for n in range(4))
     assert written >= 8
-    overrides = ("nodes=4", "topology=ring", "eval.every=2", "checkpoint.every=3", "log.progress=false")
+    overrides = (
+        "nodes=4",
+        "topology=ring",
+        "eval.every=2",
+        "checkpoint.every=3",
+        "log.progress=false",
+    )
     run_train(tmp_path, *overrides, "rounds=24", "resume=true")
     for node in range(4):
         rounds = [r["round"] for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")]
@@ -65,11 +101,25 @@ def test_an_interrupted_run_keeps_its_rounds_and_resumes_after_the_last_checkpoi
 
 def test_resume_refuses_a_changed_configuration_or_a_missing_checkpoint(tmp_path):
     run_train(tmp_path, "nodes=4", "topology=ring", "rounds=4", "checkpoint.every=0")
-    missing = run_train(tmp_path, "nodes=4", "topology=ring", "rounds=8", "resume=true", check=False, timeout_s=120)
+    missing = run_train(
+        tmp_path, "nodes=4", "topology=ring", "rounds=8", "resume=true", check=False, timeout_s=120
+    )
     assert missing.returncode == 2 and "no round has a checkpoint" in missing.stderr
-    changed = run_train(tmp_path, "nodes=4", "topology=ring", "rounds=8", "optimizer.lr=0.5", "resume=true",
-                        check=False, timeout_s=60)
-    assert changed.returncode == 2 and "optimizer.lr" in changed.stderr and "Traceback" not in changed.stderr
+    changed = run_train(
+        tmp_path,
+        "nodes=4",
+        "topology=ring",
+        "rounds=8",
+        "optimizer.lr=0.5",
+        "resume=true",
+        check=False,
+        timeout_s=60,
+    )
+    assert (
+        changed.returncode == 2
+        and "optimizer.lr" in changed.stderr
+        and "Traceback" not in changed.stderr
+    )
 
 
 def test_rwm_resumes_from_the_latest_round_every_node_saved(tmp_path):
@@ -120,7 +170,9 @@ def test_resume_compares_the_degree_the_graph_was_built_with(tmp_path):
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
     with pytest.raises(Exception, match="topology.degree"):
         check_resumable(compose_config("nodes=4"), tmp_path)
-    saved["topology"]["kind"] = "ring"  # a ring reads no degree: the old 4 and today's 3 build the same graph
+    saved["topology"]["kind"] = (
+        "ring"  # a ring reads no degree: the old 4 and today's 3 build the same graph
+    )
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
     check_resumable(compose_config("nodes=4", "topology=ring"), tmp_path)
 
@@ -128,5 +180,7 @@ def test_resume_compares_the_degree_the_graph_was_built_with(tmp_path):
     run_train(tmp_path, "nodes=4", "rounds=1", "checkpoint.every=1", "log.progress=false")
     recorded = OmegaConf.load(run / "config.yaml")
     assert recorded.topology.degree == 3
-    run_train(tmp_path, "nodes=4", "rounds=2", "checkpoint.every=1", "log.progress=false", "resume=true")
+    run_train(
+        tmp_path, "nodes=4", "rounds=2", "checkpoint.every=1", "log.progress=false", "resume=true"
+    )
     assert len(read_jsonl(run / "nodes" / "0.jsonl")) >= 2

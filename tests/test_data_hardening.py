@@ -65,8 +65,10 @@ def movielens(tmp_path, capsys):
 
 
 def table_copy(table) -> dict:
-    return {"sizes": (table.num_users, table.num_items),
-            **{name: np.array(getattr(table, name)) for name in ("user", "item", "rating")}}
+    return {
+        "sizes": (table.num_users, table.num_items),
+        **{name: np.array(getattr(table, name)) for name in ("user", "item", "rating")},
+    }
 
 
 def assert_same_table(table, expected: dict) -> None:
@@ -78,10 +80,11 @@ def assert_same_table(table, expected: dict) -> None:
 DAMAGE = {
     "truncated rating.npy": (lambda d: truncate(d / "rating.npy"), r"rating\.npy is \d+ bytes"),
     "deleted item.npy": (lambda d: (d / "item.npy").unlink(), r"item\.npy is missing"),
-    "sizes.npy too small": (lambda d: np.save(d / "sizes.npy", np.array([1, 1])),
-                            r"sizes\.npy does not match its checksum"),
-    "no manifest (an old cache)": (lambda d: (d / "manifest.json").unlink(),
-                                   r"no manifest\.json"),
+    "sizes.npy too small": (
+        lambda d: np.save(d / "sizes.npy", np.array([1, 1])),
+        r"sizes\.npy does not match its checksum",
+    ),
+    "no manifest (an old cache)": (lambda d: (d / "manifest.json").unlink(), r"no manifest\.json"),
 }
 
 
@@ -99,13 +102,17 @@ def test_movielens_damaged_cache_is_rebuilt_with_one_line(movielens, capsys, cas
     assert "rebuilt" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sizes, why", [
-    ([2, 3], r"sizes\.npy says 2 users, but user\.npy has ids 0\.\.2"),
-    ([3, 1], r"sizes\.npy says 1 items, but item\.npy has ids 0\.\.2"),
-    ([4, 3], r"sizes\.npy says 4 users and 3 items, but user_ids\.npy"),
-])
+@pytest.mark.parametrize(
+    "sizes, why",
+    [
+        ([2, 3], r"sizes\.npy says 2 users, but user\.npy has ids 0\.\.2"),
+        ([3, 1], r"sizes\.npy says 1 items, but item\.npy has ids 0\.\.2"),
+        ([4, 3], r"sizes\.npy says 4 users and 3 items, but user_ids\.npy"),
+    ],
+)
 def test_movielens_sizes_must_cover_the_ids_even_with_a_matching_manifest(
-        movielens, capsys, sizes, why):
+    movielens, capsys, sizes, why
+):
     # Every rank would otherwise crash mid-run with an IndexError in the embedding lookup.
     csv, root, directory, table = movielens
     np.save(directory / "sizes.npy", np.array(sizes, dtype=np.int64))
@@ -116,8 +123,9 @@ def test_movielens_sizes_must_cover_the_ids_even_with_a_matching_manifest(
 
 def test_movielens_valid_cache_opens_without_parsing_or_printing(movielens, capsys, monkeypatch):
     csv, root, directory, table = movielens
-    monkeypatch.setattr(ratings, "_parse_ratings_csv",
-                        lambda path: pytest.fail("a sound cache was parsed again"))
+    monkeypatch.setattr(
+        ratings, "_parse_ratings_csv", lambda path: pytest.fail("a sound cache was parsed again")
+    )
     assert_same_table(load_movielens(csv, root), table)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
@@ -172,8 +180,10 @@ def test_damaged_cache_opened_by_many_processes_is_rebuilt_once(tmp_path):
     context = multiprocessing.get_context("fork")
     num_processes = 4
     barrier = context.Barrier(num_processes)
-    processes = [context.Process(target=_open_damaged, args=(str(target), str(builds), barrier))
-                 for _ in range(num_processes)]
+    processes = [
+        context.Process(target=_open_damaged, args=(str(target), str(builds), barrier))
+        for _ in range(num_processes)
+    ]
     for process in processes:
         process.start()
     for process in processes:
@@ -190,8 +200,9 @@ def test_manifest_checksums_only_small_files(femnist_dirs, tmp_path, monkeypatch
     load_femnist(train_dir, test_dir, tmp_path / "cache")
     directory = only_cache(tmp_path / "cache")
     files = json.loads((directory / "manifest.json").read_text())["files"]
-    assert set(files) == {f"{s}_{k}.npy" for s in ("train", "test")
-                          for k in ("images", "labels", "offsets")} | {"users.json", "report.json"}
+    assert set(files) == {
+        f"{s}_{k}.npy" for s in ("train", "test") for k in ("images", "labels", "offsets")
+    } | {"users.json", "report.json"}
     assert files["train_images.npy"]["shape"] == [12, 28, 28]
     images = files["train_images.npy"]
     assert images["dtype"] == "|u1" and "blake2b" not in images
@@ -203,13 +214,16 @@ def test_manifest_checksums_only_small_files(femnist_dirs, tmp_path, monkeypatch
 
 
 def femnist_snapshot(train, test) -> list:
-    return [(s.users, s.user_offsets.tolist(), s.labels.tolist(), np.array(s.images))
-            for s in (train, test)]
+    return [
+        (s.users, s.user_offsets.tolist(), s.labels.tolist(), np.array(s.images))
+        for s in (train, test)
+    ]
 
 
 def assert_same_snapshot(first: list, second: list) -> None:
-    for (users_a, offsets_a, labels_a, images_a), (users_b, offsets_b, labels_b, images_b) \
-            in zip(first, second):
+    for (users_a, offsets_a, labels_a, images_a), (users_b, offsets_b, labels_b, images_b) in zip(
+        first, second
+    ):
         assert (users_a, offsets_a, labels_a) == (users_b, offsets_b, labels_b)
         assert np.array_equal(images_a, images_b)
 
@@ -221,10 +235,14 @@ def _edit_users(directory: Path) -> None:
 
 
 LEAF_DAMAGE = {
-    "offsets not rising": (lambda d: np.save(d / "train_offsets.npy", np.array([0, 5, 3, 12])),
-                           r"train_offsets\.npy does not match its checksum"),
-    "truncated images": (lambda d: truncate(d / "train_images.npy", 784),
-                         r"train_images\.npy is \d+ bytes"),
+    "offsets not rising": (
+        lambda d: np.save(d / "train_offsets.npy", np.array([0, 5, 3, 12])),
+        r"train_offsets\.npy does not match its checksum",
+    ),
+    "truncated images": (
+        lambda d: truncate(d / "train_images.npy", 784),
+        r"train_images\.npy is \d+ bytes",
+    ),
     "deleted labels": (lambda d: (d / "test_labels.npy").unlink(), r"test_labels\.npy is missing"),
     "users.json edited": (_edit_users, r"users\.json does not match its checksum"),
     "users.json cut short": (lambda d: truncate(d / "users.json", 3), r"users\.json is \d+ bytes"),
@@ -253,24 +271,34 @@ def _labels_outside(directory: Path) -> None:
 
 
 LEAF_INCONSISTENT = {
-    "offsets not rising": (lambda d: np.save(d / "train_offsets.npy", np.array([0, 5, 3, 12])),
-                           r"train_offsets\.npy does not rise from 0"),
-    "offsets end short": (lambda d: np.save(d / "train_offsets.npy", np.array([0, 5, 8, 11])),
-                          r"train_offsets\.npy ends at 11, but .* hold 12 and 12 rows"),
-    "offsets do not start at 0": (lambda d: np.save(d / "test_offsets.npy", np.array([1, 2, 3, 4])),
-                                  r"test_offsets\.npy does not rise from 0"),
-    "offsets one short": (lambda d: np.save(d / "test_offsets.npy", np.array([0, 2, 4])),
-                          r"test_offsets\.npy has shape \(3,\), but users\.json lists 3"),
+    "offsets not rising": (
+        lambda d: np.save(d / "train_offsets.npy", np.array([0, 5, 3, 12])),
+        r"train_offsets\.npy does not rise from 0",
+    ),
+    "offsets end short": (
+        lambda d: np.save(d / "train_offsets.npy", np.array([0, 5, 8, 11])),
+        r"train_offsets\.npy ends at 11, but .* hold 12 and 12 rows",
+    ),
+    "offsets do not start at 0": (
+        lambda d: np.save(d / "test_offsets.npy", np.array([1, 2, 3, 4])),
+        r"test_offsets\.npy does not rise from 0",
+    ),
+    "offsets one short": (
+        lambda d: np.save(d / "test_offsets.npy", np.array([0, 2, 4])),
+        r"test_offsets\.npy has shape \(3,\), but users\.json lists 3",
+    ),
     "labels shorter than images": (
         lambda d: np.save(d / "train_labels.npy", np.load(d / "train_labels.npy")[:-1]),
-        r"train_offsets\.npy ends at 12, but .* hold 11 and 12 rows"),
+        r"train_offsets\.npy ends at 12, but .* hold 11 and 12 rows",
+    ),
     "label outside the classes": (_labels_outside, r"test_labels\.npy has labels outside 0\.\.61"),
 }
 
 
 @pytest.mark.parametrize("case", list(LEAF_INCONSISTENT))
 def test_femnist_consistency_rules_catch_what_a_matching_manifest_misses(
-        femnist_dirs, tmp_path, capsys, case):
+    femnist_dirs, tmp_path, capsys, case
+):
     train_dir, test_dir, _ = femnist_dirs
     root = tmp_path / "cache"
     expected = femnist_snapshot(*load_femnist(train_dir, test_dir, root)[:2])
@@ -317,11 +345,14 @@ def test_ratings_file_ending_with_a_newline_does_not_warn(tmp_path, capsys, newl
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("last, why", [
-    ("610,170875,3.0,", r"line 3: a field is not a number"),  # cut right after the comma
-    ("610,170875,3.", r"line 3: expected 4 fields, got 3"),
-    ("610,170875", r"line 3: expected 4 fields, got 2"),
-])
+@pytest.mark.parametrize(
+    "last, why",
+    [
+        ("610,170875,3.0,", r"line 3: a field is not a number"),  # cut right after the comma
+        ("610,170875,3.", r"line 3: expected 4 fields, got 3"),
+        ("610,170875", r"line 3: expected 4 fields, got 2"),
+    ],
+)
 def test_ratings_last_line_cut_before_its_last_field_is_an_error(tmp_path, last, why):
     csv = tmp_path / "ratings.csv"
     csv.write_bytes(f"{HEADER}\n1,1,4.0,964982703\n{last}".encode())
@@ -349,8 +380,9 @@ def escaping_names(tmp_path: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("case", ["parent", "absolute", "system file", "dot-dot inside",
-                                  "deep parent"])
+@pytest.mark.parametrize(
+    "case", ["parent", "absolute", "system file", "dot-dot inside", "deep parent"]
+)
 def test_celeba_image_name_outside_the_images_folder_is_refused(celeba_dirs, tmp_path, case):
     train_dir, _, images = celeba_dirs
     write_image(tmp_path / "outside.jpg", 99)  # a real image, so only the name check can stop it

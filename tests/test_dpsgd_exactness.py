@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from dpsgd.building import build_rank, prepare_data
-
 from dpsgd.checks import check_config
 from dpsgd.launch import spawn
 from dpsgd.topology import mh_matrix
@@ -19,7 +18,9 @@ from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config
 
 
 def _random_model(rank: int, numel: int) -> torch.Tensor:
-    return torch.from_numpy(np.random.default_rng(1000 + rank).normal(size=numel).astype(np.float32))
+    return torch.from_numpy(
+        np.random.default_rng(1000 + rank).normal(size=numel).astype(np.float32)
+    )
 
 
 def _rounds_from_random_models(cfg, nodes, tmp_path, rounds=1, peers=None, nodes_per_rank=1):
@@ -31,8 +32,13 @@ def _rounds_from_random_models(cfg, nodes, tmp_path, rounds=1, peers=None, nodes
 
     def rank_main(ctx):
         store = dist.PrefixStore("test", ctx.store)
-        dist.init_process_group("gloo", store=store, rank=ctx.rank, world_size=ctx.world_size,
-                                timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            store=store,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            timeout=timedelta(seconds=60),
+        )
         group, run = build_rank(cfg, ctx, topology, dataset, store, tmp_path, peers=peers)
         for node in group.nodes:
             node.flat.copy_(_random_model(node.rank, node.flat.numel()))
@@ -47,11 +53,22 @@ def _rounds_from_random_models(cfg, nodes, tmp_path, rounds=1, peers=None, nodes
     return topology
 
 
-@pytest.mark.parametrize("nodes,topology", [(4, "ring"), (6, "regular"), (8, "regular"), (5, "star")])
+@pytest.mark.parametrize(
+    "nodes,topology", [(4, "ring"), (6, "regular"), (8, "regular"), (5, "star")]
+)
 def test_one_round_without_training_is_w_times_x(tmp_path, nodes, topology):
     degree = "topology.degree=3" if nodes == 8 else "topology.degree=2"
-    cfg = compose_config(f"nodes={nodes}", "rounds=1", "optimizer.lr=0", "eval.every=1", "log.progress=false",
-                         f"topology={topology}", degree, "dataset.num_users=40", "dataset.num_items=90")
+    cfg = compose_config(
+        f"nodes={nodes}",
+        "rounds=1",
+        "optimizer.lr=0",
+        "eval.every=1",
+        "log.progress=false",
+        f"topology={topology}",
+        degree,
+        "dataset.num_users=40",
+        "dataset.num_items=90",
+    )
     topology_graph = _rounds_from_random_models(cfg, nodes, tmp_path)
     numel = np.load(tmp_path / "after_0.npy").size
     before = np.stack([_random_model(r, numel).numpy().astype(np.float64) for r in range(nodes)])
@@ -70,22 +87,43 @@ def test_one_round_of_partial_messages_follows_the_configured_merge_rule(tmp_pat
     from tests.test_sharing import _renormalize_reference
 
     nodes, alpha = 6, 0.5
-    cfg = compose_config(f"nodes={nodes}", "rounds=1", "optimizer.lr=0", "eval.every=1", "log.progress=false",
-                         "sharing=subsampling", f"alpha={alpha}", f"sharing.merge={merge}", "topology.degree=3",
-                         "dataset.num_users=40", "dataset.num_items=90")
+    cfg = compose_config(
+        f"nodes={nodes}",
+        "rounds=1",
+        "optimizer.lr=0",
+        "eval.every=1",
+        "log.progress=false",
+        "sharing=subsampling",
+        f"alpha={alpha}",
+        f"sharing.merge={merge}",
+        "topology.degree=3",
+        "dataset.num_users=40",
+        "dataset.num_items=90",
+    )
     topology = _rounds_from_random_models(cfg, nodes, tmp_path)
     numel = np.load(tmp_path / "after_0.npy").size
     models = [_random_model(r, numel).numpy().astype(np.float64) for r in range(nodes)]
-    masks = [subsampling_mask(stream_key(cfg.seed, "subsampling", r, 1), numel, alpha).numpy() for r in range(nodes)]
+    masks = [
+        subsampling_mask(stream_key(cfg.seed, "subsampling", r, 1), numel, alpha).numpy()
+        for r in range(nodes)
+    ]
     for node in range(nodes):
         peers = topology.neighbours(node)
-        self_weight, weights = mh_weights(topology.degree(node), {p: topology.degree(p) for p in peers})
+        self_weight, weights = mh_weights(
+            topology.degree(node), {p: topology.degree(p) for p in peers}
+        )
         w = np.array([weights[p] for p in peers])
-        values, peer_masks = np.stack([models[p] for p in peers]), np.stack([masks[p] for p in peers])
+        values, peer_masks = (
+            np.stack([models[p] for p in peers]),
+            np.stack([masks[p] for p in peers]),
+        )
         if merge == "fill_own":
             expected = self_weight * models[node] + sum(
-                wj * np.where(m, v, models[node]) for wj, m, v in zip(w, peer_masks, values))
+                wj * np.where(m, v, models[node]) for wj, m, v in zip(w, peer_masks, values)
+            )
         else:
             degrees = np.array([topology.degree(p) for p in peers])
-            expected = _renormalize_reference(models[node], degrees, w, peer_masks, values, masks[node])
+            expected = _renormalize_reference(
+                models[node], degrees, w, peer_masks, values, masks[node]
+            )
         np.testing.assert_allclose(np.load(tmp_path / f"after_{node}.npy"), expected, atol=1e-5)

@@ -27,8 +27,17 @@ def test_output_contract_is_present_and_consistent(small_run):
     assert "[dpsgd] round 30/30" in result.stdout
     assert (run_dir / "config.yaml").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("nodes", "rounds_completed", "num_parameters", "model", "dataset", "algorithm", "sharing",
-                "wall_s", "per_round"):
+    for key in (
+        "nodes",
+        "rounds_completed",
+        "num_parameters",
+        "model",
+        "dataset",
+        "algorithm",
+        "sharing",
+        "wall_s",
+        "per_round",
+    ):
         assert key in summary
     assert summary["nodes"] == 6 and summary["rounds_completed"] == 30
     config = OmegaConf.load(run_dir / "config.yaml")
@@ -39,7 +48,9 @@ def test_output_contract_is_present_and_consistent(small_run):
     assert all(entry["nodes_reporting"] == 6 for entry in summary["per_round"])
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert list((run_dir / "tb" / "vs_bytes").glob("events.out.tfevents.*"))
-    assert all(list((run_dir / "tb" / "nodes" / str(n)).glob("events.out.tfevents.*")) for n in range(6))
+    assert all(
+        list((run_dir / "tb" / "nodes" / str(n)).glob("events.out.tfevents.*")) for n in range(6)
+    )
 
     numel = summary["num_parameters"]
     degree = 4
@@ -72,12 +83,17 @@ def test_mean_test_rmse_beats_the_global_mean_predictor(small_run, tmp_path):
     run_dir, _ = small_run
     per_round = json.loads((run_dir / "summary.json").read_text())["per_round"]
     baseline = no_learning_baseline(tmp_path, *SMALL_RUN)["loss"]
-    assert per_round[-1]["test_loss"]["mean"] < baseline - 0.05  # 0.84 against 0.92 (1.88 without mu)
+    assert (
+        per_round[-1]["test_loss"]["mean"] < baseline - 0.05
+    )  # 0.84 against 0.92 (1.88 without mu)
 
 
 def _numbers(run_dir, node):
     timing = {"time_s", "train_s", "comm_s", "eval_s"}
-    return [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")]
+    return [
+        {k: v for k, v in r.items() if k not in timing}
+        for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
+    ]
 
 
 def test_same_seed_and_config_give_the_same_numbers(small_run, tmp_path):
@@ -95,23 +111,38 @@ def test_another_seed_gives_other_numbers(small_run, tmp_path):
 
 def test_real_movielens_run_learns(tmp_path, movielens_csv):
     data_dir = movielens_csv.parent.parent
-    run_train(tmp_path, "dataset=movielens", f"data_dir={data_dir}", "nodes=8", "rounds=40", "eval.every=10",
-              "train.local_steps=20")
+    run_train(
+        tmp_path,
+        "dataset=movielens",
+        f"data_dir={data_dir}",
+        "nodes=8",
+        "rounds=40",
+        "eval.every=10",
+        "train.local_steps=20",
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["num_parameters"] == (610 + 9724) * 21 + 1  # factors and biases, plus the offset mu
+    assert (
+        summary["num_parameters"] == (610 + 9724) * 21 + 1
+    )  # factors and biases, plus the offset mu
     baseline = no_learning_baseline(tmp_path, "dataset=movielens", f"data_dir={data_dir}")["loss"]
     assert 1.0 < baseline < 1.1  # about 1.04 on this split (SPEC §6)
     assert summary["final"]["test_loss"]["mean"] < baseline - 0.05
 
 
-@pytest.mark.parametrize("overrides,named", [
-    (("nodes=3", "topology.degree=4"), "topology.degree"),
-    (("topology=ring", "nodes=1"), "nodes"),
-    (("dataset=movielens", "data_dir=/nonexistent/place"), "/nonexistent/place/ml-latest-small/ratings.csv"),
-    (("optimizer.name=lbfgs2",), "optimizer.name"),
-    (("sharing.name=carrier_pigeon",), "sharing.name"),
-    (("train.local_steps=0",), "train.local_steps"),
-])
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (("nodes=3", "topology.degree=4"), "topology.degree"),
+        (("topology=ring", "nodes=1"), "nodes"),
+        (
+            ("dataset=movielens", "data_dir=/nonexistent/place"),
+            "/nonexistent/place/ml-latest-small/ratings.csv",
+        ),
+        (("optimizer.name=lbfgs2",), "optimizer.name"),
+        (("sharing.name=carrier_pigeon",), "sharing.name"),
+        (("train.local_steps=0",), "train.local_steps"),
+    ],
+)
 def test_user_mistakes_are_one_clear_paragraph(tmp_path, overrides, named):
     result = run_train(tmp_path, *overrides, check=False, timeout_s=60)
     assert result.returncode == 2

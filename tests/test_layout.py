@@ -38,8 +38,12 @@ def _module_level_imports(tree: ast.Module) -> list[str]:
 
 def _graph() -> dict[str, set[str]]:
     modules = {_module_name(path): ast.parse(path.read_text()) for path in PACKAGE.rglob("*.py")}
-    return {name: {target for target in _module_level_imports(tree) if target in modules and target != name}
-            for name, tree in modules.items()}
+    return {
+        name: {
+            target for target in _module_level_imports(tree) if target in modules and target != name
+        }
+        for name, tree in modules.items()
+    }
 
 
 def _cycle_from(start: str, graph: dict[str, set[str]]) -> list[str] | None:

@@ -30,11 +30,15 @@ CELEBA_IMAGES = CELEBA_DIR / "img_align_celeba"
 def write_shard(path: Path, users: dict[str, tuple[list, list]]) -> Path:
     """A LEAF JSON file: users in the dict's order."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "users": list(users),
-        "num_samples": [len(y) for _, y in users.values()],
-        "user_data": {user: {"x": x, "y": y} for user, (x, y) in users.items()},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "users": list(users),
+                "num_samples": [len(y) for _, y in users.values()],
+                "user_data": {user: {"x": x, "y": y} for user, (x, y) in users.items()},
+            }
+        )
+    )
     return path
 
 
@@ -74,8 +78,10 @@ def write_image(path: Path, index: int) -> None:
 @pytest.fixture
 def celeba_dirs(tmp_path):
     """Three celebrities; image i is `{i:06d}.jpg` with colour color_of(i); all present."""
-    layout = {"train": {"ann": [1, 2, 3], "bob": [4, 5], "cy": [6, 7]},
-              "test": {"ann": [8], "bob": [9], "cy": [10, 11]}}
+    layout = {
+        "train": {"ann": [1, 2, 3], "bob": [4, 5], "cy": [6, 7]},
+        "test": {"ann": [8], "bob": [9], "cy": [10, 11]},
+    }
     images = tmp_path / "img"
     for split, users in layout.items():
         shard = {}
@@ -168,7 +174,7 @@ def _bad_x(rows: int = 1, width: int = 784) -> list:
 
 
 MALFORMED = {
-    "invalid JSON": ("{\"users\": [", r"not valid JSON \(.*line 1"),
+    "invalid JSON": ('{"users": [', r"not valid JSON \(.*line 1"),
     "missing key": (json.dumps({"users": ["a"], "num_samples": [1]}), r"missing key.*user_data"),
     "x and y lengths": ({"a": (_bad_x(2), [1])}, r"user 'a': 2 x but 1 y"),
     "row width": ({"a": (_bad_x(1, 783), [1])}, r"user 'a': x must be rows of 784.*\(1, 783\)"),
@@ -197,8 +203,11 @@ def test_femnist_malformed_shard_names_file_and_user(femnist_dirs, tmp_path, cas
 def test_femnist_num_samples_mismatch_and_duplicate_user(femnist_dirs, tmp_path):
     train_dir, test_dir, _ = femnist_dirs
     bad = train_dir / "d_bad.json"
-    bad.write_text(json.dumps({"users": ["a"], "num_samples": [3],
-                               "user_data": {"a": {"x": _bad_x(), "y": [0]}}}))
+    bad.write_text(
+        json.dumps(
+            {"users": ["a"], "num_samples": [3], "user_data": {"a": {"x": _bad_x(), "y": [0]}}}
+        )
+    )
     with pytest.raises(ConfigError, match=r"d_bad.json, user 'a': num_samples says 3"):
         load_femnist(train_dir, test_dir, tmp_path / "cache")
     write_shard(bad, {"w1": (_bad_x(), [0])})  # w1 is also in b_shard.json
@@ -212,8 +221,15 @@ def test_femnist_missing_or_empty_folder(tmp_path, femnist_dirs):
     with pytest.raises(ConfigError) as error:
         load_femnist(missing, test_dir, tmp_path / "cache")
     text = str(error.value)
-    for needed in [str(missing), "does not exist", "preprocess.sh", "github.com/TalwalkarLab/leaf",
-                   "`data_dir`", "DPSGD_DATA", "`femnist/`"]:
+    for needed in [
+        str(missing),
+        "does not exist",
+        "preprocess.sh",
+        "github.com/TalwalkarLab/leaf",
+        "`data_dir`",
+        "DPSGD_DATA",
+        "`femnist/`",
+    ]:
         assert needed in text
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -249,9 +265,17 @@ def test_femnist_two_processes_share_one_build(femnist_dirs, tmp_path):
     builds = tmp_path / "builds.txt"
     outputs = [tmp_path / f"out{i}.npy" for i in range(2)]
     processes = [
-        context.Process(target=_femnist_worker,
-                        args=(str(train_dir), str(test_dir), str(tmp_path / "cache"),
-                              str(builds), str(out), barrier))
+        context.Process(
+            target=_femnist_worker,
+            args=(
+                str(train_dir),
+                str(test_dir),
+                str(tmp_path / "cache"),
+                str(builds),
+                str(out),
+                barrier,
+            ),
+        )
         for out in outputs
     ]
     for process in processes:
@@ -292,8 +316,9 @@ def test_celeba_default_size_is_84(celeba_dirs, tmp_path):
 def test_celeba_missing_image_drops_user_from_both_splits(celeba_dirs, tmp_path):
     (celeba_dirs[2] / "000005.jpg").unlink()  # one of bob's train images
     train, test, report = load_small_celeba(celeba_dirs, tmp_path / "cache")
-    assert report == LoadReport(users=2, train_samples=5, test_samples=3,
-                                dropped_users=1, dropped_images=1)
+    assert report == LoadReport(
+        users=2, train_samples=5, test_samples=3, dropped_users=1, dropped_images=1
+    )
     line = report.describe()
     assert "left out 1 users" in line and "1 image files not found" in line
     assert train.users == test.users == ["ann", "cy"]
@@ -361,9 +386,12 @@ def test_celeba_label_out_of_range(celeba_dirs, tmp_path):
 
 def make_split(counts: list[int]) -> LeafSplit:
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return LeafSplit(images=np.zeros((offsets[-1], 2, 2), np.uint8),
-                     labels=np.zeros(offsets[-1], np.int64),
-                     users=[f"u{i}" for i in range(len(counts))], user_offsets=offsets)
+    return LeafSplit(
+        images=np.zeros((offsets[-1], 2, 2), np.uint8),
+        labels=np.zeros(offsets[-1], np.int64),
+        users=[f"u{i}" for i in range(len(counts))],
+        user_offsets=offsets,
+    )
 
 
 def owner_of(split: LeafSplit, rows: np.ndarray) -> np.ndarray:
@@ -470,8 +498,9 @@ def partition_counts_ok(parts: list[np.ndarray], total: int) -> bool:
 
 def test_real_celeba_subset(real_cache):
     need(CELEBA_SUBSET / "train", CELEBA_IMAGES)
-    train, test, report = load_celeba(CELEBA_SUBSET / "train", CELEBA_SUBSET / "test",
-                                      CELEBA_IMAGES, real_cache)
+    train, test, report = load_celeba(
+        CELEBA_SUBSET / "train", CELEBA_SUBSET / "test", CELEBA_IMAGES, real_cache
+    )
     assert report == LoadReport(users=29, train_samples=696, test_samples=174)
     assert train.images.shape == (696, 84, 84, 3) and test.images.shape == (174, 84, 84, 3)
     assert (int(train.labels.sum()), int(test.labels.sum())) == (291, 83)  # smiling, per README
@@ -480,15 +509,18 @@ def test_real_celeba_subset(real_cache):
 
 def test_real_celeba_full_json_keeps_users_with_images(real_cache):
     need(CELEBA_DIR / "train", CELEBA_SUBSET / "train", CELEBA_IMAGES)
-    train, test, report = load_celeba(CELEBA_DIR / "train", CELEBA_DIR / "test",
-                                      CELEBA_IMAGES, real_cache)
+    train, test, report = load_celeba(
+        CELEBA_DIR / "train", CELEBA_DIR / "test", CELEBA_IMAGES, real_cache
+    )
     assert (report.users, report.dropped_users) == (29, 486)
     assert (report.train_samples, report.test_samples) == (696, 174)
     assert report.dropped_images == 9_060 + 2_399 - 870  # the dropped users have no images
     assert "left out 486 users" in report.describe()
-    subset, _, _ = load_celeba(CELEBA_SUBSET / "train", CELEBA_SUBSET / "test",
-                               CELEBA_IMAGES, real_cache)
+    subset, _, _ = load_celeba(
+        CELEBA_SUBSET / "train", CELEBA_SUBSET / "test", CELEBA_IMAGES, real_cache
+    )
     assert train.users == subset.users and np.array_equal(train.images, subset.images)
     with pytest.raises(ConfigError, match=r"486 of 515 CelebA users.*dataset.strict=false"):
-        load_celeba(CELEBA_DIR / "train", CELEBA_DIR / "test", CELEBA_IMAGES, real_cache,
-                    strict=True)
+        load_celeba(
+            CELEBA_DIR / "train", CELEBA_DIR / "test", CELEBA_IMAGES, real_cache, strict=True
+        )

@@ -16,19 +16,25 @@ import pytest
 import torch
 
 from dpsgd.averaging import MERGE_RULES, Contribution, merge_rule
-from dpsgd.checks import check_config
 from dpsgd.building import prepare_data
+from dpsgd.checks import check_config
 from dpsgd.experiment import run_node
 from dpsgd.launch import spawn
 from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config, read_jsonl
 
-CALLS_DIR: Path | None = None  # set by a test before the ranks fork: where each call of the rule is kept
+CALLS_DIR: Path | None = (
+    None  # set by a test before the ranks fork: where each call of the rule is kept
+)
 _calls = itertools.count()
 
 
 @merge_rule("test_median")
-def coordinate_median(flat: torch.Tensor, self_weight: float, contributions: list[Contribution],
-                      own_index: torch.Tensor | None = None) -> None:
+def coordinate_median(
+    flat: torch.Tensor,
+    self_weight: float,
+    contributions: list[Contribution],
+    own_index: torch.Tensor | None = None,
+) -> None:
     """Per coordinate, the median of the node's own value and every sender's (weights play no part)."""
     inputs = [flat.clone()]
     for contribution in contributions:
@@ -40,8 +46,10 @@ def coordinate_median(flat: torch.Tensor, self_weight: float, contributions: lis
         inputs.append(filled)
     flat.copy_(torch.stack(inputs).median(dim=0).values)
     if CALLS_DIR is not None:
-        torch.save({"inputs": torch.stack(inputs), "out": flat.clone(), "senders": len(contributions)},
-                   CALLS_DIR / f"{os.getpid()}_{next(_calls):06d}.pt")
+        torch.save(
+            {"inputs": torch.stack(inputs), "out": flat.clone(), "senders": len(contributions)},
+            CALLS_DIR / f"{os.getpid()}_{next(_calls):06d}.pt",
+        )
 
 
 def _calls_by_rank(directory: Path) -> dict[str, list[dict]]:
@@ -51,37 +59,61 @@ def _calls_by_rank(directory: Path) -> dict[str, list[dict]]:
     return calls
 
 
-PATTERNS = {"dpsgd": ("algorithm=dpsgd",), "epidemic": ("algorithm=epidemic", "algorithm.fanout=2"),
-            "hybrid": ("algorithm=hybrid", "algorithm.switch_round=3"), "rwm": ("algorithm=rwm",)}
+PATTERNS = {
+    "dpsgd": ("algorithm=dpsgd",),
+    "epidemic": ("algorithm=epidemic", "algorithm.fanout=2"),
+    "hybrid": ("algorithm=hybrid", "algorithm.switch_round=3"),
+    "rwm": ("algorithm=rwm",),
+}
 
 
 @pytest.mark.parametrize("nodes_per_rank", [1, 4])
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
-def test_a_merge_rule_registered_by_a_test_runs_in_every_pattern_and_grouping(tmp_path, pattern, nodes_per_rank):
+def test_a_merge_rule_registered_by_a_test_runs_in_every_pattern_and_grouping(
+    tmp_path, pattern, nodes_per_rank
+):
     global CALLS_DIR
     CALLS_DIR = tmp_path / "calls"
     CALLS_DIR.mkdir()
-    cfg = compose_config(*PATTERNS[pattern], "sharing.merge=test_median", "nodes=8", f"nodes_per_rank={nodes_per_rank}",
-                         "rounds=6", "eval.every=3", "topology.degree=3", "log.progress=false", "checkpoint.every=0",
-                         "dataset.num_users=80", "dataset.num_items=100", "comm.timeout_s=30",
-                         f"cache_dir={tmp_path / 'cache'}")
+    cfg = compose_config(
+        *PATTERNS[pattern],
+        "sharing.merge=test_median",
+        "nodes=8",
+        f"nodes_per_rank={nodes_per_rank}",
+        "rounds=6",
+        "eval.every=3",
+        "topology.degree=3",
+        "log.progress=false",
+        "checkpoint.every=0",
+        "dataset.num_users=80",
+        "dataset.num_items=100",
+        "comm.timeout_s=30",
+        f"cache_dir={tmp_path / 'cache'}",
+    )
     try:
         check_config(cfg, 8 // nodes_per_rank)
         dataset = prepare_data(cfg)
-        spawn(lambda ctx: run_node(cfg, ctx, tmp_path / "run", dataset), 8 // nodes_per_rank,
-              timeout_s=RANK_TEST_TIMEOUT_S)
+        spawn(
+            lambda ctx: run_node(cfg, ctx, tmp_path / "run", dataset),
+            8 // nodes_per_rank,
+            timeout_s=RANK_TEST_TIMEOUT_S,
+        )
     finally:
         CALLS_DIR = None
     calls = _calls_by_rank(tmp_path / "calls")
     assert len(calls) == 8 // nodes_per_rank  # every rank merged with the test's rule
     for call in itertools.chain(*calls.values()):
-        expected = np.median(call["inputs"].double().numpy(), axis=0)  # odd counts: a true median of the inputs
+        expected = np.median(
+            call["inputs"].double().numpy(), axis=0
+        )  # odd counts: a true median of the inputs
         if call["inputs"].shape[0] % 2:
             np.testing.assert_allclose(call["out"].numpy(), expected, rtol=0, atol=1e-6)
     senders = {call["senders"] for call in itertools.chain(*calls.values())}
     expected_senders = {"dpsgd": {3}, "hybrid": {1, 3}, "rwm": {1}}.get(pattern)
     if expected_senders is not None:
-        assert senders == expected_senders  # graph neighbours when averaging, one model at a time when walking
+        assert (
+            senders == expected_senders
+        )  # graph neighbours when averaging, one model at a time when walking
     else:
         assert max(senders) >= 1  # epidemic: however many drew the node this round
     summary_finals = [read_jsonl(tmp_path / "run" / "nodes" / f"{n}.jsonl")[-1] for n in range(8)]
@@ -93,13 +125,27 @@ def test_under_dpsgd_the_rule_s_result_is_the_model_the_next_round_starts_from(t
     global CALLS_DIR
     CALLS_DIR = tmp_path / "calls"
     CALLS_DIR.mkdir()
-    cfg = compose_config("sharing.merge=test_median", "nodes=8", "nodes_per_rank=4", "rounds=2", "optimizer.lr=0",
-                         "topology.degree=3", "log.progress=false", "checkpoint.every=0", "dataset.num_users=80",
-                         "dataset.num_items=100", f"cache_dir={tmp_path / 'cache'}")
+    cfg = compose_config(
+        "sharing.merge=test_median",
+        "nodes=8",
+        "nodes_per_rank=4",
+        "rounds=2",
+        "optimizer.lr=0",
+        "topology.degree=3",
+        "log.progress=false",
+        "checkpoint.every=0",
+        "dataset.num_users=80",
+        "dataset.num_items=100",
+        f"cache_dir={tmp_path / 'cache'}",
+    )
     try:
         check_config(cfg, 2)
         dataset = prepare_data(cfg)
-        spawn(lambda ctx: run_node(cfg, ctx, tmp_path / "run", dataset), 2, timeout_s=RANK_TEST_TIMEOUT_S)
+        spawn(
+            lambda ctx: run_node(cfg, ctx, tmp_path / "run", dataset),
+            2,
+            timeout_s=RANK_TEST_TIMEOUT_S,
+        )
     finally:
         CALLS_DIR = None
     moved = []

@@ -11,15 +11,20 @@ import time
 import pytest
 import torch.distributed as dist
 
-from dpsgd.checks import check_config
-
 from dpsgd.building import prepare_data
-
+from dpsgd.checks import check_config
 from dpsgd.experiment import run_node
 from dpsgd.launch import EXIT_NODE_FAILURE, RankFailure, spawn
 from dpsgd.liveness import CONFIRM_S, HEARTBEAT_S
 from dpsgd.training import Trainer
-from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, children_of, compose_config, read_jsonl, wait_for_rounds
+from tests.conftest import (
+    RANK_TEST_TIMEOUT_S,
+    REPO,
+    children_of,
+    compose_config,
+    read_jsonl,
+    wait_for_rounds,
+)
 
 VICTIM = 2
 DIES_IN_ROUND = 4
@@ -27,7 +32,9 @@ TIMEOUT_S = 30
 
 
 def test_killed_node_is_named_and_the_others_stop(tmp_path, monkeypatch):
-    cfg = compose_config("nodes=6", "rounds=500", "log.progress=false", f"comm.timeout_s={TIMEOUT_S}")
+    cfg = compose_config(
+        "nodes=6", "rounds=500", "log.progress=false", f"comm.timeout_s={TIMEOUT_S}"
+    )
     check_config(cfg, 6)
     dataset = prepare_data(cfg)
     original_train_round = Trainer.train_round
@@ -38,11 +45,18 @@ def test_killed_node_is_named_and_the_others_stop(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGKILL)
         return original_train_round(self)
 
-    monkeypatch.setattr(Trainer, "train_round", train_round_then_die)  # inherited by the forked ranks
+    monkeypatch.setattr(
+        Trainer, "train_round", train_round_then_die
+    )  # inherited by the forked ranks
     started = time.monotonic()
     with pytest.raises(RankFailure) as failure:
-        spawn(lambda ctx: run_node(cfg, ctx, tmp_path, dataset), 6, timeout_s=RANK_TEST_TIMEOUT_S,
-              grace_s=TIMEOUT_S + 30, quiet_failures=True)
+        spawn(
+            lambda ctx: run_node(cfg, ctx, tmp_path, dataset),
+            6,
+            timeout_s=RANK_TEST_TIMEOUT_S,
+            grace_s=TIMEOUT_S + 30,
+            quiet_failures=True,
+        )
     elapsed_s = time.monotonic() - started
 
     assert failure.value.first_failed == VICTIM
@@ -56,15 +70,22 @@ def test_killed_node_is_named_and_the_others_stop(tmp_path, monkeypatch):
         assert len(read_jsonl(tmp_path / "nodes" / f"{rank}.jsonl")) >= DIES_IN_ROUND - 2
 
 
-
-
 def test_killing_a_rank_of_a_command_line_run_ends_it_with_its_name(tmp_path):
     """The parent of forked ranks turns the death into one message and a non-zero exit."""
     env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
-    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "nodes=4",
-               "topology=ring", "rounds=1000000", f"comm.timeout_s={TIMEOUT_S}", "log.progress=false"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "nodes=4",
+        "topology=ring",
+        "rounds=1000000",
+        f"comm.timeout_s={TIMEOUT_S}",
+        "log.progress=false",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for_rounds(tmp_path / "run", 1, 1, timeout_s=60)
         ranks = children_of(process.pid)
@@ -89,15 +110,29 @@ GRACE_S = CONFIRM_S + HEARTBEAT_S
 SLACK_S = 10
 
 
-@pytest.mark.parametrize("fault, bound_s", [(signal.SIGKILL, FAULT_TIMEOUT_S + SLACK_S),
-                                            (signal.SIGSTOP, FAULT_TIMEOUT_S + GRACE_S + SLACK_S)])
+@pytest.mark.parametrize(
+    "fault, bound_s",
+    [
+        (signal.SIGKILL, FAULT_TIMEOUT_S + SLACK_S),
+        (signal.SIGSTOP, FAULT_TIMEOUT_S + GRACE_S + SLACK_S),
+    ],
+)
 def test_a_killed_or_frozen_rank_is_named_within_the_timeout_and_grace(tmp_path, fault, bound_s):
     env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
-    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "nodes=4",
-               "topology=ring", "rounds=1000000", f"comm.timeout_s={FAULT_TIMEOUT_S}", "checkpoint.every=0",
-               "log.progress=false"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "nodes=4",
+        "topology=ring",
+        "rounds=1000000",
+        f"comm.timeout_s={FAULT_TIMEOUT_S}",
+        "checkpoint.every=0",
+        "log.progress=false",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for_rounds(tmp_path / "run", 4, 2, timeout_s=120)
         ranks = children_of(process.pid)
@@ -111,5 +146,6 @@ def test_a_killed_or_frozen_rank_is_named_within_the_timeout_and_grace(tmp_path,
         process.wait()
     assert process.returncode == EXIT_NODE_FAILURE
     assert f"the first was node {VICTIM}" in stderr.strip().splitlines()[-1], stderr
-    assert ended_s < bound_s, f"the run ended {ended_s:.1f} s after {fault.name} (bound {bound_s} s)"
-
+    assert ended_s < bound_s, (
+        f"the run ended {ended_s:.1f} s after {fault.name} (bound {bound_s} s)"
+    )

@@ -25,15 +25,22 @@ SHARING = {
     "partial_renormalize": ("sharing=partial", "alpha=0.3", "sharing.merge=renormalize"),
     "random_alpha": ("sharing=random_alpha",),
     "subsampling": ("sharing=subsampling", "alpha=0.5"),
-    "full_adam": ("sharing=full", "optimizer=adam", "optimizer.lr=0.01"),  # stacked gradients, one Adam per row
-    "full_momentum": ("sharing=full", "optimizer.momentum=0.9"),         # stacked gradients, SGD per row
-    "full_float16": ("sharing=full", "sharing.values=float16"),           # neighbours on one rank round too
+    "full_adam": (
+        "sharing=full",
+        "optimizer=adam",
+        "optimizer.lr=0.01",
+    ),  # stacked gradients, one Adam per row
+    "full_momentum": ("sharing=full", "optimizer.momentum=0.9"),  # stacked gradients, SGD per row
+    "full_float16": ("sharing=full", "sharing.values=float16"),  # neighbours on one rank round too
     "partial_bfloat16": ("sharing=partial", "alpha=0.1", "sharing.values=bfloat16"),
 }
 
 
 def _records(run_dir, node):
-    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")]
+    return [
+        {k: v for k, v in r.items() if k not in TIMINGS}
+        for r in read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
+    ]
 
 
 def _assert_same(a: list[dict], b: list[dict]) -> None:
@@ -50,7 +57,9 @@ def _assert_same(a: list[dict], b: list[dict]) -> None:
 def test_grouped_nodes_log_what_they_log_alone(tmp_path, sharing):
     runs = {}
     for per_rank in (1, 4, 8):
-        run_train(tmp_path / str(per_rank), *COMMON, *SHARING[sharing], f"nodes_per_rank={per_rank}")
+        run_train(
+            tmp_path / str(per_rank), *COMMON, *SHARING[sharing], f"nodes_per_rank={per_rank}"
+        )
         runs[per_rank] = tmp_path / str(per_rank) / "run"
     for node in range(8):
         alone = _records(runs[1], node)
@@ -58,29 +67,49 @@ def test_grouped_nodes_log_what_they_log_alone(tmp_path, sharing):
         for per_rank in (4, 8):
             _assert_same(alone, _records(runs[per_rank], node))
     summaries = [json.loads((runs[p] / "summary.json").read_text()) for p in (1, 4, 8)]
-    assert summaries[0]["final"]["test_loss"]["mean"] == pytest.approx(summaries[1]["final"]["test_loss"]["mean"],
-                                                                      rel=1e-5)
+    assert summaries[0]["final"]["test_loss"]["mean"] == pytest.approx(
+        summaries[1]["final"]["test_loss"]["mean"], rel=1e-5
+    )
 
 
-@pytest.mark.parametrize("optimizer", [(), ("optimizer=adam", "optimizer.lr=0.01")])  # sparse SGD; dense Adam
+@pytest.mark.parametrize(
+    "optimizer", [(), ("optimizer=adam", "optimizer.lr=0.01")]
+)  # sparse SGD; dense Adam
 def test_grouped_checkpoints_resume_exactly(tmp_path, optimizer):
-    common = (*COMMON[:1], "eval.every=2", "checkpoint.every=3", "nodes_per_rank=4", "log.progress=false", *optimizer)
+    common = (
+        *COMMON[:1],
+        "eval.every=2",
+        "checkpoint.every=3",
+        "nodes_per_rank=4",
+        "log.progress=false",
+        *optimizer,
+    )
     run_train(tmp_path / "whole", *common, "rounds=9")
     run_train(tmp_path / "parts", *common, "rounds=6")
     result = run_train(tmp_path / "parts", *common, "rounds=9", "resume=true")
     assert "resumed after round 6" in result.stdout
     for node in range(8):
-        _assert_same(_records(tmp_path / "whole" / "run", node), _records(tmp_path / "parts" / "run", node))
+        _assert_same(
+            _records(tmp_path / "whole" / "run", node), _records(tmp_path / "parts" / "run", node)
+        )
 
 
 # the CPU's blocked sparse product, and the loop other devices run
-@pytest.mark.parametrize("mix", [mix_rows_into, averaging._mix_row_by_row], ids=["blocked_sparse", "row_by_row"])
+@pytest.mark.parametrize(
+    "mix", [mix_rows_into, averaging._mix_row_by_row], ids=["blocked_sparse", "row_by_row"]
+)
 def test_mixing_rows_is_metropolis_hastings_like_fill_own(mix):
     rng = np.random.default_rng(5)
     count, numel = 12, 40_000  # more columns than one block, and a last block cut short
     rows = torch.from_numpy(rng.normal(size=(count, numel)).astype(np.float32))
-    weights = {target: {source: rng.uniform(0.05, 0.2) for source in rng.choice(count, 4, replace=False)
-                        if source != target} for target in range(count)}
+    weights = {
+        target: {
+            source: rng.uniform(0.05, 0.2)
+            for source in rng.choice(count, 4, replace=False)
+            if source != target
+        }
+        for target in range(count)
+    }
     entries = [(t, t, 1 - sum(w.values())) for t, w in weights.items()]
     entries += [(t, s, w) for t, ws in weights.items() for s, w in ws.items()]
     out = torch.full_like(rows, float("nan"))  # never read: spare rows hold whatever was there
@@ -91,32 +120,48 @@ def test_mixing_rows_is_metropolis_hastings_like_fill_own(mix):
     np.testing.assert_allclose(out.numpy(), reference, atol=1e-6)
     for target, ws in weights.items():  # the same as the rule a node alone applies
         alone = rows[target].clone()
-        merge_fill_own(alone, 1 - sum(ws.values()), [Contribution(w, rows[s]) for s, w in ws.items()])
+        merge_fill_own(
+            alone, 1 - sum(ws.values()), [Contribution(w, rows[s]) for s, w in ws.items()]
+        )
         np.testing.assert_allclose(out[target].numpy(), alone.numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides,words", [
-    (("nodes=10", "nodes_per_rank=4"), "cannot be split"),
-    (("nodes=8", "nodes_per_rank=3"), "cannot be split"),
-    (("nodes=8", "nodes_per_rank=1", "device=cuda"), "device=cuda trains node groups"),
-    (("nodes=8", "nodes_per_rank=4", "device=cuda", "sharing=partial", "alpha=0.1"), "sharing=full"),
-    (("nodes=8", "nodes_per_rank=4", "device=tpu"), "not known"),
-])
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (("nodes=10", "nodes_per_rank=4"), "cannot be split"),
+        (("nodes=8", "nodes_per_rank=3"), "cannot be split"),
+        (("nodes=8", "nodes_per_rank=1", "device=cuda"), "device=cuda trains node groups"),
+        (
+            ("nodes=8", "nodes_per_rank=4", "device=cuda", "sharing=partial", "alpha=0.1"),
+            "sharing=full",
+        ),
+        (("nodes=8", "nodes_per_rank=4", "device=tpu"), "not known"),
+    ],
+)
 def test_impossible_groupings_are_one_paragraph(overrides, words):
-    from dpsgd.errors import ConfigError
     from dpsgd.checks import check_config
+    from dpsgd.errors import ConfigError
 
     with pytest.raises(ConfigError, match=words):
         check_config(compose_config(*overrides))
 
 
-
-
 def test_a_killed_rank_is_named_by_the_nodes_it_hosted(tmp_path):
     env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
-    command = [sys.executable, str(REPO / "train.py"), "nodes=8", "nodes_per_rank=4", "rounds=1000000",
-               "comm.timeout_s=20", "log.progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "nodes=8",
+        "nodes_per_rank=4",
+        "rounds=1000000",
+        "comm.timeout_s=20",
+        "log.progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for_rounds(tmp_path / "run", 8, 1, timeout_s=90)
         ranks = children_of(process.pid)
@@ -132,15 +177,26 @@ def test_a_killed_rank_is_named_by_the_nodes_it_hosted(tmp_path):
 
 
 def test_grouped_rwm_runs_never_hang_and_send_one_message_per_node_per_round(tmp_path):
-    from dpsgd.checks import check_config
     from dpsgd.building import prepare_data
+    from dpsgd.checks import check_config
     from dpsgd.experiment import run_node
     from dpsgd.launch import spawn
     from tests.conftest import RANK_TEST_TIMEOUT_S
 
-    cfg = compose_config("algorithm=rwm", "nodes=8", "nodes_per_rank=4", "rounds=6", "eval.every=3",
-                         "log.progress=false", "checkpoint.every=0", "dataset.num_users=80", "dataset.num_items=100",
-                         "train.local_steps=3", "comm.timeout_s=30", f"cache_dir={tmp_path / 'cache'}")
+    cfg = compose_config(
+        "algorithm=rwm",
+        "nodes=8",
+        "nodes_per_rank=4",
+        "rounds=6",
+        "eval.every=3",
+        "log.progress=false",
+        "checkpoint.every=0",
+        "dataset.num_users=80",
+        "dataset.num_items=100",
+        "train.local_steps=3",
+        "comm.timeout_s=30",
+        f"cache_dir={tmp_path / 'cache'}",
+    )
     check_config(cfg)
     dataset = prepare_data(cfg)
     model_bytes = None
@@ -153,7 +209,9 @@ def test_grouped_rwm_runs_never_hang_and_send_one_message_per_node_per_round(tmp
             records = read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
             assert [r["round"] for r in records] == list(range(1, len(records) + 1))
             model_bytes = model_bytes or records[0]["bytes_sent_data"]
-            assert [r["bytes_sent_data"] for r in records] == [model_bytes * r["round"] for r in records]
+            assert [r["bytes_sent_data"] for r in records] == [
+                model_bytes * r["round"] for r in records
+            ]
             assert all(r["sent_to"] in range(8) and r["sent_to"] != node for r in records)
 
 
@@ -162,4 +220,6 @@ def test_a_group_on_the_gpu_logs_what_it_logs_on_the_cpu(tmp_path):
     for device in ("cpu", "cuda"):
         run_train(tmp_path / device, *COMMON, "nodes_per_rank=8", f"device={device}")
     for node in range(8):
-        _assert_same(_records(tmp_path / "cpu" / "run", node), _records(tmp_path / "cuda" / "run", node))
+        _assert_same(
+            _records(tmp_path / "cpu" / "run", node), _records(tmp_path / "cuda" / "run", node)
+        )

@@ -26,15 +26,27 @@ import torch.distributed as dist
 
 from dpsgd.launch import free_port
 from dpsgd.progress import ProgressLine, RankArrivals, RoundsReached, rank_arrived
-from tests.conftest import MOVIELENS_CSV, REPO, RANK_TEST_TIMEOUT_S, run_train
+from tests.conftest import MOVIELENS_CSV, RANK_TEST_TIMEOUT_S, REPO, run_train
 
 ROUNDS = 100
 # One rank of 4 synthetic nodes (one process besides the parent: cheap on a shared machine); only
 # the last round is evaluated, so every progress line before it comes from the rounds themselves.
-RUN = ("nodes=4", "nodes_per_rank=4", f"rounds={ROUNDS}", f"eval.every={ROUNDS}", "checkpoint.every=0",
-       "dataset.num_users=80", "dataset.num_items=100", "topology=ring", "eval.consensus_sketch=0")
-PLAIN_LINE = re.compile(rf"^\[dpsgd\] round (\d+)/{ROUNDS} \| [\d.]+ rounds/s \| (\d+s|\?) left \| "
-                        r"[\d.]+ MB sent/node", re.MULTILINE)
+RUN = (
+    "nodes=4",
+    "nodes_per_rank=4",
+    f"rounds={ROUNDS}",
+    f"eval.every={ROUNDS}",
+    "checkpoint.every=0",
+    "dataset.num_users=80",
+    "dataset.num_items=100",
+    "topology=ring",
+    "eval.consensus_sketch=0",
+)
+PLAIN_LINE = re.compile(
+    rf"^\[dpsgd\] round (\d+)/{ROUNDS} \| [\d.]+ rounds/s \| (\d+s|\?) left \| "
+    r"[\d.]+ MB sent/node",
+    re.MULTILINE,
+)
 
 
 def test_piped_output_gets_plain_progress_lines_between_evaluated_rounds(tmp_path):
@@ -46,9 +58,17 @@ def test_piped_output_gets_plain_progress_lines_between_evaluated_rounds(tmp_pat
     assert between, f"no progress line before the evaluated round {ROUNDS}:\n{result.stdout}"
     assert between == sorted(between)
     assert "\r" not in result.stdout  # no live redrawing into a pipe
-    assert re.search(rf"^\[dpsgd\] round {ROUNDS}/{ROUNDS} .*\| test rmse [\d.]+ \| test acc \(half-star match\)", result.stdout, re.M)
-    steps = ["4 nodes in 1 rank of 4 on this machine", "process group ready (1 rank); building 4 nodes",
-             f"round {between[0]}/{ROUNDS}", "[dpsgd] done:"]
+    assert re.search(
+        rf"^\[dpsgd\] round {ROUNDS}/{ROUNDS} .*\| test rmse [\d.]+ \| test acc \(half-star match\)",
+        result.stdout,
+        re.M,
+    )
+    steps = [
+        "4 nodes in 1 rank of 4 on this machine",
+        "process group ready (1 rank); building 4 nodes",
+        f"round {between[0]}/{ROUNDS}",
+        "[dpsgd] done:",
+    ]
     positions = [result.stdout.find(step) for step in steps]
     assert -1 not in positions and positions == sorted(positions), result.stdout
 
@@ -63,7 +83,9 @@ def _run_in_terminal(command: list[str], env: dict, timeout_s: float) -> str:
     """Run `command` with its output on a pseudo-terminal 160 columns wide; return what it wrote."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL
+    )
     os.close(follower)
     output, deadline = b"", time.monotonic() + timeout_s
     try:
@@ -80,7 +102,9 @@ def _run_in_terminal(command: list[str], env: dict, timeout_s: float) -> str:
             elif process.poll() is not None:
                 break
         else:
-            raise AssertionError(f"the run did not end within {timeout_s} s:\n{output.decode(errors='replace')}")
+            raise AssertionError(
+                f"the run did not end within {timeout_s} s:\n{output.decode(errors='replace')}"
+            )
     finally:
         if process.poll() is None:
             process.kill()
@@ -95,11 +119,16 @@ def test_terminal_gets_one_live_tqdm_line(tmp_path):
     env = {**os.environ, "DPSGD_CACHE": str(tmp_path / "cache"), "GLOO_SOCKET_IFNAME": "lo"}
     command = [sys.executable, str(REPO / "train.py"), *RUN, f"hydra.run.dir={tmp_path / 'run'}"]
     output = _run_in_terminal(command, env, RANK_TEST_TIMEOUT_S)
-    redraws = re.findall(rf"\r\[dpsgd\] (\d+)/{ROUNDS} rounds \|[^|]*\| [^|]*round/s \| [^|]* left, "
-                         r"[\d.]+ MB sent/node", output)
+    redraws = re.findall(
+        rf"\r\[dpsgd\] (\d+)/{ROUNDS} rounds \|[^|]*\| [^|]*round/s \| [^|]* left, "
+        r"[\d.]+ MB sent/node",
+        output,
+    )
     assert len(redraws) >= 2, output
     assert int(redraws[-1]) == ROUNDS
-    assert not PLAIN_LINE.search(output.replace(f"round {ROUNDS}/{ROUNDS}", ""))  # no periodic plain lines
+    assert not PLAIN_LINE.search(
+        output.replace(f"round {ROUNDS}/{ROUNDS}", "")
+    )  # no periodic plain lines
 
 
 def test_progress_line_states_round_rate_time_left_bytes_and_the_last_metric():
@@ -114,19 +143,29 @@ def test_progress_line_states_round_rate_time_left_bytes_and_the_last_metric():
     reached.note(14, 7_000_000)
     line.tick()
     first, evaluated, later = stream.getvalue().splitlines()
-    assert re.fullmatch(r"\[dpsgd\] round 5/100 \| [\d.]+ rounds/s \| \d+s left \| 2\.5 MB sent/node", first)
+    assert re.fullmatch(
+        r"\[dpsgd\] round 5/100 \| [\d.]+ rounds/s \| \d+s left \| 2\.5 MB sent/node", first
+    )
     assert evaluated.startswith("[dpsgd] round 10/100 |") and evaluated.endswith(
-        "| 5.0 MB sent/node | test rmse 0.9500 | test acc (half-star match) 0.2000")
+        "| 5.0 MB sent/node | test rmse 0.9500 | test acc (half-star match) 0.2000"
+    )
     # Between evaluations the line keeps the last metric and says which round it is from.
     assert later.startswith("[dpsgd] round 14/100 |") and later.endswith(
-        "| 7.0 MB sent/node | test rmse 0.9500 | test acc (half-star match) 0.2000 (round 10)")
+        "| 7.0 MB sent/node | test rmse 0.9500 | test acc (half-star match) 0.2000 (round 10)"
+    )
 
 
 def test_slow_rank_start_is_announced_with_counts():
     """Ranks that are slow to start are counted out loud (k of n started, ready), then it stops."""
     port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=30))
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        world_size=None,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=30),
+    )
     stream = io.StringIO()
     rank_arrived(store, "started")
     rank_arrived(store, "started")
@@ -166,12 +205,16 @@ def test_building_the_data_cache_is_announced_once(tmp_path, capsys):
 def test_start_up_imports_neither_torchvision_nor_the_compiler():
     """train.py's imports and a node's optimizer (built, zeroed, checkpointed) must not pull in
     torchvision or torch._dynamo: each doubled the start-up of a short run (`benchmarks/startup.py`)."""
-    code = ("import sys, torch; sys.path.insert(0, '.'); import train; from dpsgd.training import build_optimizer\n"
-            "model = torch.nn.Linear(2, 1)\n"
-            "for name in ('sgd', 'adam'):\n"
-            "    optimizer = build_optimizer(name, model.parameters(), 0.1); optimizer.zero_grad()\n"
-            "    optimizer.load_state_dict(optimizer.state_dict())\n"
-            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, torch; sys.path.insert(0, '.'); import train; from dpsgd.training import build_optimizer\n"
+        "model = torch.nn.Linear(2, 1)\n"
+        "for name in ('sgd', 'adam'):\n"
+        "    optimizer = build_optimizer(name, model.parameters(), 0.1); optimizer.zero_grad()\n"
+        "    optimizer.load_state_dict(optimizer.state_dict())\n"
+        "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -257,9 +257,7 @@ def test_split_disjoint_complete_and_70_30():
         assert train_keys | test_keys == set(table.item[rows].tolist())
     assert set(node.train_user.tolist()) | set(node.test_user.tolist()) == set(users)
     # Ratings travel with their (user, item).
-    lookup = {
-        (int(a), int(b)): float(c) for a, b, c in zip(table.user, table.item, table.rating)
-    }
+    lookup = {(int(a), int(b)): float(c) for a, b, c in zip(table.user, table.item, table.rating)}
     test_rows = zip(node.test_user.tolist(), node.test_item.tolist(), node.test_rating.tolist())
     assert all(lookup[(a, b)] == c for a, b, c in test_rows)
 

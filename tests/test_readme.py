@@ -42,7 +42,9 @@ COMMAND_TIMEOUT_S = 240  # one command at a small scale; a hang fails the test, 
 CONFIG_GROUPS = ("dataset", "model", "sharing", "algorithm", "topology", "optimizer")
 SMALL = ("rounds=2", "eval.every=1")  # every run: two rounds, both evaluated
 # Lines of the README that start like a command; `launch/` alone names a folder.
-COMMAND_START = re.compile(r"^(\.venv/|\. \.venv/|python3? |torchrun |tensorboard |sbatch |pip |launch/\S+ )")
+COMMAND_START = re.compile(
+    r"^(\.venv/|\. \.venv/|python3? |torchrun |tensorboard |sbatch |pip |launch/\S+ )"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +94,9 @@ def readme_commands(markdown: str) -> list[ReadmeCommand]:
     for match in re.finditer(r"`((?:[^`\n]|\n(?!\s*\n))+)`", prose):
         text = " ".join(match.group(1).split())
         if COMMAND_START.match(text + " "):
-            commands.append(ReadmeCommand(text, prose.count("\n", 0, match.start()) + 1, inline=True))
+            commands.append(
+                ReadmeCommand(text, prose.count("\n", 0, match.start()) + 1, inline=True)
+            )
     return commands
 
 
@@ -105,8 +109,12 @@ COMMANDS_IN_README = readme_commands(README.read_text())
 
 def _env(cache: Path) -> dict[str, str]:
     """The environment of a user who activated the venv; data parsed once into the module's cache."""
-    return {**os.environ, "DPSGD_CACHE": str(cache), "GLOO_SOCKET_IFNAME": "lo",
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {
+        **os.environ,
+        "DPSGD_CACHE": str(cache),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 def with_overrides(args: list[str], *overrides: str) -> list[str]:
@@ -125,7 +133,7 @@ def with_overrides(args: list[str], *overrides: str) -> list[str]:
 def with_option(args: list[str], option: str, value: str) -> list[str]:
     """args with the value after `option` (e.g. --nproc_per_node 8) replaced."""
     at = args.index(option)
-    return [*args[:at + 1], value, *args[at + 2:]]
+    return [*args[: at + 1], value, *args[at + 2 :]]
 
 
 def python_argv(command: ReadmeCommand | str) -> list[str]:
@@ -137,10 +145,19 @@ def python_argv(command: ReadmeCommand | str) -> list[str]:
 
 def run(argv: list[str], env: dict[str, str], cwd: Path = REPO) -> str:
     """Runs argv; fails with the command and its output's tail unless it exits 0."""
-    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
-                            check=False)
+    result = subprocess.run(
+        argv,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+        check=False,
+    )
     output = result.stdout + result.stderr
-    assert result.returncode == 0, f"`{shlex.join(argv)}` exited {result.returncode}:\n{output[-4000:]}"
+    assert result.returncode == 0, (
+        f"`{shlex.join(argv)}` exited {result.returncode}:\n{output[-4000:]}"
+    )
     return output
 
 
@@ -150,7 +167,9 @@ def assert_complete_run(run_dir: Path, nodes: int, rounds: int) -> dict:
     assert summary["in_progress"] is False and summary["diverged"] is None, run_dir
     assert (summary["nodes"], summary["rounds"]) == (nodes, rounds), run_dir
     assert summary["final"]["nodes_reporting"] == nodes, run_dir
-    assert sorted(p.name for p in (run_dir / "nodes").iterdir()) == sorted(f"{n}.jsonl" for n in range(nodes))
+    assert sorted(p.name for p in (run_dir / "nodes").iterdir()) == sorted(
+        f"{n}.jsonl" for n in range(nodes)
+    )
     return summary
 
 
@@ -161,13 +180,19 @@ def _value(args: list[str], key: str, default: str) -> str:
 
 def sweep_jobs(args: list[str]) -> int:
     """How many jobs `-m` makes of these overrides: the product of the comma lists' lengths."""
-    return math.prod(len(arg.split("=", 1)[1].split(",")) for arg in args
-                     if "=" in arg and not arg.split("=", 1)[1].startswith("["))
+    return math.prod(
+        len(arg.split("=", 1)[1].split(","))
+        for arg in args
+        if "=" in arg and not arg.split("=", 1)[1].startswith("[")
+    )
 
 
 def needs_data(args: list[str]) -> None:
     """Commands that name ../shared/data run from the repository root; skipped where it is absent."""
-    if any(arg in ("data_dir=../shared/data", "../shared/data") for arg in args) and not SHARED_DATA.exists():
+    if (
+        any(arg in ("data_dir=../shared/data", "../shared/data") for arg in args)
+        and not SHARED_DATA.exists()
+    ):
         pytest.skip(f"the data sets are not at {SHARED_DATA}")
 
 
@@ -193,6 +218,7 @@ def train(*small: str) -> Callable[[ReadmeCommand, Context], None]:
     The run must exit 0 and be complete: every node's log, summary.json final and not diverged.
     A sweep (-m) must complete every job it makes.
     """
+
     def check(command: ReadmeCommand, ctx: Context) -> None:
         argv = with_overrides(python_argv(command), *small)
         needs_data(argv)
@@ -201,40 +227,56 @@ def train(*small: str) -> Callable[[ReadmeCommand, Context], None]:
         if "-m" in argv:
             run([*argv, f"hydra.sweep.dir={ctx.tmp / 'sweep'}"], ctx.env)
             jobs = sweep_jobs(argv[2:])
-            assert sorted(p.name for p in (ctx.tmp / "sweep").iterdir() if p.is_dir() and p.name.isdigit()) == \
-                sorted(str(j) for j in range(jobs))
+            assert sorted(
+                p.name for p in (ctx.tmp / "sweep").iterdir() if p.is_dir() and p.name.isdigit()
+            ) == sorted(str(j) for j in range(jobs))
             for job in range(jobs):
                 assert_complete_run(ctx.tmp / "sweep" / str(job), expected_nodes, rounds)
         else:
             run([*argv, f"hydra.run.dir={ctx.tmp / 'run'}"], ctx.env)
             assert_complete_run(ctx.tmp / "run", expected_nodes, rounds)
+
     return check
 
 
-def torchrun(nproc: int, *small: str, nodes: int | None = None) -> Callable[[ReadmeCommand, Context], None]:
+def torchrun(
+    nproc: int, *small: str, nodes: int | None = None
+) -> Callable[[ReadmeCommand, Context], None]:
     """`torchrun ...` with the venv's torchrun, `--nproc_per_node nproc` ranks on this machine.
 
     Without --standalone torchrun rendezvouses on port 29500: the test gives it a free port, so a
     second run on the machine (another test) cannot meet this one.
     """
+
     def check(command: ReadmeCommand, ctx: Context) -> None:
-        argv = with_overrides(with_option(command.argv, "--nproc_per_node", str(nproc)), *SMALL, *small)
+        argv = with_overrides(
+            with_option(command.argv, "--nproc_per_node", str(nproc)), *SMALL, *small
+        )
         assert argv[0] == "torchrun" and (VENV_BIN / "torchrun").exists()
         argv[0] = str(VENV_BIN / "torchrun")
         if "--standalone" not in argv:
             argv[1:1] = ["--master-port", str(free_port())]
         run([*argv, f"hydra.run.dir={ctx.tmp / 'run'}"], ctx.env)
         assert_complete_run(ctx.tmp / "run", nodes or nproc, 2)
+
     return check
 
 
 def multinode_agents(ctx: Context, script_args: list[str]) -> list[str]:
     """launch/multinode.sh as two machines run it, both here: 127.0.0.1 hosts the c10d rendezvous."""
-    env = {**ctx.env, "DPSGD_PORT": str(free_port()), "DPSGD_RUN_ID": f"readme-{os.getpid()}",
-           "PYTHON": sys.executable}
+    env = {
+        **ctx.env,
+        "DPSGD_PORT": str(free_port()),
+        "DPSGD_RUN_ID": f"readme-{os.getpid()}",
+        "PYTHON": sys.executable,
+    }
     argv = ["bash", str(REPO / "launch" / "multinode.sh"), *script_args]
-    agents = [subprocess.Popen(argv, cwd=ctx.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True) for _ in range(2)]
+    agents = [
+        subprocess.Popen(
+            argv, cwd=ctx.tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     try:
         outputs = [agent.communicate(timeout=COMMAND_TIMEOUT_S)[0] for agent in agents]
     finally:
@@ -270,11 +312,21 @@ def check_torchrun_on_machines(command: ReadmeCommand, ctx: Context) -> None:
     host, port = args[endpoint].rsplit(":", 1)
     train_at = args.index("train.py")
     machines, procs = args[args.index("--nnodes") + 1], args[args.index("--nproc_per_node") + 1]
-    script = launched_command(ctx.env, ["bash", str(REPO / "launch" / "multinode.sh"), host, machines, procs,
-                                        *args[train_at + 1:]], ctx.tmp)
+    script = launched_command(
+        ctx.env,
+        [
+            "bash",
+            str(REPO / "launch" / "multinode.sh"),
+            host,
+            machines,
+            procs,
+            *args[train_at + 1 :],
+        ],
+        ctx.tmp,
+    )
     assert script[:2] == ["-m", "torch.distributed.run"], script
     rdzv_id = script.index("--rdzv-id")
-    script = ["torchrun", *script[2:rdzv_id], *script[rdzv_id + 2:]]
+    script = ["torchrun", *script[2:rdzv_id], *script[rdzv_id + 2 :]]
     script = [word if word != str(REPO / "train.py") else "train.py" for word in script]
     assert script == args, f"README: {args}\nlaunch/multinode.sh: {script}"
     assert port == "29500"  # the script's default DPSGD_PORT, as the README says
@@ -293,15 +345,36 @@ def check_sbatch(command: ReadmeCommand, ctx: Context) -> None:
     stubs.mkdir()
     (stubs / "scontrol").write_text("#!/bin/sh\nprintf 'host-a\\nhost-b\\nhost-c\\nhost-d\\n'\n")
     # srun runs its command once (for one host): the launch script prints what it would exec.
-    (stubs / "srun").write_text('#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')
+    (stubs / "srun").write_text(
+        '#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n'
+    )
     for stub in stubs.iterdir():
         stub.chmod(0o755)
-    env = {**ctx.env, "PATH": f"{stubs}{os.pathsep}{ctx.env['PATH']}", "SLURM_JOB_NODELIST": "host-[a-d]",
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": args[2], "SLURM_SUBMIT_DIR": str(REPO)}
+    env = {
+        **ctx.env,
+        "PATH": f"{stubs}{os.pathsep}{ctx.env['PATH']}",
+        "SLURM_JOB_NODELIST": "host-[a-d]",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": args[2],
+        "SLURM_SUBMIT_DIR": str(REPO),
+    }
     words = launched_command(env, ["bash", str(script), *args[4:]], ctx.tmp)
-    expected = ["-m", "torch.distributed.run", "--nnodes", "4", "--nproc_per_node", "24", "--rdzv-backend",
-                "c10d", "--rdzv-endpoint", f"host-a:{20000 + 4242}", "--rdzv-id", "slurm-4242",
-                str(REPO / "train.py"), *args[5:]]
+    expected = [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "4",
+        "--nproc_per_node",
+        "24",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"host-a:{20000 + 4242}",
+        "--rdzv-id",
+        "slurm-4242",
+        str(REPO / "train.py"),
+        *args[5:],
+    ]
     assert words == expected, words
     composed = yaml.safe_load(run([sys.executable, "train.py", *args[5:], "--cfg", "job"], ctx.env))
     for override in args[5:]:
@@ -309,7 +382,10 @@ def check_sbatch(command: ReadmeCommand, ctx: Context) -> None:
         node = composed
         for part in key.split("."):
             node = node[part]
-        assert str(node) == value or (isinstance(node, dict) and node.get("name") == value), (key, node)
+        assert str(node) == value or (isinstance(node, dict) and node.get("name") == value), (
+            key,
+            node,
+        )
 
 
 def check_setup(command: ReadmeCommand, ctx: Context) -> None:
@@ -320,9 +396,13 @@ def check_setup(command: ReadmeCommand, ctx: Context) -> None:
     parts = [part.strip() for part in command.text.split("&&")]
     assert parts[0] == "python3 -m venv .venv", parts
     pins = _pins(parts[1])
-    assert pins == {name: metadata.version(name) for name in pins}, "README pins differ from the installed ones"
+    assert pins == {name: metadata.version(name) for name in pins}, (
+        "README pins differ from the installed ones"
+    )
     assert shlex.split(parts[1])[-2:] == ["-e", "."], parts[1]
-    assert pins == _pins((REPO / ".ci" / "run").read_text()), ".ci/run installs other torch pins than the README"
+    assert pins == _pins((REPO / ".ci" / "run").read_text()), (
+        ".ci/run installs other torch pins than the README"
+    )
     assert parts[2] == ".venv/bin/python train.py", parts
     ctx.shared("default_run")
 
@@ -380,12 +460,18 @@ def check_study_list(command: ReadmeCommand, ctx: Context) -> None:
     """benchmarks/study.py reruns whole study rows (hours). Checked: its arguments are accepted and
     name real rows (`--list` prints each row's train.py command and runs nothing) and `--extra`
     reaches every row (tests/test_study_benchmark.py composes every row)."""
-    argv = [arg for arg in python_argv(command) if arg != "..."]  # "...": the rest of a study command
+    argv = [
+        arg for arg in python_argv(command) if arg != "..."
+    ]  # "...": the rest of a study command
     needs_data(argv)
-    listed = [line.split(": ", 1)[1] for line in run([*argv, "--list"], ctx.env).splitlines() if ": python " in line]
+    listed = [
+        line.split(": ", 1)[1]
+        for line in run([*argv, "--list"], ctx.env).splitlines()
+        if ": python " in line
+    ]
     assert listed, "study.py --list printed no rows"
-    extra = argv[argv.index("--extra") + 1:] if "--extra" in argv else []
-    extra = extra[:next((i for i, a in enumerate(extra) if a.startswith("--")), len(extra))]
+    extra = argv[argv.index("--extra") + 1 :] if "--extra" in argv else []
+    extra = extra[: next((i for i, a in enumerate(extra) if a.startswith("--")), len(extra))]
     for line in listed:
         assert all(override in line.split() for override in extra), line
 
@@ -398,8 +484,20 @@ def check_patterns(command: ReadmeCommand, ctx: Context) -> None:
     argv = python_argv(command)
     needs_data(argv)
     out = ctx.tmp / "report"
-    run([*argv, "--sweep-dir", str(ctx.tmp / "sweep"), "--out", str(out), "nodes=16", "nodes_per_rank=16",
-         "rounds=101", "train.local_steps=1"], ctx.env)
+    run(
+        [
+            *argv,
+            "--sweep-dir",
+            str(ctx.tmp / "sweep"),
+            "--out",
+            str(out),
+            "nodes=16",
+            "nodes_per_rank=16",
+            "rounds=101",
+            "train.local_steps=1",
+        ],
+        ctx.env,
+    )
     for job in range(4):
         assert_complete_run(ctx.tmp / "sweep" / str(job), 16, 101)
     assert (out / "consensus_check.csv").exists()
@@ -411,7 +509,10 @@ def check_startup(command: ReadmeCommand, ctx: Context) -> None:
     repeat of the default synthetic run, two rounds, its result into tmp): it runs and reports every
     phase from launch to round 1 with non-negative seconds."""
     out = ctx.tmp / "startup.json"
-    run([*python_argv(command), "--repeats", "1", "--out", str(out), "--", ONE_RANK, *SMALL], ctx.env)
+    run(
+        [*python_argv(command), "--repeats", "1", "--out", str(out), "--", ONE_RANK, *SMALL],
+        ctx.env,
+    )
     medians = json.loads(out.read_text())["median"]
     assert medians["launch_to_round_1"]["wall_s"] > 0, medians
     assert all(phase["wall_s"] >= 0 for phase in medians.values()), medians
@@ -422,7 +523,9 @@ def check_resume(command: ReadmeCommand, ctx: Context) -> None:
     and that folder continues it (exit 0, says from which round)."""
     same = ["nodes_per_rank=16", *SMALL, "checkpoint.every=1"]
     run([sys.executable, "train.py", *same, f"hydra.run.dir={ctx.tmp / 'run'}"], ctx.env)
-    text = command.text.replace("<same overrides>", " ".join(same)).replace("<run>", str(ctx.tmp / "run"))
+    text = command.text.replace("<same overrides>", " ".join(same)).replace(
+        "<run>", str(ctx.tmp / "run")
+    )
     argv = python_argv(text)
     assert "resumed after round 2" in run(argv, ctx.env)
     assert_complete_run(ctx.tmp / "run", 16, 2)
@@ -439,15 +542,19 @@ def check_tensorboard(command: ReadmeCommand, ctx: Context) -> None:
     events = EventAccumulator(str(tb))
     events.Reload()
     losses = [tag for tag in events.Tags()["scalars"] if "test_loss" in tag]
-    assert losses and [e.step for e in events.Scalars(losses[0])] == [1, 2], events.Tags()["scalars"]
+    assert losses and [e.step for e in events.Scalars(losses[0])] == [1, 2], events.Tags()[
+        "scalars"
+    ]
 
 
 def check_report(command: ReadmeCommand, ctx: Context) -> None:
     """`python -m dpsgd.report multirun/<date>/<time> --out figures` on the folder the README's sweep
     above made (run by the readme_sweep fixture): figures and tables for its every job."""
     sweep = ctx.shared("readme_sweep")
-    argv = [{"multirun/<date>/<time>": str(sweep), "figures": str(ctx.tmp / "figures")}.get(a, a)
-            for a in python_argv(command)]
+    argv = [
+        {"multirun/<date>/<time>": str(sweep), "figures": str(ctx.tmp / "figures")}.get(a, a)
+        for a in python_argv(command)
+    ]
     run(argv, ctx.env)
     assert list((ctx.tmp / "figures").glob("*.png")) and list((ctx.tmp / "figures").glob("*.csv"))
 
@@ -461,7 +568,9 @@ def check_readme_sweep(command: ReadmeCommand, ctx: Context) -> None:
 # ---------------------------------------------------------------------------------------------
 # The table: every command of the README and how it runs here. A new README command needs a line.
 
-ONE_RANK = "nodes_per_rank=16"  # the default 16 nodes as one node group: seconds instead of a minute
+ONE_RANK = (
+    "nodes_per_rank=16"  # the default 16 nodes as one node group: seconds instead of a minute
+)
 
 COMMANDS: dict[str, Callable[[ReadmeCommand, Context], None]] = {
     # Set up
@@ -471,8 +580,9 @@ COMMANDS: dict[str, Callable[[ReadmeCommand, Context], None]] = {
     "--index-url https://download.pytorch.org/whl/cpu": check_cpu_torch,
     '.venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest -q': check_test_command,
     # Running
-    "python train.py nodes=96 dataset=movielens data_dir=../shared/data rounds=100":
-        train(*SMALL, "nodes_per_rank=96"),
+    "python train.py nodes=96 dataset=movielens data_dir=../shared/data rounds=100": train(
+        *SMALL, "nodes_per_rank=96"
+    ),
     ". .venv/bin/activate": check_activate,
     "torchrun --standalone --nproc_per_node 8 train.py": torchrun(2),
     "torchrun --nnodes 4 --nproc_per_node 24 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py "
@@ -482,26 +592,37 @@ COMMANDS: dict[str, Callable[[ReadmeCommand, Context], None]] = {
     "python train.py --help": check_help,
     "python train.py --cfg job": check_cfg_job,
     # Node groups
-    "python train.py experiment=movielens_1 nodes=96 nodes_per_rank=48 data_dir=../shared/data": train(*SMALL),
+    "python train.py experiment=movielens_1 nodes=96 nodes_per_rank=48 data_dir=../shared/data": train(
+        *SMALL
+    ),
     # 1,000 nodes in 2 groups of 500 -> 100 nodes in 2 groups of 50, as many users per node
-    "python train.py dataset=synthetic dataset.num_users=2000 nodes=1000 nodes_per_rank=500":
-        train(*SMALL, "dataset.num_users=200", "nodes=100", "nodes_per_rank=50"),
+    "python train.py dataset=synthetic dataset.num_users=2000 nodes=1000 nodes_per_rank=500": train(
+        *SMALL, "dataset.num_users=200", "nodes=100", "nodes_per_rank=50"
+    ),
     # 4 ranks hosting 1,000 nodes -> 2 ranks hosting 8
     "torchrun --nproc_per_node 4 train.py nodes=1000": torchrun(2, "nodes=8", nodes=8),
     # Communication patterns
     "python train.py algorithm=rwm sharing=partial alpha=0.1": train(*SMALL, ONE_RANK),
-    "python train.py algorithm=rwm algorithm.every=5": train("rounds=4", "eval.every=1", "algorithm.every=2", ONE_RANK),
+    "python train.py algorithm=rwm algorithm.every=5": train(
+        "rounds=4", "eval.every=1", "algorithm.every=2", ONE_RANK
+    ),
     "python train.py algorithm=epidemic algorithm.fanout=7": train(*SMALL, ONE_RANK),
-    "python train.py algorithm=hybrid algorithm.switch_round=50":
-        train("rounds=4", "eval.every=1", "algorithm.switch_round=2", ONE_RANK),
+    "python train.py algorithm=hybrid algorithm.switch_round=50": train(
+        "rounds=4", "eval.every=1", "algorithm.switch_round=2", ONE_RANK
+    ),
     # hybrid needs more rounds than its default switch round (100): 101 rounds of one local step
-    "python train.py -m algorithm=dpsgd,rwm,epidemic,hybrid":
-        train("rounds=101", "eval.every=101", "train.local_steps=1", "checkpoint.every=0", ONE_RANK),
+    "python train.py -m algorithm=dpsgd,rwm,epidemic,hybrid": train(
+        "rounds=101", "eval.every=101", "train.local_steps=1", "checkpoint.every=0", ONE_RANK
+    ),
     # Sharing methods
     "python train.py sharing=partial alpha=0.1": train(*SMALL, ONE_RANK),
     "python train.py sharing=partial alpha=0.1 sharing.accumulation=false": train(*SMALL, ONE_RANK),
-    "python train.py sharing=random_alpha sharing.alpha_list=[0.1,0.5,1.0]": train(*SMALL, ONE_RANK),
-    "python train.py sharing=subsampling alpha=0.5 sharing.merge=renormalize": train(*SMALL, ONE_RANK),
+    "python train.py sharing=random_alpha sharing.alpha_list=[0.1,0.5,1.0]": train(
+        *SMALL, ONE_RANK
+    ),
+    "python train.py sharing=subsampling alpha=0.5 sharing.merge=renormalize": train(
+        *SMALL, ONE_RANK
+    ),
     "python benchmarks/study.py --label float16 --extra sharing.values=float16 ...": check_study_list,
     # Sweeps and analysis
     "python train.py -m algorithm=dpsgd,rwm sharing=full,partial,subsampling alpha=0.1,0.5 dataset=movielens "
@@ -509,8 +630,7 @@ COMMANDS: dict[str, Callable[[ReadmeCommand, Context], None]] = {
     "python -m dpsgd.report multirun/<date>/<time> --out figures": check_report,
     # Reproducing the study, the patterns
     "python benchmarks/study.py --data-dir ../shared/data": check_study_list,
-    "python benchmarks/study.py --rows ml2_dpsgd_full --extra nodes_per_rank=48 checkpoint.every=25":
-        check_study_list,
+    "python benchmarks/study.py --rows ml2_dpsgd_full --extra nodes_per_rank=48 checkpoint.every=25": check_study_list,
     "python benchmarks/patterns.py --data-dir ../shared/data": check_patterns,
     # What a run leaves behind
     "python train.py <same overrides> hydra.run.dir=<run> resume=true": check_resume,
@@ -520,7 +640,9 @@ COMMANDS: dict[str, Callable[[ReadmeCommand, Context], None]] = {
     "python train.py --config-dir tests/plugin_example/conf dataset=blobs nodes=4": train(*SMALL),
 }
 
-README_SWEEP = next((c for c in COMMANDS_IN_README if COMMANDS.get(c.text) is check_readme_sweep), None)
+README_SWEEP = next(
+    (c for c in COMMANDS_IN_README if COMMANDS.get(c.text) is check_readme_sweep), None
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +658,9 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def default_run(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> Path:
     """The set-up's `.venv/bin/python train.py`: the embedded default, two rounds, one rank."""
     run_dir = tmp_path_factory.mktemp("default") / "run"
-    run([sys.executable, "train.py", ONE_RANK, *SMALL, f"hydra.run.dir={run_dir}"], _env(data_cache))
+    run(
+        [sys.executable, "train.py", ONE_RANK, *SMALL, f"hydra.run.dir={run_dir}"], _env(data_cache)
+    )
     assert_complete_run(run_dir, 16, 2)
     return run_dir
 
@@ -563,25 +687,36 @@ def test_every_readme_command_has_a_check():
     """A command added to the README without a line in COMMANDS fails here; so does a stale line."""
     in_readme = {c.text: c.line for c in COMMANDS_IN_README}
     unknown = {text: line for text, line in in_readme.items() if text not in COMMANDS}
-    assert not unknown, ("README commands that tests/test_readme.py does not run; add each to COMMANDS with "
-                         f"how it runs at a small scale: {unknown}")
+    assert not unknown, (
+        "README commands that tests/test_readme.py does not run; add each to COMMANDS with "
+        f"how it runs at a small scale: {unknown}"
+    )
     stale = [text for text in COMMANDS if text not in in_readme]
-    assert not stale, f"COMMANDS lines whose command is no longer in the README (remove or update them): {stale}"
+    assert not stale, (
+        f"COMMANDS lines whose command is no longer in the README (remove or update them): {stale}"
+    )
 
 
 def test_the_reader_finds_blocks_spans_and_comments():
     """The parser the drift check relies on: indented and fenced blocks, comments, spans across lines."""
-    markdown = ("Intro `python train.py\n--help` and `launch/`.\n\n    python train.py a=1   # why\n"
-                "    launch/multinode.sh H 2 2\n\nText\n    not code (a continuation)\n\n```\nexport X=1\n```\n")
+    markdown = (
+        "Intro `python train.py\n--help` and `launch/`.\n\n    python train.py a=1   # why\n"
+        "    launch/multinode.sh H 2 2\n\nText\n    not code (a continuation)\n\n```\nexport X=1\n```\n"
+    )
     found = [(c.text, c.inline) for c in readme_commands(markdown)]
-    assert found == [("python train.py a=1", False), ("launch/multinode.sh H 2 2", False),
-                     ("export X=1", False), ("python train.py --help", True)]
+    assert found == [
+        ("python train.py a=1", False),
+        ("launch/multinode.sh H 2 2", False),
+        ("export X=1", False),
+        ("python train.py --help", True),
+    ]
 
 
 @pytest.mark.timeout(2 * COMMAND_TIMEOUT_S + 60)
 @pytest.mark.parametrize("command", COMMANDS_IN_README, ids=lambda c: c.text[:90])
-def test_readme_command(command: ReadmeCommand, tmp_path: Path, data_cache: Path,
-                        request: pytest.FixtureRequest):
+def test_readme_command(
+    command: ReadmeCommand, tmp_path: Path, data_cache: Path, request: pytest.FixtureRequest
+):
     check = COMMANDS.get(command.text)
     if check is None:
         pytest.fail(f"README line {command.line}: `{command.text}` has no check in COMMANDS")
@@ -597,7 +732,11 @@ def _third_party_imports(paths: list[Path]) -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    return {n for n in names if n not in sys.stdlib_module_names and n not in ("dpsgd", "tests", "benchmarks")}
+    return {
+        n
+        for n in names
+        if n not in sys.stdlib_module_names and n not in ("dpsgd", "tests", "benchmarks")
+    }
 
 
 def _normalized(name: str) -> str:
@@ -628,14 +767,26 @@ def test_install_requires_cover_every_import_of_the_readme_commands():
     runs, and tensorboard (the README's viewer; torch.utils.tensorboard imports it only when used)."""
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
-    install_requires = {_normalized(Requirement(r).name) for r in config["options"]["install_requires"].split("\n")
-                        if r.strip()}
+    install_requires = {
+        _normalized(Requirement(r).name)
+        for r in config["options"]["install_requires"].split("\n")
+        if r.strip()
+    }
     scripts = {REPO / arg for c in COMMANDS_IN_README for arg in c.argv if arg.endswith(".py")}
-    files = [REPO / "train.py", *sorted((REPO / "dpsgd").rglob("*.py")), *sorted(p for p in scripts if p.exists())]
+    files = [
+        REPO / "train.py",
+        *sorted((REPO / "dpsgd").rglob("*.py")),
+        *sorted(p for p in scripts if p.exists()),
+    ]
     modules = _third_party_imports(files) | {"tensorboard"}
     provided = metadata.packages_distributions()
     closure = _installed_closure(install_requires)
-    missing = {m: provided.get(m) for m in modules
-               if not {_normalized(d) for d in provided.get(m, [m])} & closure}
-    assert not missing, (f"modules the README's commands import that setup.cfg's install_requires do not "
-                         f"bring: {missing}; add their distributions to install_requires")
+    missing = {
+        m: provided.get(m)
+        for m in modules
+        if not {_normalized(d) for d in provided.get(m, [m])} & closure
+    }
+    assert not missing, (
+        f"modules the README's commands import that setup.cfg's install_requires do not "
+        f"bring: {missing}; add their distributions to install_requires"
+    )

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from dpsgd import report
-from tests.conftest import REPO, RANK_TEST_TIMEOUT_S, read_jsonl
+from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NODES = 4
@@ -31,13 +31,29 @@ REAL_RUNS = {  # job directory -> overrides; the directory names mimic a Hydra s
     "2": ["algorithm=dpsgd", "sharing=partial", "alpha=0.2"],
 }
 REAL_LABELS = {"0": "dpsgd full", "1": "rwm full", "2": "dpsgd partial a=0.2"}
-FIGURE_STEMS = ["test_metric_vs_rounds", "test_metric_vs_time", "test_metric_vs_bytes", "train_loss_vs_rounds",
-                "train_loss_vs_time", "train_loss_vs_bytes", "equal_time", "equal_bytes", "bytes_data_vs_meta",
-                "consensus_distance"]
+FIGURE_STEMS = [
+    "test_metric_vs_rounds",
+    "test_metric_vs_time",
+    "test_metric_vs_bytes",
+    "train_loss_vs_rounds",
+    "train_loss_vs_time",
+    "train_loss_vs_bytes",
+    "equal_time",
+    "equal_bytes",
+    "bytes_data_vs_meta",
+    "consensus_distance",
+]
 FIGURES = [f"{stem}.png" for stem in FIGURE_STEMS]
 MAGIC = {"png": PNG_MAGIC, "pdf": b"%PDF-", "svg": b"<?xml"}
 TABLES = ["final_metrics.csv", "curves.csv", "equal_time.csv", "equal_bytes.csv"]
-MEAN_COLUMNS = ["test_loss", "test_acc", "train_loss", "bytes_sent", "bytes_sent_data", "bytes_sent_meta"]
+MEAN_COLUMNS = [
+    "test_loss",
+    "test_acc",
+    "train_loss",
+    "bytes_sent",
+    "bytes_sent_data",
+    "bytes_sent_meta",
+]
 
 
 # ---------------------------------------------------------------- real runs
@@ -50,11 +66,23 @@ def sweep(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("cache")  # outside the sweep: only runs live there
     env = {**os.environ, "DPSGD_CACHE": str(cache), "GLOO_SOCKET_IFNAME": "lo"}
     for job, overrides in REAL_RUNS.items():
-        command = [sys.executable, str(REPO / "train.py"), f"nodes={NODES}", "topology=ring", "rounds=10",
-                   "eval.every=5", "log.progress=false", f"hydra.run.dir={root / job}", *overrides]
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=RANK_TEST_TIMEOUT_S)
-        assert result.returncode == 0, f"train.py {overrides} failed:\n{result.stdout}\n{result.stderr}"
+        command = [
+            sys.executable,
+            str(REPO / "train.py"),
+            f"nodes={NODES}",
+            "topology=ring",
+            "rounds=10",
+            "eval.every=5",
+            "log.progress=false",
+            f"hydra.run.dir={root / job}",
+            *overrides,
+        ]
+        result = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=RANK_TEST_TIMEOUT_S
+        )
+        assert result.returncode == 0, (
+            f"train.py {overrides} failed:\n{result.stdout}\n{result.stderr}"
+        )
     return root
 
 
@@ -84,8 +112,11 @@ def node_records(run_dir: Path) -> dict[int, list[dict]]:
 
 
 def evaluated_by_all(run_dir: Path, key: str) -> list[tuple[int, list[dict]]]:
-    return [(r, records) for r, records in sorted(node_records(run_dir).items())
-            if sum(key in record for record in records) == NODES]
+    return [
+        (r, records)
+        for r, records in sorted(node_records(run_dir).items())
+        if sum(key in record for record in records) == NODES
+    ]
 
 
 def mean_of(records: list[dict], key: str) -> float:
@@ -107,7 +138,9 @@ def test_every_figure_is_a_png_and_a_pdf_and_every_table_is_written(written: Pat
 def test_labels_come_from_the_configs(sweep: Path, written: Path):
     runs = report.load_runs([sweep])
     assert {run.path.name: run.label for run in runs} == REAL_LABELS
-    assert {row["label"] for row in read_csv(written / "final_metrics.csv")} == set(REAL_LABELS.values())
+    assert {row["label"] for row in read_csv(written / "final_metrics.csv")} == set(
+        REAL_LABELS.values()
+    )
 
 
 def test_final_metrics_equal_a_recomputation_from_the_jsonl(sweep: Path, written: Path):
@@ -122,13 +155,21 @@ def test_final_metrics_equal_a_recomputation_from_the_jsonl(sweep: Path, written
         final_round = max(record["round"] for record in records)
         assert len(records) == NODES and final_round == summary["rounds_max"]
         assert int(row["final_round"]) == final_round == summary["final"]["round"]
-        assert float(row["consensus_distance"]) == pytest.approx(summary["final"]["consensus_distance"], rel=1e-12)
+        assert float(row["consensus_distance"]) == pytest.approx(
+            summary["final"]["consensus_distance"], rel=1e-12
+        )
         for key in MEAN_COLUMNS:
             assert number(row[key]) == pytest.approx(mean_of(records, key), rel=1e-12), (job, key)
         assert (row["algorithm"], row["sharing"], float(row["alpha"])) == (
-            config["algorithm"]["name"], config["sharing"]["name"], config["alpha"])
+            config["algorithm"]["name"],
+            config["sharing"]["name"],
+            config["alpha"],
+        )
         assert (int(row["nodes"]), int(row["rounds_min"]), int(row["rounds_max"])) == (
-            NODES, summary["rounds_min"], summary["rounds_max"])
+            NODES,
+            summary["rounds_min"],
+            summary["rounds_max"],
+        )
         assert row["test_loss_metric"] == "rmse" and row["dataset"] == "synthetic"
 
 
@@ -137,16 +178,23 @@ def test_curves_equal_a_recomputation_from_the_jsonl(sweep: Path, written: Path)
     rows = read_csv(written / "curves.csv")
     for job in REAL_RUNS:
         for quantity, key in (("test", "test_loss"), ("train", "train_loss")):
-            mine = [row for row in rows if Path(row["run_dir"]).name == job and row["quantity"] == quantity]
+            mine = [
+                row
+                for row in rows
+                if Path(row["run_dir"]).name == job and row["quantity"] == quantity
+            ]
             expected = evaluated_by_all(sweep / job, key)
             assert [int(row["round"]) for row in mine] == [r for r, _ in expected]
             for row, (_, records) in zip(mine, expected):
                 assert row["key"] == key and int(row["nodes"]) == NODES
                 assert float(row["mean"]) == pytest.approx(mean_of(records, key), rel=1e-12)
-                assert float(row["std"]) == pytest.approx(statistics.pstdev(r[key] for r in records),
-                                                          rel=1e-9, abs=1e-15)
+                assert float(row["std"]) == pytest.approx(
+                    statistics.pstdev(r[key] for r in records), rel=1e-9, abs=1e-15
+                )
                 assert float(row["time_s"]) == pytest.approx(mean_of(records, "time_s"), rel=1e-12)
-                assert float(row["bytes_sent"]) == pytest.approx(mean_of(records, "bytes_sent"), rel=1e-12)
+                assert float(row["bytes_sent"]) == pytest.approx(
+                    mean_of(records, "bytes_sent"), rel=1e-12
+                )
 
 
 def best_cut(spans: list[tuple[float, float]]) -> float:
@@ -160,8 +208,11 @@ def best_cut(spans: list[tuple[float, float]]) -> float:
 def test_equal_time_and_bytes_tables_on_real_runs(sweep: Path, written: Path):
     for table, axis in (("equal_time.csv", "time_s"), ("equal_bytes.csv", "bytes_sent")):
         finals = {job: evaluated_by_all(sweep / job, "test_loss") for job in REAL_RUNS}
-        spans = {job: (mean_of(points[0][1], axis), mean_of(points[-1][1], axis))
-                 for job, points in finals.items() if points}
+        spans = {
+            job: (mean_of(points[0][1], axis), mean_of(points[-1][1], axis))
+            for job, points in finals.items()
+            if points
+        }
         cut = best_cut(list(spans.values()))
         for row in read_csv(written / table):
             job = Path(row["run_dir"]).name
@@ -172,14 +223,19 @@ def test_equal_time_and_bytes_tables_on_real_runs(sweep: Path, written: Path):
                 continue
             last_round, records = within[-1]
             assert int(row["round"]) == last_round
-            assert float(row["metric_mean"]) == pytest.approx(mean_of(records, "test_loss"), rel=1e-12)
+            assert float(row["metric_mean"]) == pytest.approx(
+                mean_of(records, "test_loss"), rel=1e-12
+            )
 
 
 def test_rwm_curves_stop_at_the_last_round_every_node_reached(sweep: Path):
     run = report.load_run(sweep / "1")
     summary = run.summary
     assert run.source == "jsonl"
-    assert all(point.nodes == NODES and point.round <= summary["rounds_min"] for point in report.test_curve(run))
+    assert all(
+        point.nodes == NODES and point.round <= summary["rounds_min"]
+        for point in report.test_curve(run)
+    )
     expected_final = summary["final"]["round"] if summary["final"] else None
     assert report.final_round(run) == expected_final
 
@@ -191,7 +247,9 @@ def test_without_node_logs_the_report_reads_summary_json(sweep: Path, tmp_path: 
     shutil.rmtree(tmp_path / "no_nodes" / "nodes")
     shutil.copytree(sweep / "2", tmp_path / "some_nodes")
     (tmp_path / "some_nodes" / "nodes" / "3.jsonl").unlink()
-    whole, *partials = (report.load_run(tmp_path / name) for name in ("whole", "no_nodes", "some_nodes"))
+    whole, *partials = (
+        report.load_run(tmp_path / name) for name in ("whole", "no_nodes", "some_nodes")
+    )
     summary = whole.summary
     for run in partials:
         assert run.source == "summary"
@@ -218,14 +276,22 @@ def test_notebook_runs_top_to_bottom_on_the_runs(sweep: Path, monkeypatch, tmp_p
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for number, cell in enumerate(code_cells):
-        exec(compile("".join(cell["source"]), f"study_figures.ipynb cell {number}", "exec"), namespace)
+        exec(
+            compile("".join(cell["source"]), f"study_figures.ipynb cell {number}", "exec"),
+            namespace,
+        )
     assert sorted(run.label for run in namespace["runs"]) == sorted(REAL_LABELS.values())
 
 
 def test_cli_writes_the_report_and_prints_the_table(sweep: Path, tmp_path: Path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "dpsgd.report", str(sweep), "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "dpsgd.report", str(sweep), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert all(label in result.stdout for label in REAL_LABELS.values())
     assert all(str(out / name) in result.stdout for name in FIGURES + TABLES)
@@ -235,8 +301,13 @@ def test_cli_writes_the_report_and_prints_the_table(sweep: Path, tmp_path: Path)
 
 
 def test_cli_without_runs_says_what_to_pass(tmp_path: Path):
-    result = subprocess.run([sys.executable, "-m", "dpsgd.report", str(tmp_path), "--out", str(tmp_path / "o")],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "dpsgd.report", str(tmp_path), "--out", str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "summary.json" in result.stderr and str(tmp_path) in result.stderr
 
@@ -244,8 +315,16 @@ def test_cli_without_runs_says_what_to_pass(tmp_path: Path):
 # ---------------------------------------------------------------- hand-made runs
 
 
-def make_run(path: Path, algorithm: str, sharing: str, alpha: float, evaluated: dict[int, list[tuple]],
-             metric: str = "rmse", dataset: str = "movielens", no_learning: dict | None = None) -> Path:
+def make_run(
+    path: Path,
+    algorithm: str,
+    sharing: str,
+    alpha: float,
+    evaluated: dict[int, list[tuple]],
+    metric: str = "rmse",
+    dataset: str = "movielens",
+    no_learning: dict | None = None,
+) -> Path:
     """A run directory with known numbers: evaluated[round] = per node (time_s, bytes_sent, test value).
 
     Rounds in between are logged without a test value, as real runs do.
@@ -257,20 +336,46 @@ def make_run(path: Path, algorithm: str, sharing: str, alpha: float, evaluated: 
     for node in range(nodes):
         lines = []
         for round_number in range(1, last + 1):
-            record = {"node": node, "round": round_number, "time_s": 0.01 * round_number,
-                      "bytes_sent": round_number, "bytes_sent_data": round_number, "bytes_sent_meta": 0}
+            record = {
+                "node": node,
+                "round": round_number,
+                "time_s": 0.01 * round_number,
+                "bytes_sent": round_number,
+                "bytes_sent_data": round_number,
+                "bytes_sent_meta": 0,
+            }
             if round_number in evaluated:
                 time_s, bytes_sent, value = evaluated[round_number][node]
-                record.update(time_s=time_s, bytes_sent=bytes_sent, bytes_sent_data=bytes_sent,
-                              **{test_key: value, "train_loss": value})
+                record.update(
+                    time_s=time_s,
+                    bytes_sent=bytes_sent,
+                    bytes_sent_data=bytes_sent,
+                    **{test_key: value, "train_loss": value},
+                )
             lines.append(json.dumps(record))
         (path / "nodes" / f"{node}.jsonl").write_text("\n".join(lines) + "\n")
-    summary = {"nodes": nodes, "rounds_min": last, "rounds_max": last, "rounds_per_node": [last] * nodes,
-               "algorithm": algorithm, "sharing": sharing, "dataset": dataset, "test_loss_metric": metric,
-               "wall_s": 1.0, "final": None, "per_round": [], "no_learning": no_learning}
+    summary = {
+        "nodes": nodes,
+        "rounds_min": last,
+        "rounds_max": last,
+        "rounds_per_node": [last] * nodes,
+        "algorithm": algorithm,
+        "sharing": sharing,
+        "dataset": dataset,
+        "test_loss_metric": metric,
+        "wall_s": 1.0,
+        "final": None,
+        "per_round": [],
+        "no_learning": no_learning,
+    }
     (path / "summary.json").write_text(json.dumps(summary))
-    config = {"algorithm": {"name": algorithm}, "sharing": {"name": sharing}, "dataset": {"name": dataset},
-              "alpha": alpha, "nodes": nodes}
+    config = {
+        "algorithm": {"name": algorithm},
+        "sharing": {"name": sharing},
+        "dataset": {"name": dataset},
+        "alpha": alpha,
+        "nodes": nodes,
+    }
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     return path
 
@@ -280,12 +385,27 @@ def hand_made_sweep(root: Path) -> Path:
     # gossip:  r2 (2.0, 50, 1.0)   r4 (3.0, 200, 0.6)
     # walk:    r2 (1.0, 400, 0.8)  r4 (2.0, 800, 0.4)   <- shortest in time: cut at 2.0 s
     # partial: r2 (2.5, 30, 0.95)  r4 (5.0, 60, 0.5)    <- fewest bytes: cut at 60
-    make_run(root / "gossip", "dpsgd", "full", 1.0,
-             {2: [(1.0, 50, 0.9), (3.0, 50, 1.1)], 4: [(2.0, 200, 0.7), (4.0, 200, 0.5)]})
-    make_run(root / "walk", "rwm", "full", 1.0,
-             {2: [(0.5, 400, 0.8), (1.5, 400, 0.8)], 4: [(2.0, 700, 0.3), (2.0, 900, 0.5)]})
-    make_run(root / "partial", "dpsgd", "partial", 0.1,
-             {2: [(2.5, 20, 0.9), (2.5, 40, 1.0)], 4: [(5.0, 60, 0.5), (5.0, 60, 0.5)]})
+    make_run(
+        root / "gossip",
+        "dpsgd",
+        "full",
+        1.0,
+        {2: [(1.0, 50, 0.9), (3.0, 50, 1.1)], 4: [(2.0, 200, 0.7), (4.0, 200, 0.5)]},
+    )
+    make_run(
+        root / "walk",
+        "rwm",
+        "full",
+        1.0,
+        {2: [(0.5, 400, 0.8), (1.5, 400, 0.8)], 4: [(2.0, 700, 0.3), (2.0, 900, 0.5)]},
+    )
+    make_run(
+        root / "partial",
+        "dpsgd",
+        "partial",
+        0.1,
+        {2: [(2.5, 20, 0.9), (2.5, 40, 1.0)], 4: [(5.0, 60, 0.5), (5.0, 60, 0.5)]},
+    )
     return root
 
 
@@ -300,8 +420,11 @@ def test_equal_time_cut_on_hand_made_runs(tmp_path: Path):
     cuts = report.equal_time(runs)
     assert {cut.cut for cut in cuts} == {3.0}
     # gossip's round 4 sits exactly on the cut (mean time 3.0): reached.
-    assert reached_by_label(cuts) == {"dpsgd full": (4, pytest.approx(0.6)), "rwm full": None,
-                                      "dpsgd partial a=0.1": (2, pytest.approx(0.95))}
+    assert reached_by_label(cuts) == {
+        "dpsgd full": (4, pytest.approx(0.6)),
+        "rwm full": None,
+        "dpsgd partial a=0.1": (2, pytest.approx(0.95)),
+    }
     assert {cut.run.label: cut.span for cut in cuts}["rwm full"] == (1.0, 2.0)
 
 
@@ -311,11 +434,19 @@ def test_the_first_round_reaching_a_target_on_hand_made_runs(tmp_path: Path):
     out = tmp_path / "out"
     report.write_report(report.load_runs([hand_made_sweep(tmp_path / "runs")]), out, target=0.85)
     rows = {row["label"]: row for row in read_csv(out / "final_metrics.csv")}
-    assert (rows["rwm full"]["target_round"], rows["rwm full"]["target_bytes_sent"]) == ("2", "400.0")
-    assert rows["dpsgd full"]["target_round"] == "4" and rows["dpsgd partial a=0.1"]["target_round"] == "4"
+    assert (rows["rwm full"]["target_round"], rows["rwm full"]["target_bytes_sent"]) == (
+        "2",
+        "400.0",
+    )
+    assert (
+        rows["dpsgd full"]["target_round"] == "4"
+        and rows["dpsgd partial a=0.1"]["target_round"] == "4"
+    )
     runs = {run.label: run for run in report.load_runs([tmp_path / "runs"])}
     assert report.compare.first_reaching(runs["dpsgd full"], 0.55) is None  # 0.6 at best
-    assert report.compare.first_reaching(runs["dpsgd partial a=0.1"], 0.5).round == 4  # at the target counts
+    assert (
+        report.compare.first_reaching(runs["dpsgd partial a=0.1"], 0.5).round == 4
+    )  # at the target counts
 
 
 def test_consensus_distance_in_the_report_is_the_runs_own(sweep: Path, written: Path):
@@ -324,13 +455,22 @@ def test_consensus_distance_in_the_report_is_the_runs_own(sweep: Path, written: 
     curves = read_csv(written / "curves.csv")
     for job in REAL_RUNS:
         summary = json.loads((sweep / job / "summary.json").read_text())
-        expected = [(entry["round"], entry["consensus_distance"]) for entry in summary["per_round"]
-                    if entry["consensus_distance"] is not None]
+        expected = [
+            (entry["round"], entry["consensus_distance"])
+            for entry in summary["per_round"]
+            if entry["consensus_distance"] is not None
+        ]
         assert all(distance > 0 for _, distance in expected)
-        assert {entry["round"] for entry in summary["per_round"] if entry["nodes_reporting"] > 1} == {
-            round_number for round_number, _ in expected}  # one node alone has no distance to speak of
-        got = [(int(row["round"]), float(row["mean"])) for row in curves
-               if Path(row["run_dir"]).name == job and row["quantity"] == "consensus"]
+        assert {
+            entry["round"] for entry in summary["per_round"] if entry["nodes_reporting"] > 1
+        } == {
+            round_number for round_number, _ in expected
+        }  # one node alone has no distance to speak of
+        got = [
+            (int(row["round"]), float(row["mean"]))
+            for row in curves
+            if Path(row["run_dir"]).name == job and row["quantity"] == "consensus"
+        ]
         assert got == expected
         final = summary["final"]
         assert float(rows[job]["consensus_distance"]) == final["consensus_distance"]
@@ -340,8 +480,11 @@ def test_equal_bytes_cut_on_hand_made_runs(tmp_path: Path):
     runs = report.load_runs([hand_made_sweep(tmp_path)])
     cuts = report.equal_bytes(runs)
     assert {cut.cut for cut in cuts} == {60.0}
-    assert reached_by_label(cuts) == {"dpsgd full": (2, 1.0), "rwm full": None,
-                                      "dpsgd partial a=0.1": (4, 0.5)}
+    assert reached_by_label(cuts) == {
+        "dpsgd full": (2, 1.0),
+        "rwm full": None,
+        "dpsgd partial a=0.1": (4, 0.5),
+    }
 
 
 def test_cut_tables_on_hand_made_runs(tmp_path: Path):
@@ -358,9 +501,15 @@ def test_cut_tables_on_hand_made_runs(tmp_path: Path):
 
 def test_classification_and_ratings_runs_are_cut_separately(tmp_path: Path):
     hand_made_sweep(tmp_path)
-    make_run(tmp_path / "images", "dpsgd", "full", 1.0,
-             {3: [(10.0, 5, 0.2), (10.0, 5, 0.4)], 6: [(20.0, 10, 0.5), (20.0, 10, 0.7)]},
-             metric="cross_entropy", dataset="femnist")
+    make_run(
+        tmp_path / "images",
+        "dpsgd",
+        "full",
+        1.0,
+        {3: [(10.0, 5, 0.2), (10.0, 5, 0.4)], 6: [(20.0, 10, 0.5), (20.0, 10, 0.7)]},
+        metric="cross_entropy",
+        dataset="femnist",
+    )
     runs = report.load_runs([tmp_path])
     images = next(run for run in runs if run.dataset == "femnist")
     assert images.metric == report.ACCURACY and images.train_key == "train_loss"
@@ -382,19 +531,32 @@ def test_same_config_runs_get_their_directory_names(tmp_path: Path):
 
 
 def test_label_shows_alpha_only_where_it_shapes_the_message(tmp_path: Path):
-    for name, sharing in (("p", "partial"), ("s", "subsampling"), ("f", "full"), ("r", "random_alpha")):
+    for name, sharing in (
+        ("p", "partial"),
+        ("s", "subsampling"),
+        ("f", "full"),
+        ("r", "random_alpha"),
+    ):
         make_run(tmp_path / name, "rwm", sharing, 0.5, {1: [(1.0, 1, 1.0)]})
     assert [run.label for run in report.load_runs([tmp_path])] == [
-        "rwm full", "rwm partial a=0.5", "rwm random_alpha", "rwm subsampling a=0.5"]
+        "rwm full",
+        "rwm partial a=0.5",
+        "rwm random_alpha",
+        "rwm subsampling a=0.5",
+    ]
 
 
 def test_table_columns_are_aligned():
-    rows = [{"label": "dpsgd full", "test_loss": 1.23456789, "final_round": None},
-            {"label": "rwm partial a=0.1", "test_loss": 10.0, "final_round": 20}]
+    rows = [
+        {"label": "dpsgd full", "test_loss": 1.23456789, "final_round": None},
+        {"label": "rwm partial a=0.1", "test_loss": 10.0, "final_round": 20},
+    ]
     header, *lines = report.format_table(rows).splitlines()
     starts = [header.index(column) for column in rows[0]]
     for line in lines:
-        assert all(line[start] != " " and (start == 0 or line[start - 1] == " ") for start in starts), line
+        assert all(
+            line[start] != " " and (start == 0 or line[start - 1] == " ") for start in starts
+        ), line
     assert lines[0].split()[2:] == ["1.235", "-"]
 
 
@@ -402,25 +564,46 @@ def test_table_columns_are_aligned():
 
 
 def artists_labelled(figure, prefix: str) -> list:
-    return [line for panel in figure.axes for line in panel.get_lines() if line.get_label().startswith(prefix)]
+    return [
+        line
+        for panel in figure.axes
+        for line in panel.get_lines()
+        if line.get_label().startswith(prefix)
+    ]
 
 
 def legend_boxes_and_panels(figure):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     canvas = FigureCanvasAgg(figure)
     canvas.draw()  # lay out (constrained layout places the legend) before measuring
     renderer = canvas.get_renderer()
-    legends = list(figure.legends) + [panel.get_legend() for panel in figure.axes if panel.get_legend()]
-    return [legend.get_window_extent(renderer) for legend in legends], [panel.get_window_extent(renderer)
-                                                                        for panel in figure.axes]
+    legends = list(figure.legends) + [
+        panel.get_legend() for panel in figure.axes if panel.get_legend()
+    ]
+    return [legend.get_window_extent(renderer) for legend in legends], [
+        panel.get_window_extent(renderer) for panel in figure.axes
+    ]
 
 
 def every_figure(runs: list) -> dict:
-    figures = {f"test vs {axis}": report.curve_figure(runs, "test", axis) for axis in report.compare.AXES}
-    figures.update({f"train vs {axis}": report.curve_figure(runs, "train", axis) for axis in report.compare.AXES})
-    figures.update({"equal time": report.cut_figure(report.equal_time(runs), runs),
-                    "equal bytes": report.cut_figure(report.equal_bytes(runs), runs),
-                    "bytes split": report.bytes_split_figure(runs), "consensus": report.consensus_figure(runs)})
+    figures = {
+        f"test vs {axis}": report.curve_figure(runs, "test", axis) for axis in report.compare.AXES
+    }
+    figures.update(
+        {
+            f"train vs {axis}": report.curve_figure(runs, "train", axis)
+            for axis in report.compare.AXES
+        }
+    )
+    figures.update(
+        {
+            "equal time": report.cut_figure(report.equal_time(runs), runs),
+            "equal bytes": report.cut_figure(report.equal_bytes(runs), runs),
+            "bytes split": report.bytes_split_figure(runs),
+            "consensus": report.consensus_figure(runs),
+        }
+    )
     return figures
 
 
@@ -430,9 +613,13 @@ def test_a_run_records_its_no_learning_baseline(sweep: Path):
     from omegaconf import OmegaConf
 
     from dpsgd.building import prepare_data
+
     config = OmegaConf.create((sweep / "0" / "config.yaml").read_text())
     dataset = prepare_data(config)
-    parts = [dataset.node_data(node, NODES, config.seed, config.eval.test_samples) for node in range(NODES)]
+    parts = [
+        dataset.node_data(node, NODES, config.seed, config.eval.test_samples)
+        for node in range(NODES)
+    ]
     train = [float(r) for part in parts for r in part.train[2]]
     test = [float(r) for part in parts for r in part.test[2]]
     mean = statistics.fmean(train)
@@ -448,11 +635,15 @@ def test_every_figure_has_a_title_and_its_legend_outside_the_data(sweep: Path):
     runs = report.load_runs([sweep])
     for name, figure in every_figure(runs).items():
         assert figure.get_suptitle(), f"{name}: no title"
-        assert all(panel.get_title() for panel in figure.axes), f"{name}: a panel says nothing of its data"
+        assert all(panel.get_title() for panel in figure.axes), (
+            f"{name}: a panel says nothing of its data"
+        )
         legends, panels = legend_boxes_and_panels(figure)
         assert legends, f"{name}: no legend"
         for legend in legends:
-            assert not any(legend.overlaps(panel) for panel in panels), f"{name}: the legend lies on the data"
+            assert not any(legend.overlaps(panel) for panel in panels), (
+                f"{name}: the legend lies on the data"
+            )
     title = report.curve_figure(runs, "test", "round").get_suptitle()
     assert "RMSE" in title and "rounds" in title
     assert "synthetic, 4 nodes" in report.curve_figure(runs, "test", "round").axes[0].get_title()
@@ -474,6 +665,7 @@ def test_every_metric_figure_draws_the_no_learning_line(sweep: Path):
 def test_equal_cuts_are_dots_on_an_axis_that_does_not_start_at_zero(sweep: Path):
     """An RMSE bar from 0 makes 0.91 and 0.93 look alike: a dot per run, the axis around the values."""
     from matplotlib.patches import Rectangle
+
     runs = report.load_runs([sweep])
     for cuts in (report.equal_time(runs), report.equal_bytes(runs)):
         figure = report.cut_figure(cuts, runs)
@@ -486,31 +678,70 @@ def test_equal_cuts_are_dots_on_an_axis_that_does_not_start_at_zero(sweep: Path)
 
 def test_bands_are_drawn_only_when_asked(sweep: Path, tmp_path: Path):
     from matplotlib.collections import PolyCollection
+
     runs = report.load_runs([sweep])
 
     def bands(figure) -> int:
-        return sum(isinstance(artist, PolyCollection) for panel in figure.axes for artist in panel.collections)
+        return sum(
+            isinstance(artist, PolyCollection)
+            for panel in figure.axes
+            for artist in panel.collections
+        )
+
     with_curves = sum(bool(report.test_curve(run)) for run in runs)
     assert bands(report.curve_figure(runs, "test", "round", bands=True)) == with_curves > 0
     assert bands(report.curve_figure(runs, "test", "round")) == 0
     for flag, expected in (("--bands", with_curves), ("--no-bands", 0)):
         out = tmp_path / flag
-        result = subprocess.run([sys.executable, "-m", "dpsgd.report", str(sweep), "--out", str(out), flag,
-                                 "--formats", "svg"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dpsgd.report",
+                str(sweep),
+                "--out",
+                str(out),
+                flag,
+                "--formats",
+                "svg",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         svg = (out / "test_metric_vs_rounds.svg").read_text()
-        assert svg.count('id="FillBetweenPolyCollection') + svg.count('id="PolyCollection') == expected, flag
+        assert (
+            svg.count('id="FillBetweenPolyCollection') + svg.count('id="PolyCollection') == expected
+        ), flag
         assert not list(out.glob("*.png"))
 
 
 def test_figures_are_written_in_every_format_asked(sweep: Path, tmp_path: Path):
-    written = report.write_report(report.load_runs([sweep]), tmp_path, formats=("png", "pdf", "svg"))
+    written = report.write_report(
+        report.load_runs([sweep]), tmp_path, formats=("png", "pdf", "svg")
+    )
     for stem in FIGURE_STEMS:
         for extension, magic in MAGIC.items():
             path = tmp_path / f"{stem}.{extension}"
             assert path in written and path.read_bytes().startswith(magic), path
-    result = subprocess.run([sys.executable, "-m", "dpsgd.report", str(sweep), "--out", str(tmp_path / "o"),
-                             "--formats", "png,eps"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpsgd.report",
+            str(sweep),
+            "--out",
+            str(tmp_path / "o"),
+            "--formats",
+            "png,eps",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "--formats" in result.stderr and "eps" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -532,12 +763,20 @@ def test_cuts_place_the_most_runs_where_no_budget_holds_them_all(tmp_path: Path)
     """Bytes spans: walk 10-20, gossip 30-100, partial 40-120. The shortest run (walk) ended before the
     others first evaluated; a cut at its end would leave two of three without a point, 100 leaves one."""
     make_run(tmp_path / "walk", "rwm", "full", 1.0, {2: [(1.0, 10, 0.9)], 4: [(2.0, 20, 0.8)]})
-    make_run(tmp_path / "gossip", "dpsgd", "full", 1.0, {2: [(1.0, 30, 0.95)], 4: [(2.0, 100, 0.7)]})
-    make_run(tmp_path / "partial", "dpsgd", "partial", 0.1, {2: [(1.0, 40, 0.97)], 4: [(2.0, 120, 0.75)]})
+    make_run(
+        tmp_path / "gossip", "dpsgd", "full", 1.0, {2: [(1.0, 30, 0.95)], 4: [(2.0, 100, 0.7)]}
+    )
+    make_run(
+        tmp_path / "partial", "dpsgd", "partial", 0.1, {2: [(1.0, 40, 0.97)], 4: [(2.0, 120, 0.75)]}
+    )
     runs = report.load_runs([tmp_path])
     cuts = report.equal_bytes(runs)
     assert {cut.cut for cut in cuts} == {100.0}
-    assert reached_by_label(cuts) == {"rwm full": None, "dpsgd full": (4, 0.7), "dpsgd partial a=0.1": (2, 0.97)}
+    assert reached_by_label(cuts) == {
+        "rwm full": None,
+        "dpsgd full": (4, 0.7),
+        "dpsgd partial a=0.1": (2, 0.97),
+    }
     figure = report.cut_figure(cuts, runs)
     notes = [text.get_text() for text in figure.axes[0].texts]
     assert any(note.startswith("ended at 20 B per node, before the cut") for note in notes), notes
@@ -545,21 +784,40 @@ def test_cuts_place_the_most_runs_where_no_budget_holds_them_all(tmp_path: Path)
 
 def test_the_baseline_option_draws_a_line_for_runs_that_did_not_record_one(tmp_path: Path):
     hand_made_sweep(tmp_path / "runs")
-    make_run(tmp_path / "runs" / "recorded", "rwm", "partial", 0.5,
-             {2: [(1.0, 10, 0.9)], 4: [(2.0, 20, 0.8)]}, no_learning={"test_loss": 1.25, "test_acc": 0.1})
+    make_run(
+        tmp_path / "runs" / "recorded",
+        "rwm",
+        "partial",
+        0.5,
+        {2: [(1.0, 10, 0.9)], 4: [(2.0, 20, 0.8)]},
+        no_learning={"test_loss": 1.25, "test_acc": 0.1},
+    )
     runs = report.load_runs([tmp_path / "runs"], baseline=1.04)
     assert {run.label: run.no_learning for run in runs} == {
-        "dpsgd full": 1.04, "rwm full": 1.04, "dpsgd partial a=0.1": 1.04, "rwm partial a=0.5": 1.25}
+        "dpsgd full": 1.04,
+        "rwm full": 1.04,
+        "dpsgd partial a=0.1": 1.04,
+        "rwm partial a=0.5": 1.25,
+    }
     lines = artists_labelled(report.curve_figure(runs, "test", "round"), "no learning")
     assert sorted(line.get_ydata()[0] for line in lines) == [1.04, 1.25]
 
 
-@pytest.mark.parametrize("folder", sorted(path.name for path in (REPO / "benchmarks" / "results").iterdir()
-                                          if path.is_dir()) + ["."])
+@pytest.mark.parametrize(
+    "folder",
+    sorted(path.name for path in (REPO / "benchmarks" / "results").iterdir() if path.is_dir())
+    + ["."],
+)
 def test_committed_result_tables_hold_no_absolute_paths(folder: str):
     root = REPO / "benchmarks" / "results" / folder
-    files = [path for path in (root.rglob("*") if folder != "." else root.iterdir())
-             if path.suffix in (".csv", ".json", ".jsonl")]
-    holding = [str(path.relative_to(REPO)) for path in files
-               if any(prefix in path.read_text() for prefix in ("/work/", "/tmp/", "/home/", "/Users/"))]
+    files = [
+        path
+        for path in (root.rglob("*") if folder != "." else root.iterdir())
+        if path.suffix in (".csv", ".json", ".jsonl")
+    ]
+    holding = [
+        str(path.relative_to(REPO))
+        for path in files
+        if any(prefix in path.read_text() for prefix in ("/work/", "/tmp/", "/home/", "/Users/"))
+    ]
     assert not holding, f"absolute paths in {holding}"

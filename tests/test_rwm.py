@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from dpsgd.averaging import merge_by_age
-from dpsgd.checks import check_config
 from dpsgd.building import prepare_data
+from dpsgd.checks import check_config
 from dpsgd.experiment import run_node
 from dpsgd.launch import RankFailure, spawn
 from dpsgd.seeding import numpy_rng
@@ -44,19 +44,36 @@ def test_partial_message_merges_only_the_received_coordinates(seed):
     index = np.sort(rng.choice(50, 12, replace=False))
     own_age, received_age = 30, 90
     flat = torch.from_numpy(own.astype(np.float32))
-    merge_by_age(flat, own_age, received_age, torch.from_numpy(received[index].astype(np.float32)),
-                 torch.from_numpy(index))
+    merge_by_age(
+        flat,
+        own_age,
+        received_age,
+        torch.from_numpy(received[index].astype(np.float32)),
+        torch.from_numpy(index),
+    )
     expected = own.copy()
-    expected[index] = (own_age * own[index] + received_age * received[index]) / (own_age + received_age)
+    expected[index] = (own_age * own[index] + received_age * received[index]) / (
+        own_age + received_age
+    )
     np.testing.assert_allclose(flat.numpy(), expected, atol=1e-6)
 
 
 # --- whole runs ----------------------------------------------------------------------------------
 
+
 def _rwm_config(*overrides):
-    return compose_config("algorithm=rwm", "nodes=8", "rounds=6", "eval.every=3", "log.progress=false",
-                          "dataset.num_users=80", "dataset.num_items=100", "train.local_steps=3",
-                          "comm.timeout_s=30", *overrides)
+    return compose_config(
+        "algorithm=rwm",
+        "nodes=8",
+        "rounds=6",
+        "eval.every=3",
+        "log.progress=false",
+        "dataset.num_users=80",
+        "dataset.num_items=100",
+        "train.local_steps=3",
+        "comm.timeout_s=30",
+        *overrides,
+    )
 
 
 def test_repeated_short_runs_never_hang_and_leave_complete_logs(tmp_path):
@@ -65,7 +82,9 @@ def test_repeated_short_runs_never_hang_and_leave_complete_logs(tmp_path):
     dataset = prepare_data(cfg)
     for attempt in range(20):
         run_dir = tmp_path / str(attempt)
-        spawn(lambda ctx: run_node(cfg, ctx, run_dir, dataset), 8, timeout_s=60)  # raises on failure or hang
+        spawn(
+            lambda ctx: run_node(cfg, ctx, run_dir, dataset), 8, timeout_s=60
+        )  # raises on failure or hang
         summary = json.loads((run_dir / "summary.json").read_text())
         per_node = summary["rounds_per_node"]
         assert max(per_node) == 6 and summary["rounds_max"] == 6
@@ -92,12 +111,21 @@ def test_rwm_sends_one_message_per_round_and_walks_reproducibly(tmp_path):
             assert r["bytes_sent"] == r["round"] * (HEADER_BYTES + 4 * numel)
         neighbours = topology.neighbours(node)
         rng = numpy_rng(cfg.seed, "neighbour_choice", node)
-        assert [r["sent_to"] for r in records] == [neighbours[rng.integers(len(neighbours))] for _ in records]
+        assert [r["sent_to"] for r in records] == [
+            neighbours[rng.integers(len(neighbours))] for _ in records
+        ]
 
 
 def test_rwm_bytes_per_node_are_about_one_over_degree_of_dpsgd(tmp_path):
-    common = ("nodes=8", "rounds=12", "eval.every=4", "sharing=partial", "alpha=0.2", "dataset.num_users=80",
-              "dataset.num_items=100")
+    common = (
+        "nodes=8",
+        "rounds=12",
+        "eval.every=4",
+        "sharing=partial",
+        "alpha=0.2",
+        "dataset.num_users=80",
+        "dataset.num_items=100",
+    )
     run_train(tmp_path / "rwm", "algorithm=rwm", *common)
     run_train(tmp_path / "dpsgd", "algorithm=dpsgd", *common)
 
@@ -124,8 +152,13 @@ def test_a_crashed_node_ends_an_rwm_run_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_round", train_round_then_die)
     started = time.monotonic()
     with pytest.raises(RankFailure) as failure:
-        spawn(lambda ctx: run_node(cfg, ctx, tmp_path, dataset), 8, timeout_s=RANK_TEST_TIMEOUT_S, grace_s=50,
-              quiet_failures=True)
+        spawn(
+            lambda ctx: run_node(cfg, ctx, tmp_path, dataset),
+            8,
+            timeout_s=RANK_TEST_TIMEOUT_S,
+            grace_s=50,
+            quiet_failures=True,
+        )
     assert time.monotonic() - started < 20 + 50
     assert failure.value.first_failed == 5
     assert sorted(failure.value.errors) == list(range(8))
@@ -157,8 +190,11 @@ def test_one_rwm_step_merges_by_age_and_ages_by_max_plus_local_steps(tmp_path):
             pass
 
         def ready(self):
-            return {0: Message(round=1, degree=2, age=10, encoding=Encoding.FULL, values=incoming)} \
-                if not self.sent[1:] else None
+            return (
+                {0: Message(round=1, degree=2, age=10, encoding=Encoding.FULL, values=incoming)}
+                if not self.sent[1:]
+                else None
+            )
 
         def send(self, sender, peer, message):
             self.sent.append((peer, message.age, message.values.clone()))
@@ -176,22 +212,44 @@ def test_one_rwm_step_merges_by_age_and_ages_by_max_plus_local_steps(tmp_path):
     transport = ScriptedTransport()
     flat = own.clone()
     node = SimpleNamespace(
-        rank=0, flat=flat, link=SimpleNamespace(bytes=ByteCounters()), sharing=FullSharing(), merge=merge_fill_own,
-        degree=2, neighbours=[4, 9], trainer=SimpleNamespace(steps_per_round=3),  # training leaves x unchanged
-        schedule=EvalSchedule(every=100, rounds=5), evaluate=lambda: evaluations.append(2) or {"test_loss": 0.5},
-        rng=numpy_rng(0, "test", 0), checkpoint=lambda round_number, state: None,
-        note_divergence=lambda round_number, batch_loss: None, divergence=SimpleNamespace(must_stop=lambda r: False),
-        clock=PhaseClock, record=record,
-        recorder=SimpleNamespace(log=log, sketch=None, store=SimpleNamespace(set=published.__setitem__)))
-    group = SimpleNamespace(nodes=[node], transport=transport, clock=PhaseClock,
-                            train_round=lambda only: [0.0 for _ in only], evaluate_at_stop=lambda: evaluate_at_stop(node))
-    assert run_rwm(group, rounds=5) == {0: 2}  # the scripted neighbour stops the walk before round 3
+        rank=0,
+        flat=flat,
+        link=SimpleNamespace(bytes=ByteCounters()),
+        sharing=FullSharing(),
+        merge=merge_fill_own,
+        degree=2,
+        neighbours=[4, 9],
+        trainer=SimpleNamespace(steps_per_round=3),  # training leaves x unchanged
+        schedule=EvalSchedule(every=100, rounds=5),
+        evaluate=lambda: evaluations.append(2) or {"test_loss": 0.5},
+        rng=numpy_rng(0, "test", 0),
+        checkpoint=lambda round_number, state: None,
+        note_divergence=lambda round_number, batch_loss: None,
+        divergence=SimpleNamespace(must_stop=lambda r: False),
+        clock=PhaseClock,
+        record=record,
+        recorder=SimpleNamespace(
+            log=log, sketch=None, store=SimpleNamespace(set=published.__setitem__)
+        ),
+    )
+    group = SimpleNamespace(
+        nodes=[node],
+        transport=transport,
+        clock=PhaseClock,
+        train_round=lambda only: [0.0 for _ in only],
+        evaluate_at_stop=lambda: evaluate_at_stop(node),
+    )
+    assert run_rwm(group, rounds=5) == {
+        0: 2
+    }  # the scripted neighbour stops the walk before round 3
     log.close()
     assert evaluations == [2]  # once, when the walk stopped it after round 2
     lines = read_jsonl(tmp_path / "nodes" / "0.jsonl")
     assert [line["round"] for line in lines] == [1, 2] and "test_loss" not in lines[0]
     assert lines[1]["test_loss"] == 0.5 and lines[1]["age"] == 13  # round 2's line, now evaluated
-    assert json.loads(published[f"{STOP_PREFIX}/0"]) == lines[1]  # what rank 0 aggregates as `final`
+    assert (
+        json.loads(published[f"{STOP_PREFIX}/0"]) == lines[1]
+    )  # what rank 0 aggregates as `final`
     assert [r["age"] for r in records] == [3, 10 + 3]  # max(3, 10), then 3 more local steps
     assert [age for _, age, _ in transport.sent] == [3, 13]
 
@@ -200,9 +258,20 @@ def test_one_rwm_step_merges_by_age_and_ages_by_max_plus_local_steps(tmp_path):
 def test_periodic_rwm_sends_only_after_every_kth_round(tmp_path, nodes_per_rank):
     """algorithm.every=3: a node trains three rounds per model it holds and sends after rounds 3, 6, 9;
     each message goes to the neighbour its seeded stream draws, as in plain RWM."""
-    run_train(tmp_path, "algorithm=rwm", "algorithm.every=3", "nodes=8", f"nodes_per_rank={nodes_per_rank}",
-              "rounds=9", "eval.every=3", "dataset.num_users=80", "dataset.num_items=100", "train.local_steps=2",
-              "checkpoint.every=0", "comm.timeout_s=30")
+    run_train(
+        tmp_path,
+        "algorithm=rwm",
+        "algorithm.every=3",
+        "nodes=8",
+        f"nodes_per_rank={nodes_per_rank}",
+        "rounds=9",
+        "eval.every=3",
+        "dataset.num_users=80",
+        "dataset.num_items=100",
+        "train.local_steps=2",
+        "checkpoint.every=0",
+        "comm.timeout_s=30",
+    )
     run_dir = tmp_path / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_max"] == 9 and summary["rounds_min"] >= 3
@@ -212,7 +281,9 @@ def test_periodic_rwm_sends_only_after_every_kth_round(tmp_path, nodes_per_rank)
     for node in range(8):
         records = read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
         assert [r["round"] for r in records] == list(range(1, len(records) + 1))
-        assert [r["round"] for r in records if "sent_to" in r] == [r["round"] for r in records if r["round"] % 3 == 0]
+        assert [r["round"] for r in records if "sent_to" in r] == [
+            r["round"] for r in records if r["round"] % 3 == 0
+        ]
         assert all(r["bytes_sent"] == (r["round"] // 3) * message_bytes for r in records)
         assert [r["age"] for r in records] == sorted(r["age"] for r in records)
         neighbours = topology.neighbours(node)
@@ -225,10 +296,24 @@ def test_tensorboard_has_a_histogram_of_model_ages_per_evaluated_round(tmp_path)
     """Each evaluated round's histogram holds exactly the ages the nodes logged for that round."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_train(tmp_path, "algorithm=rwm", "nodes=6", "rounds=8", "eval.every=2", "dataset.num_users=60",
-              "dataset.num_items=80", "train.local_steps=2", "checkpoint.every=0", "comm.timeout_s=30")
+    run_train(
+        tmp_path,
+        "algorithm=rwm",
+        "nodes=6",
+        "rounds=8",
+        "eval.every=2",
+        "dataset.num_users=60",
+        "dataset.num_items=80",
+        "train.local_steps=2",
+        "checkpoint.every=0",
+        "comm.timeout_s=30",
+    )
     run_dir = tmp_path / "run"
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0}).Reload().Histograms("age")
+    events = (
+        EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
+        .Reload()
+        .Histograms("age")
+    )
     logs = [read_jsonl(run_dir / "nodes" / f"{node}.jsonl") for node in range(6)]
     assert [event.step for event in events] == [2, 4, 6, 8]
     for event in events:
@@ -239,15 +324,27 @@ def test_tensorboard_has_a_histogram_of_model_ages_per_evaluated_round(tmp_path)
 
 
 @pytest.mark.parametrize("nodes_per_rank", [1, 4])
-def test_every_node_evaluates_the_round_it_stops_after_so_final_is_the_end_of_the_run(tmp_path, nodes_per_rank):
+def test_every_node_evaluates_the_round_it_stops_after_so_final_is_the_end_of_the_run(
+    tmp_path, nodes_per_rank
+):
     """Nodes stop wherever they are when the first completes 12 rounds (evaluations at 5, 10, 12): each
     evaluates its last round once, and summary.json's `final` aggregates those, at round 12 with all
     8 nodes (before: the last evaluated round every node reached, 5 or 10)."""
     import statistics
 
-    run_train(tmp_path, "algorithm=rwm", "nodes=8", f"nodes_per_rank={nodes_per_rank}", "rounds=12",
-              "eval.every=5", "dataset.num_users=80", "dataset.num_items=100", "train.local_steps=2",
-              "checkpoint.every=0", "comm.timeout_s=30")
+    run_train(
+        tmp_path,
+        "algorithm=rwm",
+        "nodes=8",
+        f"nodes_per_rank={nodes_per_rank}",
+        "rounds=12",
+        "eval.every=5",
+        "dataset.num_users=80",
+        "dataset.num_items=100",
+        "train.local_steps=2",
+        "checkpoint.every=0",
+        "comm.timeout_s=30",
+    )
     run_dir = tmp_path / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
     final, per_node = summary["final"], summary["rounds_per_node"]
@@ -255,12 +352,16 @@ def test_every_node_evaluates_the_round_it_stops_after_so_final_is_the_end_of_th
     last_records = []
     for node in range(8):
         records = read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
-        assert [r["round"] for r in records] == list(range(1, per_node[node] + 1))  # one line per round
+        assert [r["round"] for r in records] == list(
+            range(1, per_node[node] + 1)
+        )  # one line per round
         evaluated = [r["round"] for r in records if "test_loss" in r]
         assert evaluated == [r for r in (5, 10) if r < per_node[node]] + [per_node[node]]
         last_records.append(records[-1])
     for key in ("test_loss", "test_acc", "train_loss", "bytes_sent", "time_s"):
-        assert final[key]["mean"] == pytest.approx(statistics.fmean(r[key] for r in last_records), rel=1e-12), key
+        assert final[key]["mean"] == pytest.approx(
+            statistics.fmean(r[key] for r in last_records), rel=1e-12
+        ), key
     assert final["consensus_distance"] > 0  # of the models as the nodes stopped
     # The report says the same from the JSONL, and from summary.json alone (the other machines' logs absent).
     from dpsgd import report

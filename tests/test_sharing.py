@@ -15,15 +15,29 @@ from dpsgd.errors import ConfigError
 from dpsgd.seeding import stream_key, torch_generator
 from dpsgd.sharing import build_sharing, check_sharing
 from dpsgd.sharing.partial import PartialSharing, RandomAlphaSharing, coordinates_to_send
-from dpsgd.sharing.selection import (decode_indices, encode_indices, fixed_index_bytes, smallest_encoding,
-                                     top_k_indices)
+from dpsgd.sharing.selection import (
+    decode_indices,
+    encode_indices,
+    fixed_index_bytes,
+    smallest_encoding,
+    top_k_indices,
+)
 from dpsgd.sharing.subsampling import SubsamplingSharing, subsampling_mask
-from dpsgd.sharing.wire import HEADER_BYTES, INDEX_DTYPES, VALUE_TYPES, Encoding, declared_bytes, parse_header
+from dpsgd.sharing.wire import (
+    HEADER_BYTES,
+    INDEX_DTYPES,
+    VALUE_TYPES,
+    Encoding,
+    declared_bytes,
+    parse_header,
+)
 from tests.conftest import compose_config, no_learning_baseline, read_jsonl, run_train
+
 
 def _options(method: str, **overrides) -> dict:
     """The sharing.* options as conf/ declares them, with overrides."""
     from omegaconf import OmegaConf
+
     options = OmegaConf.to_container(compose_config(f"sharing={method}").sharing)
     options.pop("name"), options.pop("merge")
     return {**options, **overrides}
@@ -31,16 +45,26 @@ def _options(method: str, **overrides) -> dict:
 
 def _partial(flat, alpha, **overrides) -> PartialSharing:
     options = _options("partial", **overrides)
-    return PartialSharing(flat, alpha, accumulation=options["accumulation"],
-                          accumulate_averaging_changes=options["accumulate_averaging_changes"],
-                          metadata_cap=options["metadata_cap"])
+    return PartialSharing(
+        flat,
+        alpha,
+        accumulation=options["accumulation"],
+        accumulate_averaging_changes=options["accumulate_averaging_changes"],
+        metadata_cap=options["metadata_cap"],
+    )
 
 
 def _random_alpha(flat, alpha_list, seed, node, **overrides) -> RandomAlphaSharing:
     options = _options("random_alpha", **overrides)
-    return RandomAlphaSharing(flat, alpha_list, seed, node, accumulation=options["accumulation"],
-                              accumulate_averaging_changes=options["accumulate_averaging_changes"],
-                              metadata_cap=options["metadata_cap"])
+    return RandomAlphaSharing(
+        flat,
+        alpha_list,
+        seed,
+        node,
+        accumulation=options["accumulation"],
+        accumulate_averaging_changes=options["accumulate_averaging_changes"],
+        metadata_cap=options["metadata_cap"],
+    )
 
 
 # --- top-k selection -------------------------------------------------------------------
@@ -75,7 +99,9 @@ AFTER_AVERAGING_ROUND_1 = [0.5, -1.0, 2.0, 4.0]
 
 def _three_rounds(accumulation, averaging):
     flat = torch.zeros(4)
-    sharing = _partial(flat, 0.25, accumulation=accumulation, accumulate_averaging_changes=averaging)
+    sharing = _partial(
+        flat, 0.25, accumulation=accumulation, accumulate_averaging_changes=averaging
+    )
     sent = []
     for round_number, change in enumerate(CHANGES, start=1):
         flat += torch.tensor(change)  # local training
@@ -116,7 +142,9 @@ def test_metadata_cap_sends_the_full_model_and_resets_accumulators():
     sharing = _partial(flat, 0.5, accumulation=True, metadata_cap=0.5)
     flat += torch.arange(10.0)
     message = sharing.pack(flat, 1, degree=3)
-    assert message.encoding == Encoding.FULL and message.values.numel() == 10 and message.index is None
+    assert (
+        message.encoding == Encoding.FULL and message.values.numel() == 10 and message.index is None
+    )
     assert sharing._accumulated.abs().sum() == 0
 
 
@@ -128,6 +156,7 @@ def test_averaging_switch_without_accumulation_warns_and_has_no_effect():
 
 
 # --- random alpha ------------------------------------------------------------------------
+
 
 def test_random_alpha_draws_uniformly_from_the_list():
     alpha_list = [0.1, 0.2, 0.3, 0.4, 1.0]
@@ -154,16 +183,20 @@ def test_random_alpha_sequence_depends_only_on_seed_and_node():
     def sequence(seed, node):
         sharing = _random_alpha(torch.zeros(10), [0.1, 0.2, 0.3], seed=seed, node=node)
         return [sharing.round_alpha() for _ in range(50)]
+
     assert sequence(1, 2) == sequence(1, 2)
     assert sequence(1, 2) != sequence(1, 3)
 
 
 # --- sub-sampling ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("alpha", [0.1, 0.5])
 def test_receiver_regenerates_the_senders_mask(alpha):
     sender = SubsamplingSharing(torch.zeros(5000), alpha, seed=11, node=3)
-    receiver = SubsamplingSharing(torch.zeros(5000), alpha, seed=99, node=0)  # its own seed is irrelevant
+    receiver = SubsamplingSharing(
+        torch.zeros(5000), alpha, seed=99, node=0
+    )  # its own seed is irrelevant
     flat = torch.randn(5000)
     global_state = torch.get_rng_state()
     for round_number in range(1, 101):
@@ -172,20 +205,25 @@ def test_receiver_regenerates_the_senders_mask(alpha):
         index, values = receiver.decode(message)
         assert torch.equal(index, sender.last_sent_index)
         assert torch.equal(values, flat[index])
-    assert torch.equal(torch.get_rng_state(), global_state)  # masks never touch the global generator
+    assert torch.equal(
+        torch.get_rng_state(), global_state
+    )  # masks never touch the global generator
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.3, 0.5])
 def test_mask_density_is_close_to_alpha(alpha):
     numel = 200_000
-    densities = [subsampling_mask(stream_key(0, "subsampling", 0, r), numel, alpha).float().mean().item()
-                 for r in range(10)]
+    densities = [
+        subsampling_mask(stream_key(0, "subsampling", 0, r), numel, alpha).float().mean().item()
+        for r in range(10)
+    ]
     sigma = math.sqrt(alpha * (1 - alpha) / numel)
     assert all(abs(d - alpha) < 5 * sigma for d in densities)
     assert len(set(densities)) > 1  # a different mask every round
 
 
 # --- merge rules against float64 references -------------------------------------------------
+
 
 def _random_partial_round(seed, numel=40, neighbours=4):
     rng = np.random.default_rng(seed)
@@ -195,7 +233,7 @@ def _random_partial_round(seed, numel=40, neighbours=4):
     weights = 1.0 / (1.0 + np.maximum(degrees, own_degree))
     masks = rng.random((neighbours, numel)) < 0.5
     masks[:, 0] = False  # nobody sent coordinate 0
-    masks[:, 1] = True   # everybody sent coordinate 1
+    masks[:, 1] = True  # everybody sent coordinate 1
     values = rng.normal(size=(neighbours, numel))
     own_mask = rng.random(numel) < 0.5
     own_mask[2] = False  # only neighbours have coordinate 2 ...
@@ -204,16 +242,24 @@ def _random_partial_round(seed, numel=40, neighbours=4):
 
 
 def _contributions(degrees, weights, masks, values):
-    return [Contribution(weight=float(w), degree=int(d), index=torch.from_numpy(np.flatnonzero(m)),
-                         values=torch.from_numpy(v[m].astype(np.float32)))
-            for d, w, m, v in zip(degrees, weights, masks, values)]
+    return [
+        Contribution(
+            weight=float(w),
+            degree=int(d),
+            index=torch.from_numpy(np.flatnonzero(m)),
+            values=torch.from_numpy(v[m].astype(np.float32)),
+        )
+        for d, w, m, v in zip(degrees, weights, masks, values)
+    ]
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_fill_own_equals_mh_with_missing_values_filled_by_own(seed):
     own, degrees, weights, masks, values, _ = _random_partial_round(seed)
     self_weight = 1.0 - weights.sum()
-    expected = self_weight * own + sum(w * np.where(m, v, own) for w, m, v in zip(weights, masks, values))
+    expected = self_weight * own + sum(
+        w * np.where(m, v, own) for w, m, v in zip(weights, masks, values)
+    )
     flat = torch.from_numpy(own.astype(np.float32))
     merge_fill_own(flat, self_weight, _contributions(degrees, weights, masks, values))
     np.testing.assert_allclose(flat.numpy(), expected, atol=1e-5)
@@ -225,9 +271,17 @@ def test_fill_own_with_full_messages_is_plain_metropolis_hastings():
     own, neighbours = rng.normal(size=30), rng.normal(size=(3, 30))
     weights = np.array([0.2, 0.25, 0.2])
     flat = torch.from_numpy(own.astype(np.float32))
-    merge_fill_own(flat, 1 - weights.sum(), [Contribution(float(w), torch.from_numpy(v.astype(np.float32)))
-                                               for w, v in zip(weights, neighbours)])
-    np.testing.assert_allclose(flat.numpy(), (1 - weights.sum()) * own + weights @ neighbours, atol=1e-6)
+    merge_fill_own(
+        flat,
+        1 - weights.sum(),
+        [
+            Contribution(float(w), torch.from_numpy(v.astype(np.float32)))
+            for w, v in zip(weights, neighbours)
+        ],
+    )
+    np.testing.assert_allclose(
+        flat.numpy(), (1 - weights.sum()) * own + weights @ neighbours, atol=1e-6
+    )
 
 
 def _renormalize_reference(own, degrees, weights, masks, values, own_mask):
@@ -237,11 +291,15 @@ def _renormalize_reference(own, degrees, weights, masks, values, own_mask):
         senders = [j for j in range(len(degrees)) if masks[j, c]]
         if own_mask[c]:
             total = self_weight + sum(weights[j] for j in senders)
-            result[c] = (self_weight * own[c] + sum(weights[j] * values[j, c] for j in senders)) / total
+            result[c] = (
+                self_weight * own[c] + sum(weights[j] * values[j, c] for j in senders)
+            ) / total
         elif senders:
             # w_i = 1 / (1 + d_i * sum_{j != i} 1/d_j), exactly as SPEC §4 writes it
-            result[c] = sum(values[i, c] / (1 + degrees[i] * sum(1 / degrees[j] for j in senders if j != i))
-                            for i in senders)
+            result[c] = sum(
+                values[i, c] / (1 + degrees[i] * sum(1 / degrees[j] for j in senders if j != i))
+                for i in senders
+            )
     return result
 
 
@@ -250,8 +308,12 @@ def test_renormalize_matches_the_per_coordinate_definition(seed):
     own, degrees, weights, masks, values, own_mask = _random_partial_round(seed)
     expected = _renormalize_reference(own, degrees, weights, masks, values, own_mask)
     flat = torch.from_numpy(own.astype(np.float32))
-    merge_renormalize(flat, 1.0 - weights.sum(), _contributions(degrees, weights, masks, values),
-                      own_index=torch.from_numpy(np.flatnonzero(own_mask)))
+    merge_renormalize(
+        flat,
+        1.0 - weights.sum(),
+        _contributions(degrees, weights, masks, values),
+        own_index=torch.from_numpy(np.flatnonzero(own_mask)),
+    )
     np.testing.assert_allclose(flat.numpy(), expected, atol=1e-5)
     assert flat[0].item() == pytest.approx(own[0], abs=1e-6)  # nobody has a new value
 
@@ -259,38 +321,63 @@ def test_renormalize_matches_the_per_coordinate_definition(seed):
 def test_renormalize_with_everything_sent_is_plain_metropolis_hastings():
     own, degrees, weights, _, values, _ = _random_partial_round(1)
     flat = torch.from_numpy(own.astype(np.float32))
-    contributions = [Contribution(float(w), torch.from_numpy(v.astype(np.float32)), None, int(d))
-                     for w, v, d in zip(weights, values, degrees)]
+    contributions = [
+        Contribution(float(w), torch.from_numpy(v.astype(np.float32)), None, int(d))
+        for w, v, d in zip(weights, values, degrees)
+    ]
     merge_renormalize(flat, 1.0 - weights.sum(), contributions, own_index=None)
-    np.testing.assert_allclose(flat.numpy(), (1 - weights.sum()) * own + weights @ values, atol=1e-5)
+    np.testing.assert_allclose(
+        flat.numpy(), (1 - weights.sum()) * own + weights @ values, atol=1e-5
+    )
 
 
 # --- encodings ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("encoding", [Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.GAP_RICE])
 @pytest.mark.parametrize("numel,k", [(1, 1), (13, 5), (1000, 1), (1000, 999), (4099, 300)])
 def test_indices_survive_encoding(encoding, numel, k):
-    chosen = torch.from_numpy(np.sort(np.random.default_rng(numel + k).choice(numel, k, replace=False)))
+    chosen = torch.from_numpy(
+        np.sort(np.random.default_rng(numel + k).choice(numel, k, replace=False))
+    )
     encoded = encode_indices(chosen, numel, encoding)
     if encoding != Encoding.GAP_RICE:
         assert encoded.numel() * encoded.element_size() == fixed_index_bytes(encoding, k, numel)
     assert torch.equal(decode_indices(encoded, numel, encoding, k), chosen)
 
 
-@pytest.mark.parametrize("numel,k", [(217_014, 1), (217_014, 100), (217_014, 21_701), (217_014, 108_507),
-                                     (1_690_046, 52_814), (1_690_046, 845_023), (1000, 0)])
+@pytest.mark.parametrize(
+    "numel,k",
+    [
+        (217_014, 1),
+        (217_014, 100),
+        (217_014, 21_701),
+        (217_014, 108_507),
+        (1_690_046, 52_814),
+        (1_690_046, 845_023),
+        (1000, 0),
+    ],
+)
 def test_the_smallest_index_form_is_chosen(numel, k):
     chosen = torch.from_numpy(np.sort(np.random.default_rng(k).choice(numel, k, replace=False)))
     encoding, nbytes, _ = smallest_encoding(chosen, numel)
-    sizes = {form: encode_indices(chosen, numel, form).numel() * INDEX_DTYPES[form].itemsize
-             for form in (Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.GAP_RICE)}
+    sizes = {
+        form: encode_indices(chosen, numel, form).numel() * INDEX_DTYPES[form].itemsize
+        for form in (Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.GAP_RICE)
+    }
     assert nbytes == sizes[encoding] == min(sizes.values())
 
 
 def test_the_gap_code_wins_between_a_few_coordinates_and_half_the_model():
     numel = 217_014
-    for k, expected in [(0, Encoding.INDEX_INT32), (1, Encoding.INDEX_INT32), (217, Encoding.GAP_RICE),
-                        (21_701, Encoding.GAP_RICE), (65_104, Encoding.GAP_RICE), (108_507, Encoding.BITMASK)]:
+    for k, expected in [
+        (0, Encoding.INDEX_INT32),
+        (1, Encoding.INDEX_INT32),
+        (217, Encoding.GAP_RICE),
+        (21_701, Encoding.GAP_RICE),
+        (65_104, Encoding.GAP_RICE),
+        (108_507, Encoding.BITMASK),
+    ]:
         chosen = torch.from_numpy(np.sort(np.random.default_rng(k).choice(numel, k, replace=False)))
         assert smallest_encoding(chosen, numel)[0] == expected, k
 
@@ -303,19 +390,27 @@ def test_partial_message_bytes_are_what_is_sent():
     k = coordinates_to_send(0.1, 217_014)
     assert message.data_bytes == 4 * k
     assert message.encoding == Encoding.GAP_RICE  # beats the bitmask and 4k bytes of int32
-    assert message.meta_bytes == HEADER_BYTES + message.index.numel() < HEADER_BYTES + (217_014 + 7) // 8
+    assert (
+        message.meta_bytes
+        == HEADER_BYTES + message.index.numel()
+        < HEADER_BYTES + (217_014 + 7) // 8
+    )
 
 
 # --- configuration errors -------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,alpha,options,key", [
-    ("partial", 0.0, {}, "alpha"),
-    ("subsampling", 1.5, {}, "alpha"),
-    ("random_alpha", 1.0, {"alpha_list": []}, "sharing.alpha_list"),
-    ("random_alpha", 1.0, {"alpha_list": [0.5, 2.0]}, "sharing.alpha_list"),
-    ("partial", 0.1, {"merge": "average_harder"}, "sharing.merge"),
-    ("gossip", 0.1, {}, "sharing.name"),
-])
+
+@pytest.mark.parametrize(
+    "name,alpha,options,key",
+    [
+        ("partial", 0.0, {}, "alpha"),
+        ("subsampling", 1.5, {}, "alpha"),
+        ("random_alpha", 1.0, {"alpha_list": []}, "sharing.alpha_list"),
+        ("random_alpha", 1.0, {"alpha_list": [0.5, 2.0]}, "sharing.alpha_list"),
+        ("partial", 0.1, {"merge": "average_harder"}, "sharing.merge"),
+        ("gossip", 0.1, {}, "sharing.name"),
+    ],
+)
 def test_invalid_sharing_settings_are_config_errors(name, alpha, options, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_sharing(name, alpha, options)
@@ -326,14 +421,23 @@ def test_invalid_sharing_settings_are_config_errors(name, alpha, options, key):
 NODES, ROUNDS, SEED = 4, 20, 1
 
 
-def _expected_message_bytes(method, node, round_number, numel, alpha, alpha_sequence) -> tuple[int, int, int]:
+def _expected_message_bytes(
+    method, node, round_number, numel, alpha, alpha_sequence
+) -> tuple[int, int, int]:
     """(data bytes, least and most meta bytes) of one message: a top-k index's length depends on the set."""
     if method == "partial":
         k = coordinates_to_send(alpha, numel)
-        fixed = min(fixed_index_bytes(Encoding.INDEX_INT32, k, numel), fixed_index_bytes(Encoding.BITMASK, k, numel))
+        fixed = min(
+            fixed_index_bytes(Encoding.INDEX_INT32, k, numel),
+            fixed_index_bytes(Encoding.BITMASK, k, numel),
+        )
         return 4 * k, HEADER_BYTES + min(1, fixed), HEADER_BYTES + fixed
     if method == "subsampling":
-        k = int(subsampling_mask(stream_key(SEED, "subsampling", node, round_number), numel, alpha).sum())
+        k = int(
+            subsampling_mask(
+                stream_key(SEED, "subsampling", node, round_number), numel, alpha
+            ).sum()
+        )
         return 4 * k, HEADER_BYTES, HEADER_BYTES
     if method == "full":
         return 4 * numel, HEADER_BYTES, HEADER_BYTES
@@ -343,24 +447,41 @@ def _expected_message_bytes(method, node, round_number, numel, alpha, alpha_sequ
     return _expected_message_bytes("partial", node, round_number, numel, drawn, None)
 
 
-@pytest.mark.parametrize("method,alpha", [("partial", 0.1), ("random_alpha", 1.0), ("subsampling", 0.3)])
+@pytest.mark.parametrize(
+    "method,alpha", [("partial", 0.1), ("random_alpha", 1.0), ("subsampling", 0.3)]
+)
 def test_each_method_learns_and_logs_the_bytes_it_sends(tmp_path, method, alpha):
-    overrides = (f"sharing={method}", f"alpha={alpha}", f"nodes={NODES}", "topology=ring", f"rounds={ROUNDS}",
-                 "eval.every=5", f"seed={SEED}", "optimizer.lr=1.0", "train.batch_size=32")
+    overrides = (
+        f"sharing={method}",
+        f"alpha={alpha}",
+        f"nodes={NODES}",
+        "topology=ring",
+        f"rounds={ROUNDS}",
+        "eval.every=5",
+        f"seed={SEED}",
+        "optimizer.lr=1.0",
+        "train.batch_size=32",
+    )
     run_train(tmp_path, *overrides)
     run_dir = tmp_path / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
-    baseline = no_learning_baseline(tmp_path, *overrides)["loss"]  # the global-mean predictor, same split
+    baseline = no_learning_baseline(tmp_path, *overrides)[
+        "loss"
+    ]  # the global-mean predictor, same split
     assert summary["per_round"][-1]["test_loss"]["mean"] < baseline - 0.05
     numel, degree = summary["num_parameters"], 2
     for node in range(NODES):
         generator = torch_generator(SEED, "random_alpha", node)
         alpha_list = _options("random_alpha")["alpha_list"]
-        alphas = [alpha_list[torch.randint(len(alpha_list), (1,), generator=generator).item()] for _ in range(ROUNDS)]
+        alphas = [
+            alpha_list[torch.randint(len(alpha_list), (1,), generator=generator).item()]
+            for _ in range(ROUNDS)
+        ]
         data, meta = 0, 0
         for record in read_jsonl(run_dir / "nodes" / f"{node}.jsonl"):
-            data_bytes, least_meta, most_meta = _expected_message_bytes(method, node, record["round"], numel, alpha,
-                                                                        alphas)
+            data_bytes, least_meta, most_meta = _expected_message_bytes(
+                method, node, record["round"], numel, alpha, alphas
+            )
             data += degree * data_bytes
             assert record["bytes_sent_data"] == data
             assert degree * least_meta <= record["bytes_sent_meta"] - meta <= degree * most_meta
@@ -369,35 +490,57 @@ def test_each_method_learns_and_logs_the_bytes_it_sends(tmp_path, method, alpha)
 
 
 def test_partial_with_renormalize_runs(tmp_path):
-    overrides = ("sharing=partial", "alpha=0.2", "sharing.merge=renormalize", f"nodes={NODES}", "topology=ring",
-                 "rounds=10", "eval.every=5")
+    overrides = (
+        "sharing=partial",
+        "alpha=0.2",
+        "sharing.merge=renormalize",
+        f"nodes={NODES}",
+        "topology=ring",
+        "rounds=10",
+        "eval.every=5",
+    )
     run_train(tmp_path, *overrides)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["per_round"][-1]["test_loss"]["mean"] < no_learning_baseline(tmp_path, *overrides)["loss"]
+    assert (
+        summary["per_round"][-1]["test_loss"]["mean"]
+        < no_learning_baseline(tmp_path, *overrides)["loss"]
+    )
 
 
 # --- lighter values on the wire ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("values", ["float16", "bfloat16"])
 @pytest.mark.parametrize("method,alpha", [("full", 1.0), ("partial", 0.1), ("subsampling", 0.3)])
 def test_lighter_values_are_narrowed_on_the_wire_and_widened_on_arrival(values, method, alpha):
     numel = 5000
     flat = torch.randn(numel, generator=torch.Generator().manual_seed(3))
-    sender = build_sharing(method, flat.clone(), alpha, _options(method, values=values), SEED, node=1)
-    receiver = build_sharing(method, flat.clone(), alpha, _options(method, values=values), SEED, node=0)
+    sender = build_sharing(
+        method, flat.clone(), alpha, _options(method, values=values), SEED, node=1
+    )
+    receiver = build_sharing(
+        method, flat.clone(), alpha, _options(method, values=values), SEED, node=0
+    )
     moved = flat + 0.1 * torch.randn(numel, generator=torch.Generator().manual_seed(4))
     message = sender.pack(moved, 1, degree=2)
-    assert message.values.dtype == VALUE_TYPES[values] and message.data_bytes == 2 * message.values.numel()
+    assert (
+        message.values.dtype == VALUE_TYPES[values]
+        and message.data_bytes == 2 * message.values.numel()
+    )
     assert receiver.check_header(parse_header(message.header())) is None
     index, received = receiver.decode(message)
     expected = moved if index is None else moved[index]
     assert received.dtype == torch.float32
-    assert torch.equal(received, expected.to(VALUE_TYPES[values]).float())  # exactly the rounded model
+    assert torch.equal(
+        received, expected.to(VALUE_TYPES[values]).float()
+    )  # exactly the rounded model
 
 
 def test_a_message_in_another_value_type_is_refused_by_the_receiver():
     flat = torch.randn(100)
-    half = build_sharing("full", flat, 1.0, _options("full", values="float16"), SEED, node=1).pack(flat, 1, degree=2)
+    half = build_sharing("full", flat, 1.0, _options("full", values="float16"), SEED, node=1).pack(
+        flat, 1, degree=2
+    )
     single = build_sharing("full", flat, 1.0, _options("full"), SEED, node=0)
     assert "sharing.values=float32" in single.check_header(parse_header(half.header()))
 
@@ -407,38 +550,71 @@ def test_an_unknown_value_type_is_a_config_error():
         check_sharing("full", 1.0, {"values": "float8"})
 
 
-@pytest.mark.parametrize("algorithm,method,alpha,values", [("dpsgd", "full", 1.0, "float16"),
-                                                            ("dpsgd", "partial", 0.1, "bfloat16"),
-                                                            ("rwm", "full", 1.0, "bfloat16")])
-def test_runs_with_lighter_values_learn_and_log_two_bytes_per_value(tmp_path, algorithm, method, alpha, values):
-    overrides = (f"algorithm={algorithm}", f"sharing={method}", f"alpha={alpha}", f"sharing.values={values}",
-                 f"nodes={NODES}", "topology=ring", f"rounds={ROUNDS}", "eval.every=5", f"seed={SEED}",
-                 "optimizer.lr=1.0", "train.batch_size=32")
+@pytest.mark.parametrize(
+    "algorithm,method,alpha,values",
+    [
+        ("dpsgd", "full", 1.0, "float16"),
+        ("dpsgd", "partial", 0.1, "bfloat16"),
+        ("rwm", "full", 1.0, "bfloat16"),
+    ],
+)
+def test_runs_with_lighter_values_learn_and_log_two_bytes_per_value(
+    tmp_path, algorithm, method, alpha, values
+):
+    overrides = (
+        f"algorithm={algorithm}",
+        f"sharing={method}",
+        f"alpha={alpha}",
+        f"sharing.values={values}",
+        f"nodes={NODES}",
+        "topology=ring",
+        f"rounds={ROUNDS}",
+        "eval.every=5",
+        f"seed={SEED}",
+        "optimizer.lr=1.0",
+        "train.batch_size=32",
+    )
     run_train(tmp_path, *overrides)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["per_round"][-1]["test_loss"]["mean"] < no_learning_baseline(tmp_path, *overrides)["loss"] - 0.05
+    assert (
+        summary["per_round"][-1]["test_loss"]["mean"]
+        < no_learning_baseline(tmp_path, *overrides)["loss"] - 0.05
+    )
     numel = summary["num_parameters"]
-    messages_per_round = 2 if algorithm == "dpsgd" else 1  # a ring: two neighbours; a walk: one message
+    messages_per_round = (
+        2 if algorithm == "dpsgd" else 1
+    )  # a ring: two neighbours; a walk: one message
     for node in range(NODES):
         data = 0
         for record in read_jsonl(tmp_path / "run" / "nodes" / f"{node}.jsonl"):
-            sent, least_meta, most_meta = _expected_message_bytes(method, node, record["round"], numel, alpha, None)
+            sent, least_meta, most_meta = _expected_message_bytes(
+                method, node, record["round"], numel, alpha, None
+            )
             data += messages_per_round * sent // 2  # 2 bytes per value instead of 4
             assert record["bytes_sent_data"] == data
         if method == "full":
             assert record["bytes_sent_meta"] == record["round"] * messages_per_round * HEADER_BYTES
 
 
-@pytest.mark.parametrize("alpha,encoding", [(0.0001, Encoding.INDEX_INT32), (0.1, Encoding.GAP_RICE),
-                                            (0.5, Encoding.BITMASK)])
+@pytest.mark.parametrize(
+    "alpha,encoding",
+    [(0.0001, Encoding.INDEX_INT32), (0.1, Encoding.GAP_RICE), (0.5, Encoding.BITMASK)],
+)
 def test_the_header_describes_the_index_form_a_message_chose(alpha, encoding):
     numel = 10_000
     flat = torch.zeros(numel)
-    sharing = build_sharing("partial", flat, alpha, _options("partial", values="bfloat16"), SEED, node=0)
-    message = sharing.pack(flat + torch.randn(numel, generator=torch.Generator().manual_seed(2)), 3, degree=4)
+    sharing = build_sharing(
+        "partial", flat, alpha, _options("partial", values="bfloat16"), SEED, node=0
+    )
+    message = sharing.pack(
+        flat + torch.randn(numel, generator=torch.Generator().manual_seed(2)), 3, degree=4
+    )
     fields = parse_header(message.header())
     assert message.encoding == encoding and fields["encoding"] == int(encoding)
-    assert fields["num_index"] == message.index.numel() and fields["num_values"] == message.values.numel()
+    assert (
+        fields["num_index"] == message.index.numel()
+        and fields["num_values"] == message.values.numel()
+    )
     assert fields["values_type"] == list(VALUE_TYPES).index("bfloat16")
     assert declared_bytes(fields) == (message.data_bytes, message.meta_bytes)
     index, _ = sharing.decode(message)

@@ -35,12 +35,14 @@ def topologies_for(n: int):
 def test_mh_weights_on_path_by_hand():
     # path 0-1-2-3: degrees 1, 2, 2, 1; every edge touches a degree-2 node -> 1/3
     topology = Topology(nx.path_graph(4))
-    expected = np.array([
-        [2 / 3, 1 / 3, 0.0, 0.0],
-        [1 / 3, 1 / 3, 1 / 3, 0.0],
-        [0.0, 1 / 3, 1 / 3, 1 / 3],
-        [0.0, 0.0, 1 / 3, 2 / 3],
-    ])
+    expected = np.array(
+        [
+            [2 / 3, 1 / 3, 0.0, 0.0],
+            [1 / 3, 1 / 3, 1 / 3, 0.0],
+            [0.0, 1 / 3, 1 / 3, 1 / 3],
+            [0.0, 0.0, 1 / 3, 2 / 3],
+        ]
+    )
     np.testing.assert_allclose(mh_matrix(topology), expected, rtol=0, atol=1e-15)
     self_weight, weights = mh_weights(2, {0: 1, 2: 2})
     assert weights == {0: 1 / 3, 2: 1 / 3}
@@ -55,12 +57,14 @@ def test_mh_weights_on_star_by_hand():
     assert hub_self == 0.25
     leaf_self, leaf_weights = mh_weights(1, {0: 3})
     assert leaf_weights == {0: 0.25} and leaf_self == 0.75
-    expected = np.array([
-        [0.25, 0.25, 0.25, 0.25],
-        [0.25, 0.75, 0.0, 0.0],
-        [0.25, 0.0, 0.75, 0.0],
-        [0.25, 0.0, 0.0, 0.75],
-    ])
+    expected = np.array(
+        [
+            [0.25, 0.25, 0.25, 0.25],
+            [0.25, 0.75, 0.0, 0.0],
+            [0.25, 0.0, 0.75, 0.0],
+            [0.25, 0.0, 0.0, 0.75],
+        ]
+    )
     np.testing.assert_array_equal(mh_matrix(topology), expected)
 
 
@@ -115,8 +119,9 @@ def test_regular_degree_and_reproducible(n, d):
 
 def test_regular_differs_for_most_other_seeds():
     base = sorted(build_topology("regular", 20, degree=4, seed=0).graph.edges)
-    others = [sorted(build_topology("regular", 20, degree=4, seed=s).graph.edges)
-              for s in range(1, 6)]
+    others = [
+        sorted(build_topology("regular", 20, degree=4, seed=s).graph.edges) for s in range(1, 6)
+    ]
     assert sum(edges != base for edges in others) >= 4
 
 
@@ -133,8 +138,9 @@ def write(tmp_path, text: str) -> str:
 
 
 def test_file_parses_both_directions_comments_and_blank_lines(tmp_path):
-    path = write(tmp_path, "# a 4-node ring\n\n4\n0 1\n1 0\n# back edges too\n1 2\n2 1\n"
-                           "\n2 3\n3 0\n0 3\n")
+    path = write(
+        tmp_path, "# a 4-node ring\n\n4\n0 1\n1 0\n# back edges too\n1 2\n2 1\n\n2 3\n3 0\n0 3\n"
+    )
     topology = build_topology("file", 4, path=path)
     assert sorted(topology.graph.edges) == [(0, 1), (0, 3), (1, 2), (2, 3)]
     assert topology.neighbours(0) == [1, 3]
@@ -202,13 +208,16 @@ def test_file_not_text(tmp_path):
     assert str(path) in message
 
 
-@pytest.mark.parametrize("text,line", [
-    ("4\n0 1\n1 x\n", 3),
-    ("4\n0 1 2\n", 2),
-    ("# header\nfour\n0 1\n", 2),
-    ("4 4\n0 1\n", 1),
-    ("4\n\n0\n", 3),
-])
+@pytest.mark.parametrize(
+    "text,line",
+    [
+        ("4\n0 1\n1 x\n", 3),
+        ("4\n0 1 2\n", 2),
+        ("# header\nfour\n0 1\n", 2),
+        ("4 4\n0 1\n", 1),
+        ("4\n\n0\n", 3),
+    ],
+)
 def test_file_malformed_line_names_file_and_line(tmp_path, text, line):
     path = write(tmp_path, text)
     message = assert_config_error(f"line {line}", "file", 4, path=path)
@@ -249,7 +258,9 @@ def test_file_disconnected_counts_components(tmp_path):
 @pytest.mark.parametrize("n", (5, 8, 16, 96))
 def test_spectral_gap_of_ring_and_full_graph_by_hand(n):
     """Ring: every MH weight is 1/3, so W's eigenvalues are 1/3 + 2/3 cos(2 pi k / n); full graph: W = J / n."""
-    assert spectral_gap(build_topology("ring", n)) == pytest.approx(2 / 3 * (1 - np.cos(2 * np.pi / n)), abs=1e-12)
+    assert spectral_gap(build_topology("ring", n)) == pytest.approx(
+        2 / 3 * (1 - np.cos(2 * np.pi / n)), abs=1e-12
+    )
     assert spectral_gap(build_topology("full", n)) == pytest.approx(1.0, abs=1e-12)
 
 
@@ -258,5 +269,7 @@ def test_spectral_gap_is_how_much_one_round_shrinks_disagreement_at_worst(n):
     """|lambda_2| is the largest factor by which one round of averaging can shrink a vector's
     distance to its mean: the 2-norm (an SVD, not an eigensolver) of W minus the averaging matrix."""
     for topology in topologies_for(n):
-        worst_shrink = np.linalg.norm(reference_mh(topology.graph) - np.full((n, n), 1.0 / n), ord=2)
+        worst_shrink = np.linalg.norm(
+            reference_mh(topology.graph) - np.full((n, n), 1.0 / n), ord=2
+        )
         assert spectral_gap(topology) == pytest.approx(1.0 - worst_shrink, abs=1e-10)

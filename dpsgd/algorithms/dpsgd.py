@@ -16,8 +16,14 @@ from dpsgd.node_group import NodeGroup
 from dpsgd.sharing.wire import Encoding, Message
 
 
-def run_dpsgd(group: NodeGroup, rounds: int, start_round: int = 0, state: dict | None = None,
-              peers: RoundPeers | None = None, keep: dict | None = None) -> dict[int, int]:
+def run_dpsgd(
+    group: NodeGroup,
+    rounds: int,
+    start_round: int = 0,
+    state: dict | None = None,
+    peers: RoundPeers | None = None,
+    keep: dict | None = None,
+) -> dict[int, int]:
     """Run synchronous rounds start_round+1 .. rounds for every node the rank hosts; return each
     node's rounds completed (all equal: D-PSGD rounds are synchronous).
 
@@ -34,24 +40,35 @@ def run_dpsgd(group: NodeGroup, rounds: int, start_round: int = 0, state: dict |
             batch_losses = group.train_round()
         with clock.phase("comm"):
             targets = peers.targets(round_number)
-            outgoing = {node.rank: node.sharing.pack(node.flat, round_number, len(targets[node.rank]))
-                        for node in group.nodes}
+            outgoing = {
+                node.rank: node.sharing.pack(node.flat, round_number, len(targets[node.rank]))
+                for node in group.nodes
+            }
             received = group.transport.exchange(outgoing, targets)
             _merge_group(group, peers, round_number, outgoing, received)
         with clock.phase("eval"):
-            metrics = [node.evaluate() if node.schedule.due(round_number) else {} for node in group.nodes]
+            metrics = [
+                node.evaluate() if node.schedule.due(round_number) else {} for node in group.nodes
+            ]
         for node, batch_loss, measured in zip(group.nodes, batch_losses, metrics):
             node.record(round_number, clock, batch_loss=batch_loss, **measured)
             node.note_divergence(round_number, batch_loss)
         if group.nodes[0].divergence.must_stop(round_number):
-            return group.stop_after(round_number)  # every node of every rank stops after this same round
+            return group.stop_after(
+                round_number
+            )  # every node of every rank stops after this same round
         for node in group.nodes:
             node.checkpoint(round_number, keep or {})
     return group.stop_after(rounds)
 
 
-def contributions(node: Node, peers: RoundPeers, round_number: int, received: dict[int, Message],
-                  decoded: dict[int, tuple] | None = None) -> tuple[float, list[Contribution]]:
+def contributions(
+    node: Node,
+    peers: RoundPeers,
+    round_number: int,
+    received: dict[int, Message],
+    decoded: dict[int, tuple] | None = None,
+) -> tuple[float, list[Contribution]]:
     """Weigh each sender's message as the pattern says (Metropolis-Hastings on a graph, using the
     degree each sender announced; equal weights for Epidemic Learning).
 
@@ -59,16 +76,29 @@ def contributions(node: Node, peers: RoundPeers, round_number: int, received: di
     The contributions are in the order of `received`, so they can be zipped with its senders.
     """
     own_degree = len(peers.targets(round_number)[node.rank])
-    self_weight, weights = peers.weigh(own_degree, {peer: message.degree for peer, message in received.items()})
+    self_weight, weights = peers.weigh(
+        own_degree, {peer: message.degree for peer, message in received.items()}
+    )
     if decoded is None:
         decoded = {peer: node.sharing.decode(message) for peer, message in received.items()}
-    return self_weight, [Contribution(weight=weights[peer], values=decoded[peer][1], index=decoded[peer][0],
-                                      degree=received[peer].degree)
-                         for peer in received]
+    return self_weight, [
+        Contribution(
+            weight=weights[peer],
+            values=decoded[peer][1],
+            index=decoded[peer][0],
+            degree=received[peer].degree,
+        )
+        for peer in received
+    ]
 
 
-def _merge_group(group: NodeGroup, peers: RoundPeers, round_number: int, outgoing: dict[int, Message],
-                 received: dict[int, dict[int, Message]]) -> None:
+def _merge_group(
+    group: NodeGroup,
+    peers: RoundPeers,
+    round_number: int,
+    outgoing: dict[int, Message],
+    received: dict[int, dict[int, Message]],
+) -> None:
     """Every hosted node merges what its neighbours sent, each exactly as it would alone.
 
     Whole models under fill_own are averaged out of place into the group's spare rows,
@@ -76,31 +106,49 @@ def _merge_group(group: NodeGroup, peers: RoundPeers, round_number: int, outgoin
     Otherwise nodes merge in place, after the messages that are live rows were copied.
     """
     whole = group.nodes[0].merge is merge_fill_own and all(
-        message.encoding == Encoding.FULL for messages in received.values() for message in messages.values())
+        message.encoding == Encoding.FULL
+        for messages in received.values()
+        for message in messages.values()
+    )
     if not whole:
-        _detached(outgoing, group.rows, group.spare)  # before decoding: decoded values must point at the copy
+        _detached(
+            outgoing, group.rows, group.spare
+        )  # before decoding: decoded values must point at the copy
     decoder = group.nodes[0].sharing  # every node's method decodes alike: once per sender
-    decoded = {sender: decoder.decode(message) for messages in received.values() for sender, message in messages.items()}
+    decoded = {
+        sender: decoder.decode(message)
+        for messages in received.values()
+        for sender, message in messages.items()
+    }
     if whole:
         _average_whole_models(group, peers, round_number, received, decoded)
         group.swap_rows()
     else:
         for node in group.nodes:
-            self_weight, weighed = contributions(node, peers, round_number, received[node.rank], decoded)
+            self_weight, weighed = contributions(
+                node, peers, round_number, received[node.rank], decoded
+            )
             node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
     for node in group.nodes:
         node.sharing.after_merge(node.flat)
 
 
-def _average_whole_models(group: NodeGroup, peers: RoundPeers, round_number: int,
-                          received: dict[int, dict[int, Message]], decoded: dict[int, tuple]) -> None:
+def _average_whole_models(
+    group: NodeGroup,
+    peers: RoundPeers,
+    round_number: int,
+    received: dict[int, dict[int, Message]],
+    decoded: dict[int, tuple],
+) -> None:
     """Averaging of every hosted node (weights as the pattern says) into the spare rows in one sparse product
     over the rows; a neighbour whose message is not its live row (another rank's, or values
     rounded to a lighter type on the wire) is added to its reader's row afterwards."""
     position = {node.rank: g for g, node in enumerate(group.nodes)}
     from_rows, from_messages = [], []
     for g, node in enumerate(group.nodes):
-        self_weight, weighed = contributions(node, peers, round_number, received[node.rank], decoded)
+        self_weight, weighed = contributions(
+            node, peers, round_number, received[node.rank], decoded
+        )
         from_rows.append((g, g, self_weight))
         for sender, contribution in zip(received[node.rank], weighed):
             row = position.get(sender)
@@ -116,21 +164,28 @@ def _average_whole_models(group: NodeGroup, peers: RoundPeers, round_number: int
 def _is_row(values: torch.Tensor, row: torch.Tensor) -> bool:
     """A message that is the sender's live row is already in the sparse product's input; any
     other tensor (a copy, a rounded or received buffer) must be added on its own."""
-    return (values.data_ptr() == row.data_ptr() and values.shape == row.shape and values.stride() == row.stride()
-            and values.dtype == row.dtype)
+    return (
+        values.data_ptr() == row.data_ptr()
+        and values.shape == row.shape
+        and values.stride() == row.stride()
+        and values.dtype == row.dtype
+    )
 
 
 def _detached(outgoing: dict[int, Message], rows, spare) -> dict[int, Message]:
     """Messages that are the live model (full sharing sends the row itself) must not change while
     the group's other nodes merge them: they point into a snapshot of the rows instead, taken into
     the group's spare rows (which merging in place leaves unused)."""
-    live = [node for node, message in outgoing.items()
-            if message.values.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()]
+    live = [
+        node
+        for node, message in outgoing.items()
+        if message.values.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
+    ]
     if live:
         snapshot = spare.copy_(rows)
         base = rows.untyped_storage().data_ptr()
         for node in live:
             values = outgoing[node].values
             start = (values.data_ptr() - base) // values.element_size()
-            outgoing[node].values = snapshot.view(-1)[start:start + values.numel()]
+            outgoing[node].values = snapshot.view(-1)[start : start + values.numel()]
     return outgoing

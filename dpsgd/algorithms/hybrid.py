@@ -15,6 +15,7 @@ even when no evaluation was due there. Every record says its `phase`.
 from __future__ import annotations
 
 from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -29,12 +30,21 @@ from dpsgd.run_outputs import RESUME_AGGREGATED_KEY, SWITCH_KEY, publish_skipped
 from dpsgd.transport.rounds import RoundTransport
 
 WALK, AVERAGE = "rwm", "dpsgd"  # the `phase` of a record
-SWITCHED = "switched_after"     # what a checkpoint after the switch keeps: the switch round
+SWITCHED = "switched_after"  # what a checkpoint after the switch keeps: the switch round
 
 
-def run_hybrid(group: NodeGroup, rounds: int, start_round: int = 0, state: dict | None = None, *,
-               switch_round: int | None, byte_budget: int | None, every: int, peers: RoundPeers,
-               averaging: RoundTransport) -> dict[int, int]:
+def run_hybrid(
+    group: NodeGroup,
+    rounds: int,
+    start_round: int = 0,
+    state: dict | None = None,
+    *,
+    switch_round: int | None,
+    byte_budget: int | None,
+    every: int,
+    peers: RoundPeers,
+    averaging: RoundTransport,
+) -> dict[int, int]:
     """The walk, the agreed switch, then D-PSGD over `averaging` (it takes over the byte counts).
 
     A run resumed after the switch goes straight on with D-PSGD (its checkpoints keep the switch
@@ -46,8 +56,14 @@ def run_hybrid(group: NodeGroup, rounds: int, start_round: int = 0, state: dict 
         node.phase = WALK
     if switch is None:
         with _stopping_at_once(first.divergence):
-            walked = run_rwm(group, _walk_rounds(rounds, switch_round), start_round, state, every=every,
-                             byte_budget=byte_budget)
+            walked = run_rwm(
+                group,
+                _walk_rounds(rounds, switch_round),
+                start_round,
+                state,
+                every=every,
+                byte_budget=byte_budget,
+            )
         switch = _after_walk(group.nodes, walked, rounds)
         if switch is None:
             return walked
@@ -64,12 +80,16 @@ def check_hybrid(options: dict, nodes: int, rounds: int) -> None:
     """The walk needs a switch condition, and a switch round must leave rounds for D-PSGD."""
     switch_round, byte_budget = options["switch_round"], options["byte_budget"]
     if switch_round is None and byte_budget is None:
-        raise ConfigError("algorithm=hybrid walks until a switch condition, but neither algorithm.switch_round "
-                          "nor algorithm.byte_budget is set; set one, e.g. `algorithm.switch_round=100`.")
+        raise ConfigError(
+            "algorithm=hybrid walks until a switch condition, but neither algorithm.switch_round "
+            "nor algorithm.byte_budget is set; set one, e.g. `algorithm.switch_round=100`."
+        )
     if switch_round is not None and switch_round >= rounds:
-        raise ConfigError(f"algorithm.switch_round={switch_round} with rounds={rounds} leaves no round for "
-                          f"D-PSGD; set it below rounds, e.g. `algorithm.switch_round={rounds // 5 or 1}`, "
-                          "or use `algorithm=rwm`.")
+        raise ConfigError(
+            f"algorithm.switch_round={switch_round} with rounds={rounds} leaves no round for "
+            f"D-PSGD; set it below rounds, e.g. `algorithm.switch_round={rounds // 5 or 1}`, "
+            "or use `algorithm=rwm`."
+        )
 
 
 def _after_walk(nodes: list[Node], walked: dict[int, int], rounds: int) -> int | None:
@@ -95,8 +115,10 @@ def agree_on_switch(walked: int, store: dist.Store) -> int:
     try:
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
     except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
-        raise NodeFailure(f"rank {dist.get_rank()} stops: not every rank reached the switch from RWM to D-PSGD "
-                          f"({error})") from None
+        raise NodeFailure(
+            f"rank {dist.get_rank()} stops: not every rank reached the switch from RWM to D-PSGD "
+            f"({error})"
+        ) from None
     switch = int(most.item())
     _announce(switch, store)
     return switch

@@ -26,13 +26,15 @@ OptionsCheck = Callable[[dict, int, int], None]
 
 @dataclass(frozen=True)
 class Pattern:
-    loop: Callable[..., dict[int, int]]  # loop(group, rounds, start_round, states, **options) -> rounds per node
-    keys: tuple[str, ...] = ()           # `algorithm.*` keys its config group declares for the loop
-    plan: PlanBuilder | None = None      # synchronous rounds: who sends to whom (None: it only walks)
-    plan_keys: tuple[str, ...] = ()      # `algorithm.*` keys its config group declares for the plan
-    walks: bool = False                  # starts with random walks (`dpsgd.transport.walks`)
-    complete_graph: bool = False         # draws its peers among all nodes, whatever `topology.*` says
-    check: OptionsCheck | None = None    # gets the loop's and the plan's keys
+    loop: Callable[
+        ..., dict[int, int]
+    ]  # loop(group, rounds, start_round, states, **options) -> rounds per node
+    keys: tuple[str, ...] = ()  # `algorithm.*` keys its config group declares for the loop
+    plan: PlanBuilder | None = None  # synchronous rounds: who sends to whom (None: it only walks)
+    plan_keys: tuple[str, ...] = ()  # `algorithm.*` keys its config group declares for the plan
+    walks: bool = False  # starts with random walks (`dpsgd.transport.walks`)
+    complete_graph: bool = False  # draws its peers among all nodes, whatever `topology.*` says
+    check: OptionsCheck | None = None  # gets the loop's and the plan's keys
 
     @property
     def declared(self) -> tuple[str, ...]:
@@ -53,9 +55,24 @@ def fixed_graph(nodes: int, seed: int, options: dict, topology: Topology) -> Rou
 
 
 register_pattern("dpsgd", Pattern(run_dpsgd, plan=fixed_graph))
-register_pattern("epidemic", Pattern(run_dpsgd, plan_keys=("fanout",), complete_graph=True, check=check_epidemic,
-                                     plan=lambda nodes, seed, options, _: EpidemicDraws(nodes, options["fanout"],
-                                                                                        seed)))
+register_pattern(
+    "epidemic",
+    Pattern(
+        run_dpsgd,
+        plan_keys=("fanout",),
+        complete_graph=True,
+        check=check_epidemic,
+        plan=lambda nodes, seed, options, _: EpidemicDraws(nodes, options["fanout"], seed),
+    ),
+)
 register_pattern("rwm", Pattern(run_rwm, keys=("every",), walks=True))
-register_pattern("hybrid", Pattern(run_hybrid, keys=("every", "switch_round", "byte_budget"), plan=fixed_graph,
-                                   walks=True, check=check_hybrid))
+register_pattern(
+    "hybrid",
+    Pattern(
+        run_hybrid,
+        keys=("every", "switch_round", "byte_budget"),
+        plan=fixed_graph,
+        walks=True,
+        check=check_hybrid,
+    ),
+)

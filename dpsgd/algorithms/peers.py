@@ -20,7 +20,9 @@ from dpsgd.topology import Topology, mh_weights, spectral_gap
 class RoundPeers(Protocol):
     """A synchronous pattern's plan: per round, every node's receivers, and the weights of a merge."""
 
-    stop_margin: int  # rounds one node may run ahead of another (`dpsgd.divergence` stops them all after it)
+    stop_margin: (
+        int  # rounds one node may run ahead of another (`dpsgd.divergence` stops them all after it)
+    )
 
     def targets(self, round_number: int) -> list[list[int]]:
         """For every node of the run, the nodes it sends to this round (sorted)."""
@@ -28,7 +30,9 @@ class RoundPeers(Protocol):
     def senders(self, round_number: int) -> list[list[int]]:
         """For every node of the run, the nodes that send to it this round (sorted)."""
 
-    def weigh(self, own_degree: int, sender_degrees: dict[int, int]) -> tuple[float, dict[int, float]]:
+    def weigh(
+        self, own_degree: int, sender_degrees: dict[int, int]
+    ) -> tuple[float, dict[int, float]]:
         """The receiver's own weight and each sender's, from the degrees the senders announced."""
 
     def mixing_gap(self) -> float | None:
@@ -69,7 +73,9 @@ class ResampledGraph:
     def __init__(self, build: Callable[[int], Topology], every: int, nodes: int):
         self.build = build
         self.every = every
-        self.stop_margin = nodes  # a connected graph's diameter is below n, whichever graph each round uses
+        self.stop_margin = (
+            nodes  # a connected graph's diameter is below n, whichever graph each round uses
+        )
         self._period: int | None = None
         self._graph: FixedGraph | None = None
 
@@ -115,8 +121,9 @@ class EpidemicDraws:
 
     def draw(self, node: int, round_number: int) -> list[int]:
         """The `fanout` distinct peers (never the node itself) that `node` sends to in this round."""
-        picks = numpy_rng(self.seed, "epidemic", node, round_number).choice(self.nodes - 1, self.fanout,
-                                                                            replace=False)
+        picks = numpy_rng(self.seed, "epidemic", node, round_number).choice(
+            self.nodes - 1, self.fanout, replace=False
+        )
         return sorted(int(p) + int(p >= node) for p in picks)  # skip over the node itself
 
     def targets(self, round_number: int) -> list[list[int]]:
@@ -125,7 +132,9 @@ class EpidemicDraws:
     def senders(self, round_number: int) -> list[list[int]]:
         return self._planned(round_number)[1]
 
-    def weigh(self, own_degree: int, sender_degrees: dict[int, int]) -> tuple[float, dict[int, float]]:
+    def weigh(
+        self, own_degree: int, sender_degrees: dict[int, int]
+    ) -> tuple[float, dict[int, float]]:
         share = 1.0 / (len(sender_degrees) + 1)
         return share, {sender: share for sender in sender_degrees}
 
@@ -136,7 +145,9 @@ class EpidemicDraws:
         if round_number != self._round:
             targets = [self.draw(node, round_number) for node in range(self.nodes)]
             senders: list[list[int]] = [[] for _ in range(self.nodes)]
-            for sender, receivers in enumerate(targets):  # in sender order, so each list comes out sorted
+            for sender, receivers in enumerate(
+                targets
+            ):  # in sender order, so each list comes out sorted
                 for receiver in receivers:
                     senders[receiver].append(sender)
             self._round, self._plan = round_number, (targets, senders)
@@ -146,5 +157,7 @@ class EpidemicDraws:
 def check_epidemic(options: dict, nodes: int, rounds: int) -> None:
     """Each node sends to `fanout` other nodes, so there must be that many."""
     if options["fanout"] >= nodes:
-        raise ConfigError(f"algorithm.fanout={options['fanout']} with nodes={nodes}: each node sends to fanout "
-                          f"other nodes, so fanout must be below nodes, e.g. `algorithm.fanout={min(4, nodes - 1)}`.")
+        raise ConfigError(
+            f"algorithm.fanout={options['fanout']} with nodes={nodes}: each node sends to fanout "
+            f"other nodes, so fanout must be below nodes, e.g. `algorithm.fanout={min(4, nodes - 1)}`."
+        )

@@ -27,8 +27,14 @@ def sends_after(round_number: int, every: int) -> bool:
     return round_number % every == 0
 
 
-def run_rwm(group: NodeGroup, rounds: int, start_round: int = 0, state: dict | None = None, every: int = 1,
-            byte_budget: int | None = None) -> dict[int, int]:
+def run_rwm(
+    group: NodeGroup,
+    rounds: int,
+    start_round: int = 0,
+    state: dict | None = None,
+    every: int = 1,
+    byte_budget: int | None = None,
+) -> dict[int, int]:
     """RWM for every node a rank hosts, until the first node anywhere completes `rounds` (or has sent
     `byte_budget` bytes) or training diverged; return each node's rounds completed.
 
@@ -44,7 +50,10 @@ def run_rwm(group: NodeGroup, rounds: int, start_round: int = 0, state: dict | N
     ages = {node.rank: ((state or {}).get(node.rank) or {}).get("age", 0) for node in group.nodes}
     completed = {node.rank: start_round for node in group.nodes}
     by_id = {node.rank: node for node in group.nodes}
-    moving, first_pass = list(group.nodes), True  # first: every node trains and sends without waiting
+    moving, first_pass = (
+        list(group.nodes),
+        True,
+    )  # first: every node trains and sends without waiting
     while True:
         clock = group.clock()
         if not first_pass:
@@ -68,13 +77,26 @@ def merge_arrival(node: Node, age: int, message: Message) -> int:
     (`fill_own`, the default, is RWM's age-weighted average); return the node's age after it."""
     index, values = node.sharing.decode(message)
     own_weight, weight = age_weights(age, message.age)
-    node.merge(node.flat, own_weight, [Contribution(weight, values, index, message.degree, message.age)], None)
+    node.merge(
+        node.flat,
+        own_weight,
+        [Contribution(weight, values, index, message.degree, message.age)],
+        None,
+    )
     node.sharing.after_merge(node.flat)
     return max(age, message.age)
 
 
-def _train_until_sent(group: NodeGroup, moving: list[Node], clock, rounds: int, every: int,
-                      completed: dict[int, int], ages: dict[int, int], byte_budget: int | None) -> bool:
+def _train_until_sent(
+    group: NodeGroup,
+    moving: list[Node],
+    clock,
+    rounds: int,
+    every: int,
+    completed: dict[int, int],
+    ages: dict[int, int],
+    byte_budget: int | None,
+) -> bool:
     """Rounds of the moving nodes, trained together, each until it has sent; True when the walk must end."""
     while moving:
         with clock.phase("train"):
@@ -86,11 +108,17 @@ def _train_until_sent(group: NodeGroup, moving: list[Node], clock, rounds: int, 
             sent = {}
             if sends_after(round_number, every):
                 with clock.phase("comm"):
-                    sent = _send_to_random_neighbour(node, round_number, ages[node.rank],
-                                                     lambda peer, message: group.transport.send(node.rank, peer, message))
+                    sent = _send_to_random_neighbour(
+                        node,
+                        round_number,
+                        ages[node.rank],
+                        lambda peer, message: group.transport.send(node.rank, peer, message),
+                    )
             with clock.phase("eval"):
                 metrics = node.evaluate() if node.schedule.due(round_number) else {}
-            node.record(round_number, clock, batch_loss=batch_loss, age=ages[node.rank], **sent, **metrics)
+            node.record(
+                round_number, clock, batch_loss=batch_loss, age=ages[node.rank], **sent, **metrics
+            )
             completed[node.rank] = round_number
             node.note_divergence(round_number, batch_loss)
             node.checkpoint(round_number, {"age": ages[node.rank]})
@@ -107,7 +135,9 @@ def over_budget(node: Node, byte_budget: int | None) -> bool:
     return byte_budget is not None and node.link.bytes.sent >= byte_budget
 
 
-def _send_to_random_neighbour(node: Node, round_number: int, age: int, send: Callable[[int, Message], None]) -> dict:
+def _send_to_random_neighbour(
+    node: Node, round_number: int, age: int, send: Callable[[int, Message], None]
+) -> dict:
     """The model and its age to one uniformly random neighbour (the node's seeded stream draws it);
     returns what the round's record says of it."""
     peer = node.neighbours[node.rng.integers(len(node.neighbours))]

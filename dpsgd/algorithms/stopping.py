@@ -30,13 +30,21 @@ def evaluate_at_stop(node: Node) -> None:
     record = log.last_record
     if record is None:
         return
-    if not math.isfinite(float(node.flat.sum())):  # non-finite exactly when a parameter is (or they overflow)
+    if not math.isfinite(
+        float(node.flat.sum())
+    ):  # non-finite exactly when a parameter is (or they overflow)
         record = {key: value for key, value in record.items() if key not in EVALUATED_KEYS}
     elif not node.schedule.due(record["round"]):
         clock = node.clock()
         with clock.phase("eval"):
             metrics = node.evaluate()
-        record = log.amend_last({**{key: finite_or_none(value) for key, value in metrics.items()},
-                                 "eval_s": record["eval_s"] + clock.seconds["eval_s"]})
+        record = log.amend_last(
+            {
+                **{key: finite_or_none(value) for key, value in metrics.items()},
+                "eval_s": record["eval_s"] + clock.seconds["eval_s"],
+            }
+        )
     sketch = node.recorder.sketch
-    publish_at_stop(node.recorder.store, node.rank, record, None if sketch is None else sketch(node.flat))
+    publish_at_stop(
+        node.recorder.store, node.rank, record, None if sketch is None else sketch(node.flat)
+    )

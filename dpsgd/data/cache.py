@@ -56,8 +56,9 @@ def cache_path(cache_dir: str | Path, name: str, source_files: list[Path]) -> Pa
     return Path(cache_dir) / f"{name}-{digest}"
 
 
-def build_once(target: Path, build: Callable[[Path], None], check: CacheCheck | None = None
-               ) -> Path:
+def build_once(
+    target: Path, build: Callable[[Path], None], check: CacheCheck | None = None
+) -> Path:
     """Return `target`, building it with `build(tmpdir)` if absent or rebuilding it if damaged.
 
     Many processes may call this at once: an exclusive flock on a sibling lock file lets
@@ -76,7 +77,10 @@ def build_once(target: Path, build: Callable[[Path], None], check: CacheCheck | 
         if existed and problem is None:
             return target  # another process built or repaired it while this one waited
         why = "it was damaged" if existed else "first use of this data set on this machine"
-        print(f"[dpsgd] building the data cache {target} ({why}); later runs memory-map it", flush=True)
+        print(
+            f"[dpsgd] building the data cache {target} ({why}); later runs memory-map it",
+            flush=True,
+        )
         started = time.monotonic()
         try:
             _build_in_place(target, build, check)
@@ -86,8 +90,11 @@ def build_once(target: Path, build: Callable[[Path], None], check: CacheCheck | 
             raise _unrebuildable(target, problem, error) from None
     print(f"[dpsgd] data cache built in {time.monotonic() - started:.1f} s", flush=True)
     if problem is not None:
-        print(f"[dpsgd] warning: rebuilt the data cache {target}, which was damaged: {problem}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[dpsgd] warning: rebuilt the data cache {target}, which was damaged: {problem}",
+            file=sys.stderr,
+            flush=True,
+        )
     return target
 
 
@@ -102,8 +109,7 @@ def _exclusive_lock(target: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def _build_in_place(target: Path, build: Callable[[Path], None], check: CacheCheck | None
-                    ) -> None:
+def _build_in_place(target: Path, build: Callable[[Path], None], check: CacheCheck | None) -> None:
     """Build into a temporary sibling, write its manifest, then rename it to `target`."""
     # Holding the lock, any leftover temporary directory is from a builder that died.
     for stale in target.parent.glob(target.name + ".tmp-*"):
@@ -161,8 +167,11 @@ def _unrebuildable(target: Path, problem: str, error: BaseException) -> ConfigEr
 def write_manifest(directory: Path) -> None:
     """Record every file of a freshly built cache, for `cache_problem` to compare against."""
     directory = Path(directory)
-    files = {path.name: _describe_file(path) for path in sorted(directory.iterdir())
-             if path.is_file() and path.name != MANIFEST_NAME}
+    files = {
+        path.name: _describe_file(path)
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
     manifest = {"format": _CACHE_FORMAT, "files": files}
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
 
@@ -231,8 +240,10 @@ def _file_problem(path: Path, entry: dict) -> str | None:
         return f"{path.name} is missing"
     size = path.stat().st_size
     if size != entry["bytes"]:
-        return (f"{path.name} is {size} bytes but was written as {entry['bytes']} "
-                "(cut short or overwritten)")
+        return (
+            f"{path.name} is {size} bytes but was written as {entry['bytes']} "
+            "(cut short or overwritten)"
+        )
     if path.suffix == ".npy":
         problem = _npy_problem(path, entry, size)
         if problem is not None:
@@ -248,8 +259,10 @@ def _npy_problem(path: Path, entry: dict, size: int) -> str | None:
     except (OSError, ValueError, SyntaxError) as error:
         return f"{path.name} is not a readable .npy file ({error})"
     if list(shape) != entry["shape"] or dtype.str != entry["dtype"]:
-        return (f"{path.name} holds {dtype.str} {list(shape)}, but {entry['dtype']} "
-                f"{entry['shape']} was written")
+        return (
+            f"{path.name} holds {dtype.str} {list(shape)}, but {entry['dtype']} "
+            f"{entry['shape']} was written"
+        )
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if not dtype.hasobject and size != expected:
         return f"{path.name} is {size} bytes, but its header needs {expected}"

@@ -11,8 +11,19 @@ import numpy as np
 from PIL import Image
 
 from dpsgd.data.cache import cache_path
-from dpsgd.data.leaf import (SPLITS, LeafSplit, LoadReport, bad_shard, build_cached, checked_labels, leaf_files,
-                             load_cached, read_split, save_index, user_offsets)
+from dpsgd.data.leaf import (
+    SPLITS,
+    LeafSplit,
+    LoadReport,
+    bad_shard,
+    build_cached,
+    checked_labels,
+    leaf_files,
+    load_cached,
+    read_split,
+    save_index,
+    user_offsets,
+)
 from dpsgd.errors import ConfigError
 
 CELEBA_URL = "http://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
@@ -31,8 +42,12 @@ def _check_image_name(path: Path, user: str, name: str, images_dir: Path) -> Non
     inside = os.path.normpath(os.path.join(root, name)).startswith(root + os.sep)
     relative = PurePosixPath(name)
     if relative.is_absolute() or ".." in relative.parts or "\0" in name or not inside:
-        raise bad_shard(path, f"the image name {name!r} is not a file name inside the images "
-                              f"folder {images_dir} (absolute names and '..' are refused)", user)
+        raise bad_shard(
+            path,
+            f"the image name {name!r} is not a file name inside the images "
+            f"folder {images_dir} (absolute names and '..' are refused)",
+            user,
+        )
 
 
 def _resolve_image(images_dir: Path, name: str) -> Path | None:
@@ -49,9 +64,11 @@ def _decode_image(path: Path, image_size: int) -> np.ndarray:
         with Image.open(path) as image:
             rgb = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ConfigError(f"Cannot decode the CelebA image {path} ({error}). Replace it with the original from "
-                          f"img_align_celeba.zip ({CELEBA_URL}), or delete it so its celebrity is left out (with "
-                          "`dataset.strict=false`).") from None
+        raise ConfigError(
+            f"Cannot decode the CelebA image {path} ({error}). Replace it with the original from "
+            f"img_align_celeba.zip ({CELEBA_URL}), or delete it so its celebrity is left out (with "
+            "`dataset.strict=false`)."
+        ) from None
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -66,7 +83,7 @@ def _parse_celeba_split(files: list[Path], images_dir: Path) -> list[_CelebaUser
     users = []
     for path, user, x, y in read_split(files):
         if not all(isinstance(name, str) and name for name in x):
-            raise bad_shard(path, "x must be image file names like \"000001.jpg\"", user)
+            raise bad_shard(path, 'x must be image file names like "000001.jpg"', user)
         for name in x:
             _check_image_name(path, user, name, images_dir)
         labels = checked_labels(path, user, y, CELEBA_CLASSES)
@@ -75,29 +92,37 @@ def _parse_celeba_split(files: list[Path], images_dir: Path) -> list[_CelebaUser
 
 
 def _missing_images_error(images_dir: Path, stored: dict) -> ConfigError:
-    return ConfigError(f"{stored['dropped_users']} of {stored['dropped_users'] + stored['users']} CelebA users have "
-                       f"missing images ({stored['dropped_images']} image files not found in {images_dir}, e.g. "
-                       f"{stored['missing_example']}), and `dataset.strict` is true. Add the missing images "
-                       f"(img_align_celeba.zip, {CELEBA_URL}), or set `dataset.strict=false` to leave those users "
-                       f"out and train on the {stored['users']} users whose images are all present.")
+    return ConfigError(
+        f"{stored['dropped_users']} of {stored['dropped_users'] + stored['users']} CelebA users have "
+        f"missing images ({stored['dropped_images']} image files not found in {images_dir}, e.g. "
+        f"{stored['missing_example']}), and `dataset.strict` is true. Add the missing images "
+        f"(img_align_celeba.zip, {CELEBA_URL}), or set `dataset.strict=false` to leave those users "
+        f"out and train on the {stored['users']} users whose images are all present."
+    )
 
 
 def _no_images_error(images_dir: Path, num_users: int, stored: dict) -> ConfigError:
-    return ConfigError(f"None of the {num_users} CelebA users has all its images in {images_dir} "
-                       f"({stored['dropped_images']} image files not found, e.g. {stored['missing_example']}). "
-                       f"Download img_align_celeba.zip ({CELEBA_URL}) and unzip it so that "
-                       "celeba/img_align_celeba/000001.jpg is under `data_dir`, or point `dataset.images_dir` at the "
-                       "folder that holds the images.")
+    return ConfigError(
+        f"None of the {num_users} CelebA users has all its images in {images_dir} "
+        f"({stored['dropped_images']} image files not found, e.g. {stored['missing_example']}). "
+        f"Download img_align_celeba.zip ({CELEBA_URL}) and unzip it so that "
+        "celeba/img_align_celeba/000001.jpg is under `data_dir`, or point `dataset.images_dir` at the "
+        "folder that holds the images."
+    )
 
 
-def _write_celeba_split(directory: Path, split: str, users: list[_CelebaUser], image_size: int) -> int:
+def _write_celeba_split(
+    directory: Path, split: str, users: list[_CelebaUser], image_size: int
+) -> int:
     """Decode the users' images straight into the cache file (a full CelebA is GBs)."""
     counts = [len(entry.labels) for entry in users]
     shape = (sum(counts), image_size, image_size, 3)
     if shape[0] == 0:  # an empty file cannot be memory-mapped for writing
         np.save(directory / f"{split}_images.npy", np.zeros(shape, dtype=np.uint8))
     else:
-        images = np.lib.format.open_memmap(directory / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=shape)
+        images = np.lib.format.open_memmap(
+            directory / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=shape
+        )
         paths = [path for entry in users for path in entry.paths]
         for row, path in enumerate(paths):
             images[row] = _decode_image(path, image_size)
@@ -109,16 +134,34 @@ def _write_celeba_split(directory: Path, split: str, users: list[_CelebaUser], i
     return shape[0]
 
 
-def _build_celeba_cache(train_files: list[Path], test_files: list[Path], images_dir: Path,
-                        image_size: int, strict: bool, directory: Path) -> None:
-    parsed = {split: _parse_celeba_split(files, images_dir) for split, files in zip(SPLITS, (train_files, test_files))}
+def _build_celeba_cache(
+    train_files: list[Path],
+    test_files: list[Path],
+    images_dir: Path,
+    image_size: int,
+    strict: bool,
+    directory: Path,
+) -> None:
+    parsed = {
+        split: _parse_celeba_split(files, images_dir)
+        for split, files in zip(SPLITS, (train_files, test_files))
+    }
     # Every missing image is found before any is decoded, so strict mode fails in seconds.
-    missing = [(entry.user, images_dir / name) for split in SPLITS for entry in parsed[split]
-               for name, path in zip(entry.names, entry.paths) if path is None]
+    missing = [
+        (entry.user, images_dir / name)
+        for split in SPLITS
+        for entry in parsed[split]
+        for name, path in zip(entry.names, entry.paths)
+        if path is None
+    ]
     dropped = {user for user, _ in missing}
     all_users = {entry.user for split in SPLITS for entry in parsed[split]}
-    stored = {"users": len(all_users - dropped), "dropped_users": len(dropped), "dropped_images": len(missing),
-              "missing_example": str(missing[0][1]) if missing else None}
+    stored = {
+        "users": len(all_users - dropped),
+        "dropped_users": len(dropped),
+        "dropped_images": len(missing),
+        "missing_example": str(missing[0][1]) if missing else None,
+    }
     if not stored["users"]:
         raise _no_images_error(images_dir, len(all_users), stored)
     if strict and missing:
@@ -131,8 +174,15 @@ def _build_celeba_cache(train_files: list[Path], test_files: list[Path], images_
     save_index(directory, users, stored)
 
 
-def load_celeba(train_dir: Path, test_dir: Path, images_dir: Path, cache_dir: Path, *, strict: bool = False,
-                image_size: int = 84) -> tuple[LeafSplit, LeafSplit, LoadReport]:
+def load_celeba(
+    train_dir: Path,
+    test_dir: Path,
+    images_dir: Path,
+    cache_dir: Path,
+    *,
+    strict: bool = False,
+    image_size: int = 84,
+) -> tuple[LeafSplit, LeafSplit, LoadReport]:
     """LEAF CelebA (JSON of image names, "smiling" labels) with the images, parsed once.
 
     Images are RGB uint8 image_size x image_size (bilinear resize); labels 0..1. A user
@@ -146,20 +196,29 @@ def load_celeba(train_dir: Path, test_dir: Path, images_dir: Path, cache_dir: Pa
     published set, and stat-ing 200k images on every start would cost more than it saves.
     """
     if image_size < 1:
-        raise ConfigError(f"`dataset.image_size` is {image_size}; it must be a positive number of pixels (the study "
-                          "uses 84).")
+        raise ConfigError(
+            f"`dataset.image_size` is {image_size}; it must be a positive number of pixels (the study "
+            "uses 84)."
+        )
     images_dir = Path(images_dir)
     train_files = leaf_files(Path(train_dir), "CelebA", "train")
     test_files = leaf_files(Path(test_dir), "CelebA", "test")
     if not images_dir.is_dir():
-        raise ConfigError(f"The CelebA images folder {images_dir} does not exist. Download img_align_celeba.zip "
-                          f"({CELEBA_URL}) and unzip it so that celeba/img_align_celeba/000001.jpg is under "
-                          "`data_dir` (or the environment variable DPSGD_DATA), or point `dataset.images_dir` at the "
-                          "folder of images.")
+        raise ConfigError(
+            f"The CelebA images folder {images_dir} does not exist. Download img_align_celeba.zip "
+            f"({CELEBA_URL}) and unzip it so that celeba/img_align_celeba/000001.jpg is under "
+            "`data_dir` (or the environment variable DPSGD_DATA), or point `dataset.images_dir` at the "
+            "folder of images."
+        )
     sources = train_files + test_files + [images_dir]
     target = cache_path(cache_dir, f"celeba-{image_size}px", sources)
-    build_cached(target, lambda d: _build_celeba_cache(train_files, test_files, images_dir, image_size, strict, d),
-                 Path(cache_dir), "CelebA", CELEBA_CLASSES)
+    build_cached(
+        target,
+        lambda d: _build_celeba_cache(train_files, test_files, images_dir, image_size, strict, d),
+        Path(cache_dir),
+        "CelebA",
+        CELEBA_CLASSES,
+    )
     train, test, report, stored = load_cached(target)
     if strict and report.dropped_users:  # a cache built earlier without strict
         raise _missing_images_error(images_dir, stored)

@@ -22,7 +22,13 @@ from dpsgd.data.celeba import CELEBA_CLASSES, load_celeba
 from dpsgd.data.femnist import FEMNIST_CLASSES, load_femnist
 from dpsgd.data.leaf import LeafSplit, LoadReport, partition_rows, partition_summary
 from dpsgd.data.partition import contiguous_blocks
-from dpsgd.data.ratings import RatingsTable, describe, load_movielens, make_synthetic, split_node_ratings
+from dpsgd.data.ratings import (
+    RatingsTable,
+    describe,
+    load_movielens,
+    make_synthetic,
+    split_node_ratings,
+)
 from dpsgd.errors import ConfigError
 from dpsgd.seeding import torch_generator
 from dpsgd.settings import builder_for, call_target
@@ -37,11 +43,14 @@ class NodeData:
 
     def to(self, device: torch.device) -> "NodeData":
         """The same examples on `device` (a node group that trains on a GPU)."""
-        return NodeData(tuple(t.to(device) for t in self.train), tuple(t.to(device) for t in self.test))
+        return NodeData(
+            tuple(t.to(device) for t in self.train), tuple(t.to(device) for t in self.test)
+        )
 
 
-def eval_subset(tensors: tuple[torch.Tensor, ...], samples: int | None, generator: torch.Generator
-                ) -> tuple[torch.Tensor, ...]:
+def eval_subset(
+    tensors: tuple[torch.Tensor, ...], samples: int | None, generator: torch.Generator
+) -> tuple[torch.Tensor, ...]:
     """A seeded subset of `samples` test examples (all of them when None or larger than the set)."""
     size = len(tensors[0])
     if samples is None or samples >= size:
@@ -92,7 +101,13 @@ class RatingsDataset:
         entries = []
         for node, users in enumerate(contiguous_blocks(self.table.num_users, nodes)):
             rows = self.table.user_rows(users.start, users.stop)
-            entries.append({"node": node, "users": [users.start, users.stop], "samples": rows.stop - rows.start})
+            entries.append(
+                {
+                    "node": node,
+                    "users": [users.start, users.stop],
+                    "samples": rows.stop - rows.start,
+                }
+            )
         return {"nodes": entries}
 
     def node_data(self, node: int, nodes: int, seed: int, test_samples: int | None) -> NodeData:
@@ -100,11 +115,17 @@ class RatingsDataset:
         split = split_node_ratings(self.table, users, seed, self.train_fraction)
 
         def tensors(user, item, rating):
-            return torch.from_numpy(user).long(), torch.from_numpy(item).long(), torch.from_numpy(rating).float()
+            return (
+                torch.from_numpy(user).long(),
+                torch.from_numpy(item).long(),
+                torch.from_numpy(rating).float(),
+            )
 
         test = tensors(split.test_user, split.test_item, split.test_rating)
-        return NodeData(train=tensors(split.train_user, split.train_item, split.train_rating),
-                        test=eval_subset(test, test_samples, torch_generator(seed, "eval_subset", node)))
+        return NodeData(
+            train=tensors(split.train_user, split.train_item, split.train_rating),
+            test=eval_subset(test, test_samples, torch_generator(seed, "eval_subset", node)),
+        )
 
 
 @dataclass
@@ -131,11 +152,16 @@ class LeafDataset:
 
     def node_data(self, node: int, nodes: int, seed: int, test_samples: int | None) -> NodeData:
         rows = self._rows(nodes, seed)[node]
-        train = (torch.from_numpy(np.ascontiguousarray(self.train.images[rows])),
-                 torch.from_numpy(np.ascontiguousarray(self.train.labels[rows])))
+        train = (
+            torch.from_numpy(np.ascontiguousarray(self.train.images[rows])),
+            torch.from_numpy(np.ascontiguousarray(self.train.labels[rows])),
+        )
         # The same seeded subset on every node (no node in the stream key), so nodes are comparable.
-        test = eval_subset((_shared_tensor(self.test.images), _shared_tensor(self.test.labels)), test_samples,
-                           torch_generator(seed, "eval_subset"))
+        test = eval_subset(
+            (_shared_tensor(self.test.images), _shared_tensor(self.test.labels)),
+            test_samples,
+            torch_generator(seed, "eval_subset"),
+        )
         return NodeData(train=train, test=test)
 
     def _rows(self, nodes: int, seed: int) -> list[np.ndarray]:
@@ -145,26 +171,49 @@ class LeafDataset:
 def _shared_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor over the memory-mapped cache, without a private copy per rank (read-only use)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": evaluation never writes
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # "non-writable array": evaluation never writes
         return torch.from_numpy(array)
 
 
 # Each data set of dpsgd's own, by `dataset.name`: builder(seed, cache_dir, **its keys) -> Dataset. A new one is
 # its module (the loader), a builder here and conf/dataset/<name>.yaml declaring its keys.
 DATASETS: dict[str, Callable[..., Dataset]] = {
-    "synthetic": lambda seed, cache_dir, train_fraction, **shape: RatingsDataset(make_synthetic(seed, **shape),
-                                                                                train_fraction),
+    "synthetic": lambda seed, cache_dir, train_fraction, **shape: RatingsDataset(
+        make_synthetic(seed, **shape), train_fraction
+    ),
     "movielens": lambda seed, cache_dir, path, train_fraction: RatingsDataset(
-        load_movielens(Path(path).expanduser(), cache_dir), train_fraction),
+        load_movielens(Path(path).expanduser(), cache_dir), train_fraction
+    ),
     "femnist": lambda seed, cache_dir, train_dir, test_dir, split_users: LeafDataset(
-        *load_femnist(Path(train_dir), Path(test_dir), cache_dir), FEMNIST_CLASSES, split_users, "writers"),
-    "celeba": lambda seed, cache_dir, train_dir, test_dir, images_dir, image_size, strict, split_users: LeafDataset(
-        *load_celeba(Path(train_dir), Path(test_dir), Path(images_dir), cache_dir, strict=strict,
-                     image_size=image_size), CELEBA_CLASSES, split_users, "celebrities"),
+        *load_femnist(Path(train_dir), Path(test_dir), cache_dir),
+        FEMNIST_CLASSES,
+        split_users,
+        "writers",
+    ),
+    "celeba": lambda seed, cache_dir, train_dir, test_dir, images_dir, image_size, strict, split_users: (
+        LeafDataset(
+            *load_celeba(
+                Path(train_dir),
+                Path(test_dir),
+                Path(images_dir),
+                cache_dir,
+                strict=strict,
+                image_size=image_size,
+            ),
+            CELEBA_CLASSES,
+            split_users,
+            "celebrities",
+        )
+    ),
 }
 # The dataset keys that name files or folders (under data_dir, unless set on their own).
-DATA_PATH_KEYS = {"movielens": ("path",), "femnist": ("train_dir", "test_dir"),
-                  "celeba": ("train_dir", "test_dir", "images_dir")}
+DATA_PATH_KEYS = {
+    "movielens": ("path",),
+    "femnist": ("train_dir", "test_dir"),
+    "celeba": ("train_dir", "test_dir", "images_dir"),
+}
 
 
 def dataset_builder(name: str | None, target: str | None = None) -> Callable[..., Dataset]:
@@ -172,25 +221,37 @@ def dataset_builder(name: str | None, target: str | None = None) -> Callable[...
     return builder_for("dataset", DATASETS, name, target, ", e.g. `dataset=movielens`")
 
 
-def prepare_dataset(name: str, options: dict, seed: int, cache_dir: Path, data_dir: str | Path | None = None
-                    ) -> Dataset:
+def prepare_dataset(
+    name: str, options: dict, seed: int, cache_dir: Path, data_dir: str | Path | None = None
+) -> Dataset:
     """The data set named by `dataset.name`, or by `dataset._target_` among `options`, parsed or generated once;
     `options` are the other dataset keys, `data_dir` the folder their paths are under (named in the message when
     it is a file)."""
     options = dict(options)
     target = options.pop("_target_", None)
     if target is not None:
-        return call_target("dataset", target, dataset_builder(name, target), {"seed": seed, "cache_dir": cache_dir},
-                           options, "a data set (dpsgd.data.datasets.Dataset: task, dims, describe, partition, "
-                           "node_data)", _is_dataset)
+        return call_target(
+            "dataset",
+            target,
+            dataset_builder(name, target),
+            {"seed": seed, "cache_dir": cache_dir},
+            options,
+            "a data set (dpsgd.data.datasets.Dataset: task, dims, describe, partition, node_data)",
+            _is_dataset,
+        )
     check_data_paths(name, options, data_dir)
     return dataset_builder(name)(seed, cache_dir, **options)
 
 
 def _is_dataset(made) -> bool:
-    return (getattr(made, "task", None) in ("ratings", "classification")
-            and isinstance(getattr(made, "dims", None), dict)
-            and all(callable(getattr(made, method, None)) for method in ("describe", "partition", "node_data")))
+    return (
+        getattr(made, "task", None) in ("ratings", "classification")
+        and isinstance(getattr(made, "dims", None), dict)
+        and all(
+            callable(getattr(made, method, None))
+            for method in ("describe", "partition", "node_data")
+        )
+    )
 
 
 def check_data_paths(name: str, options: dict, data_dir: str | Path | None = None) -> None:
@@ -198,7 +259,9 @@ def check_data_paths(name: str, options: dict, data_dir: str | Path | None = Non
     is one paragraph naming it, not a "not found" about a path beneath it that cannot exist."""
     for key in DATA_PATH_KEYS.get(name, ()):
         path = Path(options[key]).expanduser()
-        blocking = next((parent for parent in path.parents if parent.is_file()), None)  # nearest first
+        blocking = next(
+            (parent for parent in path.parents if parent.is_file()), None
+        )  # nearest first
         if blocking is None:
             continue
         below = path.relative_to(blocking)
@@ -207,11 +270,13 @@ def check_data_paths(name: str, options: dict, data_dir: str | Path | None = Non
             raise ConfigError(
                 f"data_dir={data_dir} is a file, not a folder: dataset={name} reads {below} under data_dir "
                 f"(dataset.{key}={path}). Set data_dir (or the environment variable DPSGD_DATA) to the folder that "
-                f"contains {below.parts[0]}/, e.g. `data_dir={folder}`.")
+                f"contains {below.parts[0]}/, e.g. `data_dir={folder}`."
+            )
         raise ConfigError(
             f"dataset.{key}={path}: {blocking} is a file, not a folder, so {below} cannot be under it. "
             f"Set dataset.{key} (or data_dir, the folder it is under) to where the data set is unpacked, "
-            f"or move the file {blocking} out of the way.")
+            f"or move the file {blocking} out of the way."
+        )
 
 
 def _holding_folder(file: Path, below: Path) -> Path:

@@ -9,8 +9,19 @@ from pathlib import Path
 import numpy as np
 
 from dpsgd.data.cache import cache_path
-from dpsgd.data.leaf import (SPLITS, LeafSplit, LoadReport, bad_shard, build_cached, checked_labels, leaf_files,
-                             load_cached, read_split, save_index, user_offsets)
+from dpsgd.data.leaf import (
+    SPLITS,
+    LeafSplit,
+    LoadReport,
+    bad_shard,
+    build_cached,
+    checked_labels,
+    leaf_files,
+    load_cached,
+    read_split,
+    save_index,
+    user_offsets,
+)
 
 FEMNIST_SIDE = 28
 FEMNIST_PIXELS = FEMNIST_SIDE * FEMNIST_SIDE
@@ -27,7 +38,9 @@ def _femnist_pixels(path: Path, user: str, x: list) -> np.ndarray:
         values = None
     if values is None or values.ndim != 2 or values.shape[1] != FEMNIST_PIXELS:
         shape = "ragged or not numbers" if values is None else f"shape {values.shape}"
-        raise bad_shard(path, f"x must be rows of {FEMNIST_PIXELS} numbers (28x28), got {shape}", user)
+        raise bad_shard(
+            path, f"x must be rows of {FEMNIST_PIXELS} numbers (28x28), got {shape}", user
+        )
     if not np.all((values >= 0.0) & (values <= 1.0)):  # also catches NaN
         raise bad_shard(path, "pixel values must lie in [0, 1]", user)
     return np.rint(values * 255.0).astype(np.uint8).reshape(-1, FEMNIST_SIDE, FEMNIST_SIDE)
@@ -47,15 +60,21 @@ def _build_femnist_cache(train_files: list[Path], test_files: list[Path], direct
     arrays, users, samples = {}, {}, {}
     for split, files in zip(SPLITS, (train_files, test_files)):
         images, labels, users[split], offsets = _parse_femnist_split(files)
-        arrays.update({f"{split}_images": images, f"{split}_labels": labels, f"{split}_offsets": offsets})
+        arrays.update(
+            {f"{split}_images": images, f"{split}_labels": labels, f"{split}_offsets": offsets}
+        )
         samples[split] = len(labels)
     for name, array in arrays.items():
         np.save(directory / f"{name}.npy", array)
-    report = LoadReport(len(set(users["train"]) | set(users["test"])), samples["train"], samples["test"])
+    report = LoadReport(
+        len(set(users["train"]) | set(users["test"])), samples["train"], samples["test"]
+    )
     save_index(directory, users, asdict(report))
 
 
-def load_femnist(train_dir: Path, test_dir: Path, cache_dir: Path) -> tuple[LeafSplit, LeafSplit, LoadReport]:
+def load_femnist(
+    train_dir: Path, test_dir: Path, cache_dir: Path
+) -> tuple[LeafSplit, LeafSplit, LoadReport]:
     """LEAF FEMNIST (train and test folders of JSON shards), parsed once and memory-mapped.
 
     Images are uint8 28x28 (value = round(x * 255), white background 255), labels 0..61.
@@ -66,7 +85,12 @@ def load_femnist(train_dir: Path, test_dir: Path, cache_dir: Path) -> tuple[Leaf
     train_files = leaf_files(Path(train_dir), "FEMNIST", "train")
     test_files = leaf_files(Path(test_dir), "FEMNIST", "test")
     target = cache_path(cache_dir, "femnist", train_files + test_files)
-    build_cached(target, lambda d: _build_femnist_cache(train_files, test_files, d), Path(cache_dir), "FEMNIST",
-                 FEMNIST_CLASSES)
+    build_cached(
+        target,
+        lambda d: _build_femnist_cache(train_files, test_files, d),
+        Path(cache_dir),
+        "FEMNIST",
+        FEMNIST_CLASSES,
+    )
     train, test, report, _ = load_cached(target)
     return train, test, report

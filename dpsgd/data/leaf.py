@@ -68,11 +68,15 @@ class LoadReport:
 
     def describe(self) -> str:
         """One line of counts for the log."""
-        line = f"{self.users} users, {self.train_samples} train and {self.test_samples} test samples"
+        line = (
+            f"{self.users} users, {self.train_samples} train and {self.test_samples} test samples"
+        )
         if self.dropped_users or self.dropped_images:
-            line += (f"; left out {self.dropped_users} users whose images are incomplete "
-                     f"({self.dropped_images} image files not found; `dataset.strict=true` "
-                     "makes this an error)")
+            line += (
+                f"; left out {self.dropped_users} users whose images are incomplete "
+                f"({self.dropped_images} image files not found; `dataset.strict=true` "
+                "makes this an error)"
+            )
         return line
 
 
@@ -84,18 +88,22 @@ def leaf_files(folder: Path, dataset: str, split: str) -> list[Path]:
     files = sorted(p for p in folder.glob("*.json") if p.is_file()) if folder.is_dir() else []
     if not files:
         problem = "has no .json files" if folder.is_dir() else "does not exist"
-        raise ConfigError(f"The LEAF {dataset} {split} folder {folder} {problem}. These JSON files come from LEAF's "
-                          f"preprocess.sh ({LEAF_URL}, data/{dataset.lower()}/); set `data_dir` (or the environment "
-                          f"variable DPSGD_DATA) to the folder that contains `{dataset.lower()}/`, so that "
-                          f"{dataset.lower()}/train/*.json and {dataset.lower()}/test/*.json are inside it.")
+        raise ConfigError(
+            f"The LEAF {dataset} {split} folder {folder} {problem}. These JSON files come from LEAF's "
+            f"preprocess.sh ({LEAF_URL}, data/{dataset.lower()}/); set `data_dir` (or the environment "
+            f"variable DPSGD_DATA) to the folder that contains `{dataset.lower()}/`, so that "
+            f"{dataset.lower()}/train/*.json and {dataset.lower()}/test/*.json are inside it."
+        )
     return files
 
 
 def bad_shard(path: Path, why: str, user: str | None = None) -> ConfigError:
     where = f"{path}, user {user!r}" if user is not None else str(path)
-    return ConfigError(f"{where}: {why}. A LEAF file holds {{\"users\": [...], \"num_samples\": [...], \"user_data\": "
-                       "{user: {\"x\": [...], \"y\": [...]}}}; restore the original file or recreate it with LEAF's "
-                       f"preprocess.sh ({LEAF_URL}).")
+    return ConfigError(
+        f'{where}: {why}. A LEAF file holds {{"users": [...], "num_samples": [...], "user_data": '
+        '{user: {"x": [...], "y": [...]}}}; restore the original file or recreate it with LEAF\'s '
+        f"preprocess.sh ({LEAF_URL})."
+    )
 
 
 def _load_json(path: Path) -> dict:
@@ -103,12 +111,16 @@ def _load_json(path: Path) -> dict:
         with open(path, encoding="utf-8") as file:
             data = json.load(file)
     except json.JSONDecodeError as error:
-        raise bad_shard(path, f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+        raise bad_shard(
+            path, f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+        ) from None
     except UnicodeDecodeError:
         raise bad_shard(path, "not UTF-8 text") from None
     except OSError as error:  # else a PermissionError here would read as an unwritable cache
-        raise ConfigError(f"Cannot read the LEAF file {path} ({error.strerror}). Make it "
-                          "readable by the user that runs dpsgd.") from None
+        raise ConfigError(
+            f"Cannot read the LEAF file {path} ({error.strerror}). Make it "
+            "readable by the user that runs dpsgd."
+        ) from None
     if not isinstance(data, dict):
         raise bad_shard(path, "the top level is not a JSON object")
     missing = [key for key in ("users", "num_samples", "user_data") if key not in data]
@@ -137,7 +149,7 @@ def _read_shard(path: Path) -> list[tuple[str, list, list]]:
     for user, count in zip(users, num_samples):
         entry = user_data.get(user) if isinstance(user, str) else None
         if not isinstance(entry, dict) or "x" not in entry or "y" not in entry:
-            raise bad_shard(path, "no {\"x\", \"y\"} entry in user_data", user)
+            raise bad_shard(path, 'no {"x", "y"} entry in user_data', user)
         x, y = entry["x"], entry["y"]
         if not isinstance(x, list) or not isinstance(y, list):
             raise bad_shard(path, "x and y must be lists", user)
@@ -156,14 +168,20 @@ def read_split(files: list[Path]) -> list[tuple[Path, str, list, list]]:
     for path in files:
         for user, x, y in _read_shard(path):
             if user in seen:
-                raise bad_shard(path, f"the user is also in {seen[user].name}; shards from "
-                                      "different preprocessing runs were mixed", user)
+                raise bad_shard(
+                    path,
+                    f"the user is also in {seen[user].name}; shards from "
+                    "different preprocessing runs were mixed",
+                    user,
+                )
             seen[user] = path
             rows.append((path, user, x, y))
     if not rows:
-        raise ConfigError(f"The LEAF files in {files[0].parent} list no users. Recreate them with LEAF's "
-                          f"preprocess.sh ({LEAF_URL}); with `-k` (minimum samples per user) set too high every user "
-                          "is filtered out.")
+        raise ConfigError(
+            f"The LEAF files in {files[0].parent} list no users. Recreate them with LEAF's "
+            f"preprocess.sh ({LEAF_URL}); with `-k` (minimum samples per user) set too high every user "
+            "is filtered out."
+        )
     return rows
 
 
@@ -184,14 +202,18 @@ def user_offsets(counts: list[int]) -> np.ndarray:
 # ---------------------------------------------------------------- the cache
 
 
-def build_cached(target: Path, build: Callable[[Path], None], cache_dir: Path, dataset: str, num_classes: int) -> None:
+def build_cached(
+    target: Path, build: Callable[[Path], None], cache_dir: Path, dataset: str, num_classes: int
+) -> None:
     try:
         build_once(target, build, check=lambda d: _check_cache(d, num_classes))
     except PermissionError as error:
         # The data folder is often read-only and shared; the cache must live elsewhere.
-        raise ConfigError(f"Cannot write the parsed {dataset} cache under {cache_dir} ({error.strerror}). Point the "
-                          "cache directory setting at a writable folder on this machine (it may differ from "
-                          "`data_dir`, which can stay read-only).") from None
+        raise ConfigError(
+            f"Cannot write the parsed {dataset} cache under {cache_dir} ({error.strerror}). Point the "
+            "cache directory setting at a writable folder on this machine (it may differ from "
+            "`data_dir`, which can stay read-only)."
+        ) from None
 
 
 def save_index(directory: Path, users: dict[str, list[str]], report: dict) -> None:
@@ -214,20 +236,30 @@ def _check_cache(directory: Path, num_classes: int) -> str | None:
     return None
 
 
-def _split_problem(split: str, arrays: dict, users: list, report: dict, num_classes: int) -> str | None:
+def _split_problem(
+    split: str, arrays: dict, users: list, report: dict, num_classes: int
+) -> str | None:
     """The first broken rule of one split, or None; cheapest rules first."""
-    images, labels, offsets = (arrays[f"{split}_{kind}"] for kind in ("images", "labels", "offsets"))
+    images, labels, offsets = (
+        arrays[f"{split}_{kind}"] for kind in ("images", "labels", "offsets")
+    )
     if not isinstance(users, list) or offsets.shape != (len(users) + 1,):
-        return (f"{split}_offsets.npy has shape {offsets.shape}, but users.json lists "
-                f"{len(users)} {split} users (it needs one more entry than users)")
+        return (
+            f"{split}_offsets.npy has shape {offsets.shape}, but users.json lists "
+            f"{len(users)} {split} users (it needs one more entry than users)"
+        )
     if offsets[0] != 0 or np.any(offsets[1:] < offsets[:-1]):
         return f"{split}_offsets.npy does not rise from 0"
     if labels.ndim != 1 or not int(offsets[-1]) == len(labels) == len(images):
-        return (f"{split}_offsets.npy ends at {offsets[-1]}, but {split}_labels.npy and "
-                f"{split}_images.npy hold {len(labels)} and {len(images)} rows")
+        return (
+            f"{split}_offsets.npy ends at {offsets[-1]}, but {split}_labels.npy and "
+            f"{split}_images.npy hold {len(labels)} and {len(images)} rows"
+        )
     if report.get(f"{split}_samples") != len(labels):
-        return (f"report.json says {report.get(f'{split}_samples')} {split} samples, but "
-                f"{split}_labels.npy holds {len(labels)}")
+        return (
+            f"report.json says {report.get(f'{split}_samples')} {split} samples, but "
+            f"{split}_labels.npy holds {len(labels)}"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         return f"{split}_labels.npy has labels outside 0..{num_classes - 1}"
     return None
@@ -240,8 +272,10 @@ def load_cached(target: Path) -> tuple[LeafSplit, LeafSplit, LoadReport, dict]:
     stored = json.loads((target / "report.json").read_text())
     fields = LoadReport.__dataclass_fields__
     report = LoadReport(**{k: v for k, v in stored.items() if k in fields})
-    train, test = (LeafSplit(arrays[f"{s}_images"], arrays[f"{s}_labels"], users[s], arrays[f"{s}_offsets"])
-                   for s in SPLITS)
+    train, test = (
+        LeafSplit(arrays[f"{s}_images"], arrays[f"{s}_labels"], users[s], arrays[f"{s}_offsets"])
+        for s in SPLITS
+    )
     return train, test, report, stored
 
 
@@ -249,12 +283,15 @@ def load_cached(target: Path) -> tuple[LeafSplit, LeafSplit, LoadReport, dict]:
 
 
 def _rows_of_users(split: LeafSplit, users: list[int]) -> np.ndarray:
-    ranges = [np.arange(split.user_offsets[u], split.user_offsets[u + 1], dtype=np.int64) for u in users]
+    ranges = [
+        np.arange(split.user_offsets[u], split.user_offsets[u + 1], dtype=np.int64) for u in users
+    ]
     return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
 
 
-def partition_rows(split: LeafSplit, nodes: int, seed: int, *, split_users: bool = False,
-                   what: str = "writers") -> list[np.ndarray]:
+def partition_rows(
+    split: LeafSplit, nodes: int, seed: int, *, split_users: bool = False, what: str = "writers"
+) -> list[np.ndarray]:
     """Row indices (int64, sorted) of `split` for each node.
 
     By default whole users are dealt to nodes (disjoint, seeded, near-equal numbers of
@@ -268,11 +305,13 @@ def partition_rows(split: LeafSplit, nodes: int, seed: int, *, split_users: bool
         order = numpy_rng(seed, "leaf_user_order").permutation(num_users)
         rows = _rows_of_users(split, order.tolist())
         blocks = contiguous_blocks(len(rows), nodes, what="samples")
-        return [np.sort(rows[block.start:block.stop]) for block in blocks]
+        return [np.sort(rows[block.start : block.stop]) for block in blocks]
     if 1 <= nodes and num_users < nodes:
-        raise ConfigError(f"`nodes` is {nodes}, but the data set has only {num_users} {what}, and by default no one's "
-                          f"samples are split across nodes: use at most {num_users} `nodes`, or set "
-                          f"`dataset.split_users=true` to cut the {len(split)} samples into {nodes} near-equal blocks.")
+        raise ConfigError(
+            f"`nodes` is {nodes}, but the data set has only {num_users} {what}, and by default no one's "
+            f"samples are split across nodes: use at most {num_users} `nodes`, or set "
+            f"`dataset.split_users=true` to cut the {len(split)} samples into {nodes} near-equal blocks."
+        )
     groups = shuffled_partition(range(num_users), nodes, seed, "leaf_users", what=what)
     # Users keep ascending order within a group, so their row ranges are already sorted.
     return [_rows_of_users(split, group) for group in groups]
@@ -284,6 +323,11 @@ def partition_summary(split: LeafSplit, parts: list[np.ndarray]) -> dict:
     for node, rows in enumerate(parts):
         owners = np.searchsorted(split.user_offsets, rows, side="right") - 1
         users, counts = np.unique(owners, return_counts=True)
-        nodes.append({"node": node, "samples": int(len(rows)),
-                      "users": {split.users[u]: int(c) for u, c in zip(users, counts)}})
+        nodes.append(
+            {
+                "node": node,
+                "samples": int(len(rows)),
+                "users": {split.users[u]: int(c) for u, c in zip(users, counts)},
+            }
+        )
     return {"nodes": nodes}

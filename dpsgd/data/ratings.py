@@ -58,9 +58,7 @@ class RatingsTable:
     def user_rows(self, first_user: int, end_user: int) -> slice:
         """The rows of users first_user..end_user-1, as a slice (no copy)."""
         if not 0 <= first_user <= end_user <= self.num_users:
-            raise IndexError(
-                f"users [{first_user}, {end_user}) outside 0..{self.num_users}"
-            )
+            raise IndexError(f"users [{first_user}, {end_user}) outside 0..{self.num_users}")
         return slice(int(self._offsets[first_user]), int(self._offsets[end_user]))
 
     def ratings_per_user(self) -> np.ndarray:
@@ -91,7 +89,11 @@ class NodeRatings:
 
 
 def _check_synthetic_args(
-    num_users: int, num_items: int, rank: int, min_ratings: int, max_ratings: int,
+    num_users: int,
+    num_items: int,
+    rank: int,
+    min_ratings: int,
+    max_ratings: int,
     noise_std: float,
 ) -> None:
     problems = []
@@ -108,7 +110,8 @@ def _check_synthetic_args(
         problems.append(f"`noise_std` is {noise_std}; it must be zero or positive")
     if problems:
         raise ConfigError(
-            "The synthetic data set settings are inconsistent: " + "; ".join(problems)
+            "The synthetic data set settings are inconsistent: "
+            + "; ".join(problems)
             + ". Fix these values in the dataset config."
         )
 
@@ -224,7 +227,7 @@ def _read_lines(path: Path) -> tuple[list[str], bool]:
         # utf-8-sig drops a byte-order mark; splitlines handles both LF and CRLF files.
         lines = raw.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
-        line_number = raw[:error.start].count(b"\n") + 1
+        line_number = raw[: error.start].count(b"\n") + 1
         raise _malformed(path, line_number, "", "the file is not UTF-8 text") from None
     return lines, raw.endswith((b"\n", b"\r"))
 
@@ -237,7 +240,8 @@ def _warn_maybe_truncated(path: Path, line_number: int, text: str) -> None:
         f"so it may be truncated (the last line reads {text[:80]!r} and was kept). If the "
         f"download or copy was interrupted, restore ratings.csv from {MOVIELENS_URL} "
         "(ml-latest-small.zip).",
-        file=sys.stderr, flush=True,
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -255,8 +259,12 @@ def _parse_ratings_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             raise _malformed(path, line_number, text, f"expected 4 fields, got {len(fields)}")
         try:
             # The timestamp is not used, but a row cut short can leave it empty.
-            user_id, movie_id, rating, _ = (int(fields[0]), int(fields[1]), float(fields[2]),
-                                            int(fields[3]))
+            user_id, movie_id, rating, _ = (
+                int(fields[0]),
+                int(fields[1]),
+                float(fields[2]),
+                int(fields[3]),
+            )
         except ValueError:
             raise _malformed(path, line_number, text, "a field is not a number") from None
         if not MIN_RATING <= rating <= MAX_RATING:
@@ -305,18 +313,21 @@ def _check_movielens_cache(directory: Path) -> str | None:
         return f"sizes.npy has shape {sizes.shape}, not (2,) for [users, items]"
     num_users, num_items = int(sizes[0]), int(sizes[1])
     if not len(user) == len(item) == len(rating) > 0:
-        return (f"user.npy, item.npy and rating.npy hold {len(user)}, {len(item)} and "
-                f"{len(rating)} rows; they must be equal and not zero")
+        return (
+            f"user.npy, item.npy and rating.npy hold {len(user)}, {len(item)} and "
+            f"{len(rating)} rows; they must be equal and not zero"
+        )
     if np.any(user[1:] < user[:-1]):
         return "user.npy is not sorted"
     if user[0] < 0 or user[-1] >= num_users:
         return f"sizes.npy says {num_users} users, but user.npy has ids {user[0]}..{user[-1]}"
     if item.min() < 0 or item.max() >= num_items:
-        return (f"sizes.npy says {num_items} items, but item.npy has ids "
-                f"{item.min()}..{item.max()}")
+        return f"sizes.npy says {num_items} items, but item.npy has ids {item.min()}..{item.max()}"
     if (len(arrays["user_ids"]), len(arrays["movie_ids"])) != (num_users, num_items):
-        return (f"sizes.npy says {num_users} users and {num_items} items, but user_ids.npy "
-                f"and movie_ids.npy hold {len(arrays['user_ids'])} and {len(arrays['movie_ids'])}")
+        return (
+            f"sizes.npy says {num_users} users and {num_items} items, but user_ids.npy "
+            f"and movie_ids.npy hold {len(arrays['user_ids'])} and {len(arrays['movie_ids'])}"
+        )
     return None
 
 
@@ -337,8 +348,11 @@ def load_movielens(ratings_csv: str | Path, cache_dir: str | Path) -> RatingsTab
         )
     target = cache_path(cache_dir, "movielens", [ratings_csv])
     try:
-        build_once(target, lambda directory: _build_movielens_cache(ratings_csv, directory),
-                   check=_check_movielens_cache)
+        build_once(
+            target,
+            lambda directory: _build_movielens_cache(ratings_csv, directory),
+            check=_check_movielens_cache,
+        )
     except PermissionError as error:
         # The data folder is often read-only and shared; the cache must live elsewhere.
         raise ConfigError(

@@ -19,17 +19,30 @@ from dpsgd.settings import builder_for, call_target
 # -> predictions, with model.factor_penalty(user, item) the per-rating term `model.regularization` weighs.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mf": lambda dims, seed, embedding_dim=20, initial_offset=0.0: MatrixFactorization(
-        dims["num_users"], dims["num_items"], embedding_dim, generator=torch_generator(seed, "model_init"),
-        initial_offset=initial_offset),
-    "femnist_cnn": lambda dims, seed, input_scale=1.0: FemnistCNN(dims["num_classes"], input_scale=input_scale),
-    "celeba_cnn": lambda dims, seed, input_scale=1.0: CelebaCNN(dims["num_classes"], input_scale=input_scale),
+        dims["num_users"],
+        dims["num_items"],
+        embedding_dim,
+        generator=torch_generator(seed, "model_init"),
+        initial_offset=initial_offset,
+    ),
+    "femnist_cnn": lambda dims, seed, input_scale=1.0: FemnistCNN(
+        dims["num_classes"], input_scale=input_scale
+    ),
+    "celeba_cnn": lambda dims, seed, input_scale=1.0: CelebaCNN(
+        dims["num_classes"], input_scale=input_scale
+    ),
 }
 
 
 def model_builder(name: str | None, target: str | None = None) -> Callable[..., nn.Module]:
     """MODELS[name], or the callable `model._target_` names (`dpsgd.settings.builder_for`)."""
-    return builder_for("model", MODELS, name, target, " (each data set picks its model by default, e.g. "
-                       "`dataset=femnist`)")
+    return builder_for(
+        "model",
+        MODELS,
+        name,
+        target,
+        " (each data set picks its model by default, e.g. `dataset=femnist`)",
+    )
 
 
 def build_model(name: str, dims: dict, seed: int, **options) -> nn.Module:
@@ -43,6 +56,12 @@ def build_model(name: str, dims: dict, seed: int, **options) -> nn.Module:
         torch.manual_seed(stream_key(seed, "model_init"))
         if target is None:
             return builder(dims, seed, **options)
-        return call_target("model", target, builder, {"dims": dims, "seed": seed}, options,
-                           "a torch.nn.Module with parameters",
-                           lambda made: isinstance(made, nn.Module) and any(True for _ in made.parameters()))
+        return call_target(
+            "model",
+            target,
+            builder,
+            {"dims": dims, "seed": seed},
+            options,
+            "a torch.nn.Module with parameters",
+            lambda made: isinstance(made, nn.Module) and any(True for _ in made.parameters()),
+        )

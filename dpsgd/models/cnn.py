@@ -29,10 +29,16 @@ class FemnistCNN(nn.Module):
         super().__init__()
         self.input_scale = input_scale
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(7 * 7 * 64, 512), nn.ReLU(), nn.Linear(512, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(7 * 7 * 64, 512), nn.ReLU(), nn.Linear(512, num_classes)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: uint8 (batch, 28, 28)."""
@@ -47,7 +53,11 @@ class CelebaCNN(nn.Module):
         self.input_scale = input_scale
         blocks, in_channels = [], 3
         for _ in range(4):
-            blocks += [nn.Conv2d(in_channels, channels, kernel_size=3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
+            blocks += [
+                nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
+                nn.MaxPool2d(2),
+                nn.ReLU(),
+            ]
             in_channels = channels
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(5 * 5 * channels, num_classes))

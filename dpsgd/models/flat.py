@@ -34,7 +34,7 @@ def bind_model_to(model: nn.Module, flat: torch.Tensor) -> None:
     offset = 0
     for tensor in _state_tensors(model):
         size = tensor.numel()
-        view = flat[offset:offset + size].view_as(tensor)
+        view = flat[offset : offset + size].view_as(tensor)
         view.copy_(tensor.detach())
         tensor.data = view
         offset += size
@@ -45,7 +45,7 @@ def rebind_model(model: nn.Module, flat: torch.Tensor) -> None:
     offset = 0
     for tensor in _state_tensors(model):
         size = tensor.numel()
-        tensor.data = flat[offset:offset + size].view_as(tensor)
+        tensor.data = flat[offset : offset + size].view_as(tensor)
         offset += size
 
 

@@ -14,11 +14,40 @@ from dpsgd.report.runs import Metric, Run
 
 Axis = Literal["round", "time_s", "bytes_sent"]
 AXES: tuple[Axis, ...] = ("round", "time_s", "bytes_sent")
-FINAL_COLUMNS = ("label", "run_dir", "algorithm", "sharing", "alpha", "dataset", "nodes", "rounds_min",
-                 "rounds_max", "wall_s", "final_round", "test_loss", "test_acc", "train_loss", "bytes_sent",
-                 "bytes_sent_data", "bytes_sent_meta", "test_loss_metric", "no_learning", "consensus_distance",
-                 "target", "target_round", "target_time_s", "target_bytes_sent")
-FINAL_MEANS = ("test_loss", "test_acc", "train_loss", "bytes_sent", "bytes_sent_data", "bytes_sent_meta")
+FINAL_COLUMNS = (
+    "label",
+    "run_dir",
+    "algorithm",
+    "sharing",
+    "alpha",
+    "dataset",
+    "nodes",
+    "rounds_min",
+    "rounds_max",
+    "wall_s",
+    "final_round",
+    "test_loss",
+    "test_acc",
+    "train_loss",
+    "bytes_sent",
+    "bytes_sent_data",
+    "bytes_sent_meta",
+    "test_loss_metric",
+    "no_learning",
+    "consensus_distance",
+    "target",
+    "target_round",
+    "target_time_s",
+    "target_bytes_sent",
+)
+FINAL_MEANS = (
+    "test_loss",
+    "test_acc",
+    "train_loss",
+    "bytes_sent",
+    "bytes_sent_data",
+    "bytes_sent_meta",
+)
 
 
 @dataclass(frozen=True)
@@ -49,19 +78,33 @@ class Cut:
     axis: Axis
     cut: float
     point: Point | None
-    span: tuple[float, float] | None = None  # None: the run has no evaluated round every node reached
+    span: tuple[float, float] | None = (
+        None  # None: the run has no evaluated round every node reached
+    )
 
 
 def curve(run: Run, key: str) -> list[Point]:
     """`key` per round across nodes: rounds every node reported, or the most that ever did."""
-    rows = [(number, stats) for number, stats in run.rounds.items()
-            if key in stats and "time_s" in stats and "bytes_sent" in stats]
+    rows = [
+        (number, stats)
+        for number, stats in run.rounds.items()
+        if key in stats and "time_s" in stats and "bytes_sent" in stats
+    ]
     if not rows:
         return []
     required = min(run.nodes, max(stats[key].n for _, stats in rows))
-    return [Point(number, stats["time_s"].mean, stats["bytes_sent"].mean, stats[key].mean, stats[key].std,
-                  stats[key].n)
-            for number, stats in rows if stats[key].n >= required]
+    return [
+        Point(
+            number,
+            stats["time_s"].mean,
+            stats["bytes_sent"].mean,
+            stats[key].mean,
+            stats[key].std,
+            stats[key].n,
+        )
+        for number, stats in rows
+        if stats[key].n >= required
+    ]
 
 
 def test_curve(run: Run) -> list[Point]:
@@ -95,8 +138,17 @@ def equal_cut(runs: list[Run], axis: Axis) -> list[Cut]:
         curves = [test_curve(run) for run in group]
         spans = [(points[0].at(axis), points[-1].at(axis)) if points else None for points in curves]
         limit = common_cut([span for span in spans if span is not None])
-        cuts.extend(Cut(run, metric, axis, limit, reached(points, axis, limit) if _covers(span, limit) else None, span)
-                    for run, points, span in zip(group, curves, spans))
+        cuts.extend(
+            Cut(
+                run,
+                metric,
+                axis,
+                limit,
+                reached(points, axis, limit) if _covers(span, limit) else None,
+                span,
+            )
+            for run, points, span in zip(group, curves, spans)
+        )
     return cuts
 
 
@@ -125,15 +177,25 @@ def equal_bytes(runs: list[Run]) -> list[Cut]:
 
 def consensus_curve(run: Run) -> list[tuple[int, float]]:
     """(round, consensus distance) of every evaluated round that has one (summary.json; `dpsgd.consensus`)."""
-    return [(int(entry["round"]), float(entry["consensus_distance"])) for entry in run.summary.get("per_round", [])
-            if entry.get("consensus_distance") is not None]
+    return [
+        (int(entry["round"]), float(entry["consensus_distance"]))
+        for entry in run.summary.get("per_round", [])
+        if entry.get("consensus_distance") is not None
+    ]
 
 
 def first_reaching(run: Run, target: float) -> Point | None:
     """The first evaluated round whose mean test metric is at or beyond `target` (RMSE at or below it,
     accuracy at or above it), among rounds every node reached; None when the run never got there."""
-    better = (lambda mean: mean >= target) if run.metric.higher_is_better else (lambda mean: mean <= target)
-    return next((point for point in test_curve(run) if point.nodes >= run.nodes and better(point.mean)), None)
+    better = (
+        (lambda mean: mean >= target)
+        if run.metric.higher_is_better
+        else (lambda mean: mean <= target)
+    )
+    return next(
+        (point for point in test_curve(run) if point.nodes >= run.nodes and better(point.mean)),
+        None,
+    )
 
 
 def reached(points: list[Point], axis: Axis, limit: float) -> Point | None:
@@ -149,7 +211,9 @@ def final_round(run: Run) -> int | None:
     if run.final is not None:
         return run.final[0]
     key = run.metric.key
-    complete = [number for number, stats in run.rounds.items() if key in stats and stats[key].n >= run.nodes]
+    complete = [
+        number for number, stats in run.rounds.items() if key in stats and stats[key].n >= run.nodes
+    ]
     return complete[-1] if complete else None
 
 
@@ -157,18 +221,41 @@ def final_metrics(run: Run, target: float | None = None) -> dict:
     """One row of final_metrics.csv: the run's identity, its means at the final round, and with a
     `target` (e.g. RMSE 0.95) when it first reached it."""
     number = final_round(run)
-    stats = run.final[1] if run.final is not None else run.rounds.get(number, {}) if number is not None else {}
+    stats = (
+        run.final[1]
+        if run.final is not None
+        else run.rounds.get(number, {})
+        if number is not None
+        else {}
+    )
     summary = run.summary
-    row = {"label": run.label, "run_dir": run.shown_dir, "algorithm": run.algorithm, "sharing": run.sharing,
-           "alpha": run.alpha, "dataset": run.dataset, "nodes": run.nodes,
-           "rounds_min": summary.get("rounds_min"), "rounds_max": summary.get("rounds_max"),
-           "wall_s": summary.get("wall_s"), "final_round": number,
-           "test_loss_metric": summary.get("test_loss_metric"), "no_learning": run.no_learning}
+    row = {
+        "label": run.label,
+        "run_dir": run.shown_dir,
+        "algorithm": run.algorithm,
+        "sharing": run.sharing,
+        "alpha": run.alpha,
+        "dataset": run.dataset,
+        "nodes": run.nodes,
+        "rounds_min": summary.get("rounds_min"),
+        "rounds_max": summary.get("rounds_max"),
+        "wall_s": summary.get("wall_s"),
+        "final_round": number,
+        "test_loss_metric": summary.get("test_loss_metric"),
+        "no_learning": run.no_learning,
+    }
     row.update({key: stats[key].mean if key in stats else None for key in FINAL_MEANS})
     final = summary.get("final") or {}  # at the end of the run: the models as the nodes stopped
-    row["consensus_distance"] = (final.get("consensus_distance") if final.get("round") == number
-                                 else dict(consensus_curve(run)).get(number))
+    row["consensus_distance"] = (
+        final.get("consensus_distance")
+        if final.get("round") == number
+        else dict(consensus_curve(run)).get(number)
+    )
     hit = first_reaching(run, target) if target is not None else None
-    row.update(target=target, target_round=hit and hit.round, target_time_s=hit and hit.time_s,
-               target_bytes_sent=hit and hit.bytes_sent)
+    row.update(
+        target=target,
+        target_round=hit and hit.round,
+        target_time_s=hit and hit.time_s,
+        target_bytes_sent=hit and hit.bytes_sent,
+    )
     return {column: row[column] for column in FINAL_COLUMNS}

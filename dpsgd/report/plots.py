@@ -21,16 +21,30 @@ try:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 except ImportError as error:  # matplotlib is the optional `plot` extra
-    raise ImportError("dpsgd.report draws with matplotlib, which is not installed: "
-                      "pip install matplotlib (or pip install -e '.[plot]')") from error
+    raise ImportError(
+        "dpsgd.report draws with matplotlib, which is not installed: "
+        "pip install matplotlib (or pip install -e '.[plot]')"
+    ) from error
 
-from dpsgd.report.compare import Axis, Cut, Point, by_metric, consensus_curve, final_metrics, test_curve, train_curve
+from dpsgd.report.compare import (
+    Axis,
+    Cut,
+    Point,
+    by_metric,
+    consensus_curve,
+    final_metrics,
+    test_curve,
+    train_curve,
+)
 from dpsgd.report.runs import Metric, Run
 
 Quantity = Literal["test", "train"]
 CURVES: dict[Quantity, Callable[[Run], list[Point]]] = {"test": test_curve, "train": train_curve}
-X_LABELS: dict[Axis, str] = {"round": "round", "time_s": "wall time (s, mean over nodes)",
-                             "bytes_sent": "MB sent per node (mean over nodes)"}
+X_LABELS: dict[Axis, str] = {
+    "round": "round",
+    "time_s": "wall time (s, mean over nodes)",
+    "bytes_sent": "MB sent per node (mean over nodes)",
+}
 AXIS_WORDS: dict[Axis, str] = {"round": "rounds", "time_s": "wall time", "bytes_sent": "bytes sent"}
 BAND_ALPHA = 0.15
 PANEL_SIZE = (6.0, 4.0)
@@ -54,8 +68,11 @@ def curve_figure(runs: list[Run], quantity: Quantity, axis: Axis, bands: bool = 
         if axis == "round":
             panel.xaxis.set_major_locator(MaxNLocator(integer=True))
         panel.set_ylabel(_metric_label(metric) if quantity == "test" else _train_label(group))
-        panel.set_title(_data_line(group) + ("; mean, band: 1 std over nodes" if bands else "; mean over nodes"),
-                        fontsize=9)
+        panel.set_title(
+            _data_line(group)
+            + ("; mean, band: 1 std over nodes" if bands else "; mean over nodes"),
+            fontsize=9,
+        )
         panel.grid(alpha=0.3)
     what = _what(groups) if quantity == "test" else "Train loss"
     figure.suptitle(f"{what} against {AXIS_WORDS[axis]}")
@@ -70,7 +87,9 @@ def cut_figure(cuts: list[Cut], runs: list[Run]) -> Figure:
     for cut in cuts:
         groups.setdefault(cut.metric, []).append(cut)
     rows = max((len(group) for group in groups.values()), default=1)
-    figure, panels = _panels(len(groups), legend_entries=1, height=max(PANEL_SIZE[1], 1.6 + 0.45 * rows))
+    figure, panels = _panels(
+        len(groups), legend_entries=1, height=max(PANEL_SIZE[1], 1.6 + 0.45 * rows)
+    )
     for panel, (metric, group) in zip(panels, groups.items()):
         positions = list(range(len(group)))[::-1]  # the first run on top
         for y, cut in zip(positions, group):
@@ -78,10 +97,23 @@ def cut_figure(cuts: list[Cut], runs: list[Run]) -> Figure:
             if cut.point is None:
                 continue
             # The tick labels name the runs: the legend holds only the no-learning line.
-            panel.errorbar([cut.point.mean], [y], xerr=[cut.point.std], fmt="o", color=colour, capsize=3,
-                           markersize=6)
-            panel.annotate(f"{cut.point.mean:.4g} (round {cut.point.round})", (cut.point.mean, y),
-                           xytext=(0, 7), textcoords="offset points", ha="center", fontsize=7)
+            panel.errorbar(
+                [cut.point.mean],
+                [y],
+                xerr=[cut.point.std],
+                fmt="o",
+                color=colour,
+                capsize=3,
+                markersize=6,
+            )
+            panel.annotate(
+                f"{cut.point.mean:.4g} (round {cut.point.round})",
+                (cut.point.mean, y),
+                xytext=(0, 7),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+            )
         _baseline_lines(panel, [cut.run for cut in group], horizontal=False)
         _note_unplaced(panel, group, positions)
         panel.set_yticks(positions, [cut.run.label for cut in group], fontsize=8)
@@ -89,9 +121,14 @@ def cut_figure(cuts: list[Cut], runs: list[Run]) -> Figure:
         panel.set_xlabel(_metric_label(metric))
         panel.margins(x=0.12)
         panel.grid(axis="x", alpha=0.3)
-        panel.set_title(f"{_cut_text(group[0])}, the most every run reached\n"
-                        f"{_data_line([cut.run for cut in group])}; error bar: 1 std over nodes", fontsize=9)
-    figure.suptitle(f"{_what(groups)} at equal {'wall time' if cuts and cuts[0].axis == 'time_s' else 'bytes sent'}")
+        panel.set_title(
+            f"{_cut_text(group[0])}, the most every run reached\n"
+            f"{_data_line([cut.run for cut in group])}; error bar: 1 std over nodes",
+            fontsize=9,
+        )
+    figure.suptitle(
+        f"{_what(groups)} at equal {'wall time' if cuts and cuts[0].axis == 'time_s' else 'bytes sent'}"
+    )
     _legend_outside(figure, panels)
     return figure
 
@@ -107,8 +144,14 @@ def bytes_split_figure(runs: list[Run]) -> Figure:
         for y, run, row in zip(positions, runs, rows):
             if row[key]:  # 0 or unmeasured has no place on a log axis
                 panel.plot([row[key]], [y], marker, color=_colour(runs, run), markersize=7)
-                panel.annotate(_bytes_text(row[key]), (row[key], y), xytext=(0, 7), textcoords="offset points",
-                               ha="center", fontsize=7)
+                panel.annotate(
+                    _bytes_text(row[key]),
+                    (row[key], y),
+                    xytext=(0, 7),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=7,
+                )
     panel.set_xscale("log")
     panel.set_yticks(positions, [run.label for run in runs], fontsize=8)
     panel.set_ylim(-0.7, len(runs) - 0.3)
@@ -117,8 +160,10 @@ def bytes_split_figure(runs: list[Run]) -> Figure:
     panel.grid(axis="x", alpha=0.3)
     panel.set_title(_data_line(runs), fontsize=9)
     figure.suptitle("Bytes sent per node: data against metadata")
-    handles = [Line2D([], [], marker="o", linestyle="", color="0.3", label="data (values)"),
-               Line2D([], [], marker="D", linestyle="", color="0.3", label="metadata (indices, headers)")]
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color="0.3", label="data (values)"),
+        Line2D([], [], marker="D", linestyle="", color="0.3", label="metadata (indices, headers)"),
+    ]
     figure.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return figure
 
@@ -131,8 +176,14 @@ def consensus_figure(runs: list[Run]) -> Figure:
     panel = panels[0]
     for run in shown:
         points = consensus_curve(run)
-        panel.plot([r for r, _ in points], [d for _, d in points], marker="o" if len(points) < 30 else None,
-                   markersize=3, label=run.label, color=_colour(runs, run))
+        panel.plot(
+            [r for r, _ in points],
+            [d for _, d in points],
+            marker="o" if len(points) < 30 else None,
+            markersize=3,
+            label=run.label,
+            color=_colour(runs, run),
+        )
     panel.set_yscale("log")
     panel.xaxis.set_major_locator(MaxNLocator(integer=True))
     panel.set_xlabel("round")
@@ -144,17 +195,33 @@ def consensus_figure(runs: list[Run]) -> Figure:
     return figure
 
 
-def _draw_curve(panel, points: list[Point], axis: Axis, label: str, colour: str, bands: bool) -> None:
+def _draw_curve(
+    panel, points: list[Point], axis: Axis, label: str, colour: str, bands: bool
+) -> None:
     if not points:
         return
     scale = 1e-6 if axis == "bytes_sent" else 1.0
     x = [point.at(axis) * scale for point in points]
     mean = [point.mean for point in points]
-    panel.plot(x, mean, marker="o" if len(points) < 30 else None, markersize=3, label=label, color=colour,
-               zorder=3)
+    panel.plot(
+        x,
+        mean,
+        marker="o" if len(points) < 30 else None,
+        markersize=3,
+        label=label,
+        color=colour,
+        zorder=3,
+    )
     if bands:
-        panel.fill_between(x, [p.mean - p.std for p in points], [p.mean + p.std for p in points],
-                           alpha=BAND_ALPHA, color=colour, linewidth=0, zorder=2)
+        panel.fill_between(
+            x,
+            [p.mean - p.std for p in points],
+            [p.mean + p.std for p in points],
+            alpha=BAND_ALPHA,
+            color=colour,
+            linewidth=0,
+            zorder=2,
+        )
 
 
 def _baseline_lines(panel, runs: list[Run], horizontal: bool) -> None:
@@ -182,16 +249,25 @@ def _note_unplaced(panel, group: list[Cut], positions: list[int]) -> None:
             why = f"first evaluated at {_amount(cut.axis, cut.span[0])}, after the cut (lower eval.every)"
         else:
             why = f"ended at {_amount(cut.axis, cut.span[1])}, before the cut"
-        panel.annotate(why, (0.02, y), xycoords=("axes fraction", "data"), va="center", fontsize=7,
-                       color="0.3", style="italic")
+        panel.annotate(
+            why,
+            (0.02, y),
+            xycoords=("axes fraction", "data"),
+            va="center",
+            fontsize=7,
+            color="0.3",
+            style="italic",
+        )
 
 
 def _panels(count: int, legend_entries: int = 0, height: float = PANEL_SIZE[1]):
     """Side-by-side panels, the figure taller by the rows of the legend drawn below them."""
     count = max(count, 1)
     legend_rows = -(-legend_entries // LEGEND_COLUMNS)
-    figure = Figure(figsize=(PANEL_SIZE[0] * count, height + LEGEND_ROW_HEIGHT * legend_rows),
-                    layout="constrained")
+    figure = Figure(
+        figsize=(PANEL_SIZE[0] * count, height + LEGEND_ROW_HEIGHT * legend_rows),
+        layout="constrained",
+    )
     return figure, list(figure.subplots(1, count, squeeze=False)[0])
 
 
@@ -205,8 +281,14 @@ def _legend_outside(figure: Figure, panels: list) -> None:
                 handles.append(handle)
                 labels.append(label)
     if handles:
-        figure.legend(handles, labels, loc="outside lower center", ncols=min(LEGEND_COLUMNS, len(handles)),
-                      fontsize=8, frameon=False)
+        figure.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncols=min(LEGEND_COLUMNS, len(handles)),
+            fontsize=8,
+            frameon=False,
+        )
 
 
 def _colour(runs: list[Run], run: Run) -> str:
@@ -228,7 +310,11 @@ def _data_line(runs: list[Run]) -> str:
     datasets = list(dict.fromkeys(run.dataset for run in runs))
     nodes = sorted({run.nodes for run in runs})
     count = f"{nodes[0]} nodes" if len(nodes) == 1 else f"{nodes[0]}-{nodes[-1]} nodes"
-    return f"{', '.join(datasets)}, {count}" if len(datasets) == 1 else f"{', '.join(datasets)}; {count}"
+    return (
+        f"{', '.join(datasets)}, {count}"
+        if len(datasets) == 1
+        else f"{', '.join(datasets)}; {count}"
+    )
 
 
 def _train_label(group: list[Run]) -> str:

@@ -108,7 +108,11 @@ class Run:
     @property
     def train_key(self) -> str:
         """train_loss (the whole local set) when the run measured it, else the last batch's loss."""
-        return "train_loss" if any("train_loss" in stats for stats in self.rounds.values()) else "batch_loss"
+        return (
+            "train_loss"
+            if any("train_loss" in stats for stats in self.rounds.values())
+            else "batch_loss"
+        )
 
 
 def test_metric(summary: dict, rounds: dict[int, RoundStats]) -> Metric:
@@ -133,8 +137,10 @@ def discover(paths: Iterable[Path | str]) -> list[Path]:
             dirnames[:] = [name for name in dirnames if name not in RUN_INTERNALS]
     if not found:
         shown = ", ".join(str(p) for p in paths)
-        raise ReportError(f"no {SUMMARY_FILE} under {shown}; a run writes it when it ends "
-                          f"(pass the directory `python train.py` printed as 'results in ...')")
+        raise ReportError(
+            f"no {SUMMARY_FILE} under {shown}; a run writes it when it ends "
+            f"(pass the directory `python train.py` printed as 'results in ...')"
+        )
     return sorted(found, key=_natural_key)
 
 
@@ -224,8 +230,11 @@ def final_stats(records: Iterable[dict]) -> tuple[int, RoundStats] | None:
 def _entry_stats(entry: dict) -> tuple[int, RoundStats]:
     """One aggregate of summary.json (a per_round entry, or `final`) as (round, stats)."""
     reporting = int(entry["nodes_reporting"])
-    return int(entry["round"]), {key: Stat(value["mean"], value["std"], value["min"], value["max"], reporting)
-                                 for key, value in entry.items() if isinstance(value, dict)}
+    return int(entry["round"]), {
+        key: Stat(value["mean"], value["std"], value["min"], value["max"], reporting)
+        for key, value in entry.items()
+        if isinstance(value, dict)
+    }
 
 
 def run_label(run: Run) -> str:
@@ -252,7 +261,9 @@ def unique_labels(runs: list[Run]) -> list[str]:
 def _distinct_tails(paths: list[Path]) -> list[str]:
     """Per path, the shortest ending no other path shares (sweep jobs: just "0", "1")."""
     parts = [path.resolve().parts for path in paths]
-    return [_shortest_own_tail(own, [other for other in parts if other is not own]) for own in parts]
+    return [
+        _shortest_own_tail(own, [other for other in parts if other is not own]) for own in parts
+    ]
 
 
 def _shortest_own_tail(own: tuple[str, ...], others: list[tuple[str, ...]]) -> str:
@@ -275,7 +286,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ReportError(f"{path}: not valid JSON ({error}); the run may still be writing it") from error
+        raise ReportError(
+            f"{path}: not valid JSON ({error}); the run may still be writing it"
+        ) from error
 
 
 def _read_config(path: Path) -> dict:
@@ -294,8 +307,10 @@ def _read_jsonl(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise ReportError(f"{path}:{number}: not a JSON line ({error}); "
-                              f"remove the damaged line or the file to report from summary.json") from error
+            raise ReportError(
+                f"{path}:{number}: not a JSON line ({error}); "
+                f"remove the damaged line or the file to report from summary.json"
+            ) from error
     return records
 
 

@@ -20,7 +20,7 @@ def packed_length(count: int) -> int:
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """A uint8 tensor of 0/1 values as bytes; the last byte is padded with zero bits."""
     padded = torch.zeros(packed_length(bits.numel()) * 8, dtype=torch.uint8)
-    padded[:bits.numel()] = bits
+    padded[: bits.numel()] = bits
     return (padded.view(-1, 8) * BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
 
 

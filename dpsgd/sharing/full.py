@@ -12,7 +12,9 @@ class FullSharing:
     last_sent_index = None
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
-        return Message(round=round_number, degree=degree, age=age, encoding=Encoding.FULL, values=flat)
+        return Message(
+            round=round_number, degree=degree, age=age, encoding=Encoding.FULL, values=flat
+        )
 
     def check_header(self, fields: dict[str, int]) -> str | None:
         return encoding_problem(fields, (Encoding.FULL,), self.name)

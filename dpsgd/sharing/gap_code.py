@@ -72,28 +72,40 @@ def encode_gaps(indices: torch.Tensor, numel: int, parameter: int | None = None)
     ends = torch.cumsum((gaps >> parameter) + 1, 0) - 1
     high_bits = torch.zeros(int(ends[-1]) + 1 if ends.numel() else 0, dtype=torch.uint8)
     high_bits[ends] = 1
-    return torch.cat([torch.tensor([parameter], dtype=torch.uint8), pack_bits(low_bits), pack_bits(high_bits)])
+    return torch.cat(
+        [torch.tensor([parameter], dtype=torch.uint8), pack_bits(low_bits), pack_bits(high_bits)]
+    )
 
 
 def decode_gaps(code: torch.Tensor, k: int, numel: int) -> torch.Tensor:
     """The k sorted int64 coordinates a code names; `GapCodeError` if it names anything else."""
     if code.dtype != torch.uint8 or code.numel() < 1:
-        raise GapCodeError(f"a gap code is at least one byte of uint8 (got {code.numel()} of {code.dtype})")
+        raise GapCodeError(
+            f"a gap code is at least one byte of uint8 (got {code.numel()} of {code.dtype})"
+        )
     parameter = int(code[0])
     if parameter > numel.bit_length():
-        raise GapCodeError(f"Rice parameter {parameter} is larger than any gap in a model of {numel} needs")
+        raise GapCodeError(
+            f"Rice parameter {parameter} is larger than any gap in a model of {numel} needs"
+        )
     low_length = packed_length(k * parameter)
     if code.numel() < 1 + low_length:
-        raise GapCodeError(f"{code.numel()} bytes cannot hold the low bits of {k} gaps with parameter {parameter}")
-    low_bytes, high_length = code.numpy()[1:1 + low_length], code.numel() - 1 - low_length
+        raise GapCodeError(
+            f"{code.numel()} bytes cannot hold the low bits of {k} gaps with parameter {parameter}"
+        )
+    low_bytes, high_length = code.numpy()[1 : 1 + low_length], code.numel() - 1 - low_length
     if (k * parameter) % 8 and int(low_bytes[-1]) >> ((k * parameter) % 8):
         raise GapCodeError("the padding after the low bits is not zero")
-    ends = set_bit_positions(code[1 + low_length:]).numpy()
+    ends = set_bit_positions(code[1 + low_length :]).numpy()
     if ends.size != k:
-        raise GapCodeError(f"the unary block ends {ends.size} gaps, but the message carries {k} values")
+        raise GapCodeError(
+            f"the unary block ends {ends.size} gaps, but the message carries {k} values"
+        )
     if k and int(ends[-1]) // 8 != high_length - 1 or not k and high_length:
         raise GapCodeError("bytes follow the last gap")
-    if (int(ends[-1]) + 1 if k else 0) << parameter >= 2 ** 62:  # coordinates this far out would wrap int64
+    if (
+        int(ends[-1]) + 1 if k else 0
+    ) << parameter >= 2**62:  # coordinates this far out would wrap int64
         raise GapCodeError(f"the code spans more than 2**62 coordinates; the model has {numel}")
     # Coordinate i is the sum of gaps 0..i plus i. The unary block's ones already sum the high
     # parts: ends[i] - i zeros come before the i-th one. So only the low parts need a cumsum.
@@ -104,12 +116,16 @@ def decode_gaps(code: torch.Tensor, k: int, numel: int) -> torch.Tensor:
         indices += np.cumsum(_low_parts(low_bytes, k, parameter))
     indices = torch.from_numpy(indices)
     if k and int(indices[-1]) >= numel:
-        raise GapCodeError(f"the code names coordinate {int(indices[-1])}, outside the model's [0, {numel - 1}]")
+        raise GapCodeError(
+            f"the code names coordinate {int(indices[-1])}, outside the model's [0, {numel - 1}]"
+        )
     return indices
 
 
 def _low_parts(low_bytes: np.ndarray, k: int, parameter: int) -> np.ndarray:
     """The k fixed-width low parts, as one matrix product of their bits with the powers of two
     (exact in float64, whose 53 bits hold any parameter allowed here)."""
-    low_bits = np.unpackbits(low_bytes, count=k * parameter, bitorder="little").reshape(k, parameter)
+    low_bits = np.unpackbits(low_bytes, count=k * parameter, bitorder="little").reshape(
+        k, parameter
+    )
     return (low_bits @ (2.0 ** np.arange(parameter))).astype(np.int64)

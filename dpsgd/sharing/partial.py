@@ -25,18 +25,27 @@ class PartialSharing:
 
     name = "partial"
 
-    def __init__(self, flat: torch.Tensor, alpha: float, *, accumulation: bool, accumulate_averaging_changes: bool,
-                 metadata_cap: float):
+    def __init__(
+        self,
+        flat: torch.Tensor,
+        alpha: float,
+        *,
+        accumulation: bool,
+        accumulate_averaging_changes: bool,
+        metadata_cap: float,
+    ):
         """The switches have no defaults here: conf/sharing/*.yaml is where they are declared."""
         self.alpha = alpha
         self.accumulation = accumulation
         self.accumulate_averaging_changes = accumulation and accumulate_averaging_changes
         self.metadata_cap = metadata_cap
         self.numel = flat.numel()
-        self._snapshot = flat.clone()          # the model when this round's training started
+        self._snapshot = flat.clone()  # the model when this round's training started
         self._accumulated = torch.zeros_like(flat)
         self._change = torch.empty_like(flat)  # this round's training change, reused every round
-        self._values = torch.empty_like(flat)  # send buffer, reused: a message is sent before the next pack
+        self._values = torch.empty_like(
+            flat
+        )  # send buffer, reused: a message is sent before the next pack
         self.last_sent_index: torch.Tensor | None = None
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
@@ -49,31 +58,43 @@ class PartialSharing:
         if alpha >= self.metadata_cap:
             self._accumulated.zero_()
             self.last_sent_index = None
-            return Message(round=round_number, degree=degree, age=age, encoding=Encoding.FULL, values=flat)
+            return Message(
+                round=round_number, degree=degree, age=age, encoding=Encoding.FULL, values=flat
+            )
         score = self._accumulated if self.accumulation else training_change
         chosen = top_k_indices(score, coordinates_to_send(alpha, self.numel))
         self._accumulated[chosen] = 0.0
         self.last_sent_index = chosen
         encoding, _, parameter = smallest_encoding(chosen, self.numel)
-        return Message(round=round_number, degree=degree, age=age, encoding=encoding,
-                       values=torch.index_select(flat, 0, chosen, out=self._values[:chosen.numel()]),
-                       index=encode_indices(chosen, self.numel, encoding, parameter),
-                       coordinates=chosen)  # a receiver of the same rank needs no decoding
+        return Message(
+            round=round_number,
+            degree=degree,
+            age=age,
+            encoding=encoding,
+            values=torch.index_select(flat, 0, chosen, out=self._values[: chosen.numel()]),
+            index=encode_indices(chosen, self.numel, encoding, parameter),
+            coordinates=chosen,
+        )  # a receiver of the same rank needs no decoding
 
     def round_alpha(self) -> float:
         return self.alpha
 
     def check_header(self, fields: dict[str, int]) -> str | None:
         """Above metadata_cap the whole model goes out; below it, coordinates in the smallest index form."""
-        return encoding_problem(fields, (Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.GAP_RICE),
-                                self.name)
+        return encoding_problem(
+            fields,
+            (Encoding.FULL, Encoding.INDEX_INT32, Encoding.BITMASK, Encoding.GAP_RICE),
+            self.name,
+        )
 
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
         if message.encoding == Encoding.FULL:
             return None, message.values
         if message.coordinates is not None:  # decoded already by the receiver's check of the index
             return message.coordinates, message.values
-        return decode_indices(message.index, self.numel, message.encoding, message.values.numel()), message.values
+        return decode_indices(
+            message.index, self.numel, message.encoding, message.values.numel()
+        ), message.values
 
     def after_merge(self, flat: torch.Tensor) -> None:
         if self.accumulate_averaging_changes:
@@ -93,7 +114,9 @@ class RandomAlphaSharing(PartialSharing):
 
     name = "random_alpha"
 
-    def __init__(self, flat: torch.Tensor, alpha_list: list[float], seed: int, node: int, **options):
+    def __init__(
+        self, flat: torch.Tensor, alpha_list: list[float], seed: int, node: int, **options
+    ):
         super().__init__(flat, alpha=max(alpha_list), **options)
         self.alpha_list = list(alpha_list)
         self._generator = torch_generator(seed, "random_alpha", node)

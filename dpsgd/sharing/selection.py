@@ -27,7 +27,7 @@ def top_k_indices(score: torch.Tensor, k: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long)
     threshold = torch.topk(magnitude, k, sorted=False).values.min()
     above = (magnitude > threshold).nonzero().squeeze(1)
-    at_threshold = (magnitude == threshold).nonzero().squeeze(1)[:k - above.numel()]
+    at_threshold = (magnitude == threshold).nonzero().squeeze(1)[: k - above.numel()]
     return torch.cat([above, at_threshold]).sort().values
 
 
@@ -45,8 +45,10 @@ def smallest_encoding(indices: torch.Tensor, numel: int) -> tuple[Encoding, int,
     """(encoding, index bytes, Rice parameter): the form that names these sorted coordinates in the
     fewest bytes; the parameter is the gap code's best (None when there is nothing to code)."""
     k = indices.numel()
-    sizes = {Encoding.INDEX_INT32: fixed_index_bytes(Encoding.INDEX_INT32, k, numel),
-             Encoding.BITMASK: fixed_index_bytes(Encoding.BITMASK, k, numel)}
+    sizes = {
+        Encoding.INDEX_INT32: fixed_index_bytes(Encoding.INDEX_INT32, k, numel),
+        Encoding.BITMASK: fixed_index_bytes(Encoding.BITMASK, k, numel),
+    }
     parameter = None
     if k:
         parameter, sizes[Encoding.GAP_RICE] = best_parameter(gaps_of(indices), numel)
@@ -54,8 +56,9 @@ def smallest_encoding(indices: torch.Tensor, numel: int) -> tuple[Encoding, int,
     return encoding, sizes[encoding], parameter
 
 
-def encode_indices(indices: torch.Tensor, numel: int, encoding: Encoding,
-                   parameter: int | None = None) -> torch.Tensor:
+def encode_indices(
+    indices: torch.Tensor, numel: int, encoding: Encoding, parameter: int | None = None
+) -> torch.Tensor:
     """Sorted indices as the index tensor of a message (`parameter`: the gap code's, else its best)."""
     if encoding == Encoding.INDEX_INT32:
         return indices.to(INDEX_DTYPES[encoding])
@@ -66,7 +69,9 @@ def encode_indices(indices: torch.Tensor, numel: int, encoding: Encoding,
     return pack_bits(mask)
 
 
-def decode_indices(index: torch.Tensor, numel: int, encoding: Encoding, k: int | None = None) -> torch.Tensor:
+def decode_indices(
+    index: torch.Tensor, numel: int, encoding: Encoding, k: int | None = None
+) -> torch.Tensor:
     """The sorted int64 coordinates an index tensor names (`k`: how many, for the gap code)."""
     if encoding == Encoding.INDEX_INT32:
         return index.long()

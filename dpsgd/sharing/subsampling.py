@@ -37,18 +37,29 @@ class SubsamplingSharing:
         self.seed = seed
         self.node = node
         self.numel = flat.numel()
-        self._values = torch.empty_like(flat)  # send buffer, reused: a message is sent before the next pack
+        self._values = torch.empty_like(
+            flat
+        )  # send buffer, reused: a message is sent before the next pack
         self.last_sent_index: torch.Tensor | None = None
-        self._checked: dict[int, torch.Tensor] = {}  # mask seed -> coordinates, from check_header to decode
-        self._checked_lock = threading.Lock()  # RWM checks in its receiver threads, decodes in the main one
+        self._checked: dict[
+            int, torch.Tensor
+        ] = {}  # mask seed -> coordinates, from check_header to decode
+        self._checked_lock = (
+            threading.Lock()
+        )  # RWM checks in its receiver threads, decodes in the main one
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
         mask_seed = stream_key(self.seed, "subsampling", self.node, round_number)
         chosen = self._coordinates(mask_seed)
         self.last_sent_index = chosen
-        return Message(round=round_number, degree=degree, age=age, encoding=Encoding.SEEDED_MASK,
-                       values=torch.index_select(flat, 0, chosen, out=self._values[:chosen.numel()]),
-                       seed=mask_seed)
+        return Message(
+            round=round_number,
+            degree=degree,
+            age=age,
+            encoding=Encoding.SEEDED_MASK,
+            values=torch.index_select(flat, 0, chosen, out=self._values[: chosen.numel()]),
+            seed=mask_seed,
+        )
 
     def check_header(self, fields: dict[str, int]) -> str | None:
         """Why a received header (already through `wire.check_header`) cannot be a sub-sampling message."""
@@ -90,5 +101,7 @@ class SubsamplingSharing:
 def _count_problem(mask_seed: int, chosen: int, num_values: int) -> str | None:
     if chosen == num_values:
         return None
-    return (f"the sub-sampling mask from seed {mask_seed} selects {chosen} coordinates but the message carries "
-            f"num_values={num_values}: sender and receiver disagree on alpha or on the model size")
+    return (
+        f"the sub-sampling mask from seed {mask_seed} selects {chosen} coordinates but the message carries "
+        f"num_values={num_values}: sender and receiver disagree on alpha or on the model size"
+    )

@@ -41,15 +41,17 @@ class WireValues:
         if self.wire_dtype != message.values.dtype:
             if self._narrow is None or self._narrow.device != flat.device:
                 self._narrow = torch.empty(flat.numel(), dtype=self.wire_dtype, device=flat.device)
-            message.values = self._narrow[:message.values.numel()].copy_(message.values)
+            message.values = self._narrow[: message.values.numel()].copy_(message.values)
         return message
 
     def check_header(self, fields: dict[str, int]) -> str | None:
         """A header already through `wire.check_header`: this node's value type, then the method's own check."""
         if fields["values_type"] != VALUE_TYPE_CODES[self.wire_dtype]:
             sent = value_type_name(fields["values_type"])
-            return (f"values_type={sent}, but this node has sharing.values={self.values_type} "
-                    "(every node of a run must use the same sharing.values)")
+            return (
+                f"values_type={sent}, but this node has sharing.values={self.values_type} "
+                "(every node of a run must use the same sharing.values)"
+            )
         return self.inner.check_header(fields)
 
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:

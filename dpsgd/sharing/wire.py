@@ -23,7 +23,16 @@ import torch
 from dpsgd.sharing.bits import packed_length
 from dpsgd.sharing.gap_code import GapCodeError, decode_gaps
 
-HEADER_FIELDS = ("round", "degree", "age", "encoding", "values_type", "num_values", "num_index", "seed")
+HEADER_FIELDS = (
+    "round",
+    "degree",
+    "age",
+    "encoding",
+    "values_type",
+    "num_values",
+    "num_index",
+    "seed",
+)
 HEADER_DTYPE = torch.int32
 HEADER_LENGTH = len(HEADER_FIELDS) + 1  # the seed is 63 bits: two int32 slots, low half first
 HEADER_BYTES = HEADER_LENGTH * HEADER_DTYPE.itemsize
@@ -41,15 +50,21 @@ def value_type_name(code: int) -> str:
 class Encoding(IntEnum):
     """How the values map to coordinates of the flat model."""
 
-    FULL = 0          # values are the whole vector, no index
-    INDEX_INT32 = 1   # index holds sorted int32 coordinates
-    BITMASK = 2       # index holds a packed uint8 bitmask over all coordinates
-    SEEDED_MASK = 3   # coordinates follow from the header's seed; no index
-    END = 4           # header only: the sender will send nothing more to this receiver
-    GAP_RICE = 5      # index holds the gaps between sorted coordinates, Rice-coded (dpsgd.sharing.gap_code)
+    FULL = 0  # values are the whole vector, no index
+    INDEX_INT32 = 1  # index holds sorted int32 coordinates
+    BITMASK = 2  # index holds a packed uint8 bitmask over all coordinates
+    SEEDED_MASK = 3  # coordinates follow from the header's seed; no index
+    END = 4  # header only: the sender will send nothing more to this receiver
+    GAP_RICE = (
+        5  # index holds the gaps between sorted coordinates, Rice-coded (dpsgd.sharing.gap_code)
+    )
 
 
-INDEX_DTYPES = {Encoding.INDEX_INT32: torch.int32, Encoding.BITMASK: torch.uint8, Encoding.GAP_RICE: torch.uint8}
+INDEX_DTYPES = {
+    Encoding.INDEX_INT32: torch.int32,
+    Encoding.BITMASK: torch.uint8,
+    Encoding.GAP_RICE: torch.uint8,
+}
 ENCODING_VALUES = frozenset(encoding.value for encoding in Encoding)
 # Set bits per byte value, to count a bitmask's coordinates without unpacking it.
 POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
@@ -78,20 +93,41 @@ class Message:
     coordinates: torch.Tensor | None = None
 
     @classmethod
-    def received(cls, fields: dict[str, int], values: torch.Tensor, index: torch.Tensor | None,
-                 coordinates: torch.Tensor | None = None) -> "Message":
+    def received(
+        cls,
+        fields: dict[str, int],
+        values: torch.Tensor,
+        index: torch.Tensor | None,
+        coordinates: torch.Tensor | None = None,
+    ) -> "Message":
         """A message as it arrived: the header's fields with the payload received after it."""
-        return cls(round=fields["round"], degree=fields["degree"], age=fields["age"],
-                   encoding=Encoding(fields["encoding"]), values=values, index=index, seed=fields["seed"],
-                   coordinates=coordinates)
+        return cls(
+            round=fields["round"],
+            degree=fields["degree"],
+            age=fields["age"],
+            encoding=Encoding(fields["encoding"]),
+            values=values,
+            index=index,
+            seed=fields["seed"],
+            coordinates=coordinates,
+        )
 
     def header(self) -> torch.Tensor:
         """The header tensor. The 63-bit seed travels as two int32, low half first, each the two's
         complement reading of its 32 bits (`parse_header` joins them back)."""
         num_index = 0 if self.index is None else self.index.numel()
         seed_low = (self.seed & 0xFFFF_FFFF) - ((self.seed & 0x8000_0000) << 1)
-        fields = [self.round, self.degree, self.age, int(self.encoding), VALUE_TYPE_CODES[self.values.dtype],
-                  self.values.numel(), num_index, seed_low, self.seed >> 32]
+        fields = [
+            self.round,
+            self.degree,
+            self.age,
+            int(self.encoding),
+            VALUE_TYPE_CODES[self.values.dtype],
+            self.values.numel(),
+            num_index,
+            seed_low,
+            self.seed >> 32,
+        ]
         return torch.tensor(fields, dtype=HEADER_DTYPE)
 
     @property
@@ -110,18 +146,25 @@ class Message:
         return self.data_bytes + self.meta_bytes
 
 
-def encoding_problem(fields: dict[str, int], accepted: tuple[Encoding, ...], sharing: str) -> str | None:
+def encoding_problem(
+    fields: dict[str, int], accepted: tuple[Encoding, ...], sharing: str
+) -> str | None:
     """Why a header's encoding is not one that `sharing` sends (None when it is)."""
     if fields["encoding"] in accepted:
         return None
-    return (f"encoding={Encoding(fields['encoding']).name}, but sharing={sharing} sends only "
-            f"{'/'.join(e.name for e in accepted)}")
+    return (
+        f"encoding={Encoding(fields['encoding']).name}, but sharing={sharing} sends only "
+        f"{'/'.join(e.name for e in accepted)}"
+    )
 
 
 def parse_header(header: torch.Tensor) -> dict[str, int]:
     """A received header as named fields; the seed's two int32 halves joined (see `Message.header`)."""
     *fields, seed_low, seed_high = header.tolist()
-    return {**dict(zip(HEADER_FIELDS, fields)), "seed": (seed_high << 32) | (seed_low & 0xFFFF_FFFF)}
+    return {
+        **dict(zip(HEADER_FIELDS, fields)),
+        "seed": (seed_high << 32) | (seed_low & 0xFFFF_FFFF),
+    }
 
 
 def values_dtype(fields: dict[str, int]) -> torch.dtype:
@@ -133,8 +176,10 @@ def declared_bytes(fields: dict[str, int]) -> tuple[int, int]:
     """(data, meta) bytes of the message a checked header announces: the values; the header and index."""
     encoding = Encoding(fields["encoding"])
     index_item_bytes = INDEX_DTYPES[encoding].itemsize if encoding in INDEX_DTYPES else 0
-    return (fields["num_values"] * values_dtype(fields).itemsize,
-            HEADER_BYTES + fields["num_index"] * index_item_bytes)
+    return (
+        fields["num_values"] * values_dtype(fields).itemsize,
+        HEADER_BYTES + fields["num_index"] * index_item_bytes,
+    )
 
 
 def bitmask_bytes(numel: int) -> int:
@@ -142,8 +187,15 @@ def bitmask_bytes(numel: int) -> int:
     return packed_length(numel)
 
 
-def check_header(fields: dict[str, int], numel: int, expected_degree: int | None, *,
-                 expected_round: int | None = None, min_round: int = 1, allow_end: bool = False) -> str | None:
+def check_header(
+    fields: dict[str, int],
+    numel: int,
+    expected_degree: int | None,
+    *,
+    expected_round: int | None = None,
+    min_round: int = 1,
+    allow_end: bool = False,
+) -> str | None:
     """Why a received header cannot come from a correct peer, or None if it can.
 
     `numel` is the receiver's model size; `expected_degree` the sender's degree in the
@@ -154,7 +206,11 @@ def check_header(fields: dict[str, int], numel: int, expected_degree: int | None
     missing = [name for name in HEADER_FIELDS if name not in fields]
     if missing:
         return f"the header lacks the fields {missing}"
-    encoding_value, num_values, num_index = fields["encoding"], fields["num_values"], fields["num_index"]
+    encoding_value, num_values, num_index = (
+        fields["encoding"],
+        fields["num_values"],
+        fields["num_index"],
+    )
     if encoding_value not in ENCODING_VALUES:
         known = ", ".join(f"{encoding.name}={encoding.value}" for encoding in Encoding)
         return f"encoding={encoding_value} is not a known encoding ({known})"
@@ -170,8 +226,10 @@ def check_header(fields: dict[str, int], numel: int, expected_degree: int | None
     if size_problem:
         return size_problem
     if expected_degree is not None and fields["degree"] != expected_degree:
-        return (f"degree={fields['degree']} but the sender has degree {expected_degree} in the topology "
-                "(both ends must run the same topology)")
+        return (
+            f"degree={fields['degree']} but the sender has degree {expected_degree} in the topology "
+            "(both ends must run the same topology)"
+        )
     if fields["age"] < 0:
         return f"age={fields['age']} is negative"
     if expected_round is not None and fields["round"] != expected_round:
@@ -189,13 +247,21 @@ def _size_problem(encoding: Encoding, num_values: int, num_index: int, numel: in
     if encoding == Encoding.INDEX_INT32 and not num_values == num_index <= numel:
         return f"{sizes}, but an INDEX_INT32 message carries one index per value and at most numel={numel}"
     if encoding == Encoding.BITMASK and (num_index != bitmask_bytes(numel) or num_values > numel):
-        return (f"{sizes}, but a BITMASK message carries a {bitmask_bytes(numel)}-byte mask and at most "
-                f"numel={numel} values")
-    if encoding == Encoding.GAP_RICE and not (0 < num_values <= numel and 0 < num_index <= bitmask_bytes(numel)):
-        return (f"{sizes}, but a GAP_RICE message carries 1 to numel={numel} values and an index no longer "
-                f"than a bitmask ({bitmask_bytes(numel)} bytes), which it replaces only when shorter")
+        return (
+            f"{sizes}, but a BITMASK message carries a {bitmask_bytes(numel)}-byte mask and at most "
+            f"numel={numel} values"
+        )
+    if encoding == Encoding.GAP_RICE and not (
+        0 < num_values <= numel and 0 < num_index <= bitmask_bytes(numel)
+    ):
+        return (
+            f"{sizes}, but a GAP_RICE message carries 1 to numel={numel} values and an index no longer "
+            f"than a bitmask ({bitmask_bytes(numel)} bytes), which it replaces only when shorter"
+        )
     if encoding == Encoding.SEEDED_MASK and (num_index != 0 or num_values > numel):
-        return f"{sizes}, but a SEEDED_MASK message carries no index and at most numel={numel} values"
+        return (
+            f"{sizes}, but a SEEDED_MASK message carries no index and at most numel={numel} values"
+        )
     if encoding == Encoding.END and (num_values != 0 or num_index != 0):
         return f"{sizes}, but an END message is a header only"
     return None
@@ -206,8 +272,9 @@ def check_index(encoding: Encoding, index: torch.Tensor, num_values: int, numel:
     return read_index(encoding, index, num_values, numel)[1]
 
 
-def read_index(encoding: Encoding, index: torch.Tensor, num_values: int,
-               numel: int) -> tuple[torch.Tensor | None, str | None]:
+def read_index(
+    encoding: Encoding, index: torch.Tensor, num_values: int, numel: int
+) -> tuple[torch.Tensor | None, str | None]:
     """(coordinates, problem): a received index checked, and the coordinates it names when checking
     meant decoding them (the gap code; None otherwise); problem is why no correct peer sends it.
 
@@ -222,7 +289,9 @@ def read_index(encoding: Encoding, index: torch.Tensor, num_values: int,
     return None, _index_problem(encoding, index, num_values, numel)
 
 
-def _index_problem(encoding: Encoding, index: torch.Tensor, num_values: int, numel: int) -> str | None:
+def _index_problem(
+    encoding: Encoding, index: torch.Tensor, num_values: int, numel: int
+) -> str | None:
     if encoding == Encoding.INDEX_INT32 and index.numel():
         low, high = int(index[0]), int(index[-1])
         if not (index[1:] > index[:-1]).all():
@@ -233,6 +302,8 @@ def _index_problem(encoding: Encoding, index: torch.Tensor, num_values: int, num
         chosen = int(POPCOUNT[index.long()].sum())
         padding_bits = int(index[-1]) >> (numel % 8) if numel % 8 and index.numel() else 0
         if chosen != num_values or padding_bits:
-            return (f"the BITMASK sets {chosen} bits ({'some beyond the model, ' if padding_bits else ''}"
-                    f"numel={numel}) for num_values={num_values}")
+            return (
+                f"the BITMASK sets {chosen} bits ({'some beyond the model, ' if padding_bits else ''}"
+                f"numel={numel}) for num_values={num_values}"
+            )
     return None

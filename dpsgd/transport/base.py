@@ -38,9 +38,18 @@ class NodePort:
 class Transport:
     """The nodes one rank hosts and what a message from another rank is checked against."""
 
-    def __init__(self, rank: int, rank_of: list[int], topology: Topology, numel: int, timeout_s: float,
-                 failures: FailureBoard, header_check: HeaderCheck | None = None, liveness: Liveness | None = None,
-                 device: torch.device | None = None):
+    def __init__(
+        self,
+        rank: int,
+        rank_of: list[int],
+        topology: Topology,
+        numel: int,
+        timeout_s: float,
+        failures: FailureBoard,
+        header_check: HeaderCheck | None = None,
+        liveness: Liveness | None = None,
+        device: torch.device | None = None,
+    ):
         """`rank_of[node]` is the rank hosting each node of the run; `device` is where the group's
         models live: messages to other ranks go through host memory (gloo), local ones stay there."""
         self.device = device or torch.device("cpu")
@@ -74,13 +83,17 @@ class Transport:
         except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
             raise self._failure(other, error, f"post, {where}") from None
 
-    def _wait(self, work: dist.Work, other: int, where: str, timeout_s: float | None = None) -> None:
+    def _wait(
+        self, work: dist.Work, other: int, where: str, timeout_s: float | None = None
+    ) -> None:
         try:
             work.wait(timeout=timedelta(seconds=timeout_s or self.timeout_s))
         except Exception as error:  # noqa: BLE001 - gloo raises RuntimeError subclasses
             raise self._failure(other, error, where) from None
 
-    def _failure(self, other: int, error: Exception, where: str, seen: str | None = None) -> NodeFailure:
+    def _failure(
+        self, other: int, error: Exception, where: str, seen: str | None = None
+    ) -> NodeFailure:
         """A failed transfer with rank `other`. The heartbeats say which rank stalled, unless another
         rank recorded the failure already: then this one is a ripple of it, confirmed once is enough."""
         seen = seen or f"{describe_peer_error(other, error, self.timeout_s)} ({where})"
@@ -95,9 +108,14 @@ class Transport:
     def _rejected(self, other: int, sender: int, problem: str) -> NodeFailure:
         """A message no correct node sends ends the run naming the rank that sent it."""
         if self.one_node_per_rank:
-            return self._stop(other, f"neighbour {other} sent a message that no correct node sends: {problem}")
-        return self._stop(other, f"rank {other} sent, for node {sender}, a message that no correct node sends: "
-                                 f"{problem}")
+            return self._stop(
+                other, f"neighbour {other} sent a message that no correct node sends: {problem}"
+            )
+        return self._stop(
+            other,
+            f"rank {other} sent, for node {sender}, a message that no correct node sends: "
+            f"{problem}",
+        )
 
     def _stop(self, culprit: int, seen: str) -> NodeFailure:
         """Record the failure (first writer wins), and say this rank leaves on purpose."""

@@ -22,8 +22,18 @@ import torch
 import torch.distributed as dist
 
 from dpsgd import liveness as receipts
-from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding, Message,
-                                declared_bytes, parse_header, read_index, values_dtype)
+from dpsgd.sharing.wire import (
+    HEADER_BYTES,
+    HEADER_DTYPE,
+    HEADER_LENGTH,
+    INDEX_DTYPES,
+    Encoding,
+    Message,
+    declared_bytes,
+    parse_header,
+    read_index,
+    values_dtype,
+)
 from dpsgd.transport.base import Transport, span
 
 HEADERS_TAG, VALUES_TAG, INDEX_TAG = 11, 12, 13
@@ -37,9 +47,14 @@ class RoundTransport(Transport):
     every rank derives the same plan of batches from the same targets.
     """
 
-    _planned: tuple = (None, None)  # the last targets and their routes (a fixed graph's never change)
+    _planned: tuple = (
+        None,
+        None,
+    )  # the last targets and their routes (a fixed graph's never change)
 
-    def _routes(self, targets: list[list[int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    def _routes(
+        self, targets: list[list[int]]
+    ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
         """Per remote rank: our nodes that send there, and its nodes that send to us, in node order."""
         if self._planned[0] is targets:
             return self._planned[1]
@@ -55,32 +70,46 @@ class RoundTransport(Transport):
         self._planned = (targets, (outgoing_to, incoming_from))
         return outgoing_to, incoming_from
 
-    def exchange(self, outgoing: dict[int, Message], targets: list[list[int]]) -> dict[int, dict[int, Message]]:
+    def exchange(
+        self, outgoing: dict[int, Message], targets: list[list[int]]
+    ) -> dict[int, dict[int, Message]]:
         """Every hosted node's message to each of its receivers; returns, per hosted node, what each
         of its senders sent (in sender order)."""
         round_number = next(iter(outgoing.values())).round
         where = f"round {round_number}"
         outgoing_to, incoming_from = self._routes(targets)
         received: dict[int, dict[int, Message]] = {node: {} for node in self.hosted}
-        header_blocks = {other: torch.empty(len(senders), HEADER_LENGTH, dtype=HEADER_DTYPE)
-                         for other, senders in incoming_from.items()}
+        header_blocks = {
+            other: torch.empty(len(senders), HEADER_LENGTH, dtype=HEADER_DTYPE)
+            for other, senders in incoming_from.items()
+        }
         for other in header_blocks:
             receipts.receiving(other, "header", f"header block of round {round_number}")
-        header_works = {other: (self._post(dist.irecv, block, other, HEADERS_TAG, where), block)
-                        for other, block in header_blocks.items()}
-        send_works = [work for other, senders in outgoing_to.items()
-                      for work in self._send_batch(other, [outgoing[node] for node in senders], where)]
+        header_works = {
+            other: (self._post(dist.irecv, block, other, HEADERS_TAG, where), block)
+            for other, block in header_blocks.items()
+        }
+        send_works = [
+            work
+            for other, senders in outgoing_to.items()
+            for work in self._send_batch(other, [outgoing[node] for node in senders], where)
+        ]
         for node, message in outgoing.items():
             self._count_sent(node, message, len(targets[node]))
             for receiver in targets[node]:
                 if self.rank_of[receiver] == self.rank:
                     received[receiver][node] = message
-        for other, (work, _) in header_works.items():  # every block in before any payload: one open at a time
+        for other, (
+            work,
+            _,
+        ) in header_works.items():  # every block in before any payload: one open at a time
             self._wait(work, other, f"headers, {where}")
             receipts.received(other, "header")
         for other, (_, headers) in header_works.items():
             senders = incoming_from[other]
-            for sender, message in zip(senders, self._receive_batch(other, senders, headers, targets, round_number)):
+            for sender, message in zip(
+                senders, self._receive_batch(other, senders, headers, targets, round_number)
+            ):
                 for receiver in targets[sender]:
                     if self.rank_of[receiver] == self.rank:
                         received[receiver][sender] = message
@@ -89,18 +118,32 @@ class RoundTransport(Transport):
         self._count_received(received)
         return {node: dict(sorted(messages.items())) for node, messages in received.items()}
 
-    def _send_batch(self, other: int, messages: list[Message], where: str) -> list[tuple[int, dist.Work]]:
+    def _send_batch(
+        self, other: int, messages: list[Message], where: str
+    ) -> list[tuple[int, dist.Work]]:
         headers = torch.stack([message.header() for message in messages])
         values = _joined([message.values for message in messages]).cpu()
-        works = [(other, self._post(dist.isend, headers, other, HEADERS_TAG, where)),
-                 (other, self._post(dist.isend, values, other, VALUES_TAG, where))]
-        indices = [message.index.view(torch.uint8) for message in messages if message.index is not None]
+        works = [
+            (other, self._post(dist.isend, headers, other, HEADERS_TAG, where)),
+            (other, self._post(dist.isend, values, other, VALUES_TAG, where)),
+        ]
+        indices = [
+            message.index.view(torch.uint8) for message in messages if message.index is not None
+        ]
         if indices:  # int32 and bitmask indices as bytes
-            works.append((other, self._post(dist.isend, _joined(indices).cpu(), other, INDEX_TAG, where)))
+            works.append(
+                (other, self._post(dist.isend, _joined(indices).cpu(), other, INDEX_TAG, where))
+            )
         return works
 
-    def _receive_batch(self, other: int, senders: list[int], headers: torch.Tensor, targets: list[list[int]],
-                       round_number: int) -> list[Message]:
+    def _receive_batch(
+        self,
+        other: int,
+        senders: list[int],
+        headers: torch.Tensor,
+        targets: list[list[int]],
+        round_number: int,
+    ) -> list[Message]:
         """The messages of a batch whose header block arrived: checked, then received into exact buffers."""
         fields = [parse_header(row) for row in headers]
         for sender, field in zip(senders, fields):
@@ -111,29 +154,48 @@ class RoundTransport(Transport):
                 raise self._rejected(other, sender, problem)
         where = f"round {round_number}"
         values = torch.empty(sum(f["num_values"] for f in fields), dtype=values_dtype(fields[0]))
-        receipts.receiving(other, "payload", f"values of round {round_number} (for nodes {span(senders)})")
+        receipts.receiving(
+            other, "payload", f"values of round {round_number} (for nodes {span(senders)})"
+        )
         value_work = self._post(dist.irecv, values, other, VALUES_TAG, where)
-        index_bytes = [declared_bytes(f)[1] - HEADER_BYTES for f in fields]  # meta bytes less the header's
+        index_bytes = [
+            declared_bytes(f)[1] - HEADER_BYTES for f in fields
+        ]  # meta bytes less the header's
         index = torch.empty(sum(index_bytes), dtype=torch.uint8)
-        index_work = self._post(dist.irecv, index, other, INDEX_TAG, where) if index.numel() else None
+        index_work = (
+            self._post(dist.irecv, index, other, INDEX_TAG, where) if index.numel() else None
+        )
         self._wait(value_work, other, f"values, {where}")
         if index_work is not None:
             self._wait(index_work, other, f"index, {where}")
         receipts.received(other, "payload")
-        return self._split(other, senders, fields, values.to(self.device), index.to(self.device), index_bytes)
+        return self._split(
+            other, senders, fields, values.to(self.device), index.to(self.device), index_bytes
+        )
 
-    def _split(self, other: int, senders: list[int], fields: list[dict], values: torch.Tensor, index: torch.Tensor,
-               index_bytes: list[int]) -> list[Message]:
+    def _split(
+        self,
+        other: int,
+        senders: list[int],
+        fields: list[dict],
+        values: torch.Tensor,
+        index: torch.Tensor,
+        index_bytes: list[int],
+    ) -> list[Message]:
         messages, value_at, index_at = [], 0, 0
         for sender, field, nbytes in zip(senders, fields, index_bytes):
             encoding = Encoding(field["encoding"])
-            part = values[value_at:value_at + field["num_values"]]
+            part = values[value_at : value_at + field["num_values"]]
             own_index, coordinates = None, None
             if nbytes:
-                own_index = index[index_at:index_at + nbytes]
-                if INDEX_DTYPES[encoding].itemsize > 1:  # an int32 index may start at any byte: a view needs alignment
+                own_index = index[index_at : index_at + nbytes]
+                if (
+                    INDEX_DTYPES[encoding].itemsize > 1
+                ):  # an int32 index may start at any byte: a view needs alignment
                     own_index = own_index.clone().view(INDEX_DTYPES[encoding])
-                coordinates, problem = read_index(encoding, own_index, field["num_values"], self.numel)
+                coordinates, problem = read_index(
+                    encoding, own_index, field["num_values"], self.numel
+                )
                 if problem is not None:
                     raise self._rejected(other, sender, problem)
             messages.append(Message.received(field, part, own_index, coordinates))

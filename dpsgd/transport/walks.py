@@ -30,8 +30,17 @@ import torch.distributed as dist
 
 from dpsgd import liveness as receipts
 from dpsgd.communication import NO_BOUND
-from dpsgd.sharing.wire import (HEADER_BYTES, HEADER_DTYPE, HEADER_LENGTH, INDEX_DTYPES, Encoding, Message,
-                                parse_header, read_index, values_dtype)
+from dpsgd.sharing.wire import (
+    HEADER_BYTES,
+    HEADER_DTYPE,
+    HEADER_LENGTH,
+    INDEX_DTYPES,
+    Encoding,
+    Message,
+    parse_header,
+    read_index,
+    values_dtype,
+)
 from dpsgd.transport.base import Transport
 
 ROUTE_TAG, HEADER_TAG, VALUES_TAG, INDEX_TAG = 21, 22, 23, 24
@@ -45,14 +54,22 @@ class WalkTransport(Transport):
         super().__init__(*args, **kwargs)
         rank, rank_of, topology = self.rank, self.rank_of, self.topology
         self.inbox: dict[int, deque] = {node: deque() for node in self.hosted}
-        self.peer_ranks = sorted({rank_of[peer] for node in self.hosted for peer in topology.neighbours(node)}
-                                 - {rank})
+        self.peer_ranks = sorted(
+            {rank_of[peer] for node in self.hosted for peer in topology.neighbours(node)} - {rank}
+        )
         self._arrivals: "queue.Queue[tuple]" = queue.Queue()
         self._stop_seen = threading.Event()
         self._pending: list[tuple[int, dist.Work, torch.Tensor]] = []
         self._ended = False
-        self._threads = [threading.Thread(target=self._receive_from, args=(other,), daemon=True,
-                                          name=f"dpsgd-walk-{rank}-from-{other}") for other in self.peer_ranks]
+        self._threads = [
+            threading.Thread(
+                target=self._receive_from,
+                args=(other,),
+                daemon=True,
+                name=f"dpsgd-walk-{rank}-from-{other}",
+            )
+            for other in self.peer_ranks
+        ]
 
     def start(self) -> None:
         for thread in self._threads:
@@ -64,8 +81,17 @@ class WalkTransport(Transport):
         self.ports[sender].bytes.count_sent(message)
         if self.rank_of[receiver] == self.rank:
             values = message.values.clone()  # the sender's live row trains on
-            self.inbox[receiver].append(Message(message.round, message.degree, message.age, message.encoding,
-                                                values, message.index, message.seed))
+            self.inbox[receiver].append(
+                Message(
+                    message.round,
+                    message.degree,
+                    message.age,
+                    message.encoding,
+                    values,
+                    message.index,
+                    message.seed,
+                )
+            )
             self._count_received(receiver, message)
             return
         self._complete_sends()
@@ -99,17 +125,24 @@ class WalkTransport(Transport):
         """END to every neighbouring rank, END from every neighbouring rank, every send completed."""
         if not self._ended:
             for other in self.peer_ranks:
-                self._send(torch.tensor([END, END], dtype=torch.int64), other, ROUTE_TAG, "send END")
+                self._send(
+                    torch.tensor([END, END], dtype=torch.int64), other, ROUTE_TAG, "send END"
+                )
             self._ended = True
-            for node in self.hosted:  # alone, every node says END to each neighbour and hears it from each
+            for (
+                node
+            ) in self.hosted:  # alone, every node says END to each neighbour and hears it from each
                 for _ in self.topology.neighbours(node):
                     self.ports[node].bytes.sent_meta += HEADER_BYTES
                     self.ports[node].bytes.recv_meta += HEADER_BYTES
         for other, thread in zip(self.peer_ranks, self._threads):
             thread.join(timeout=self.timeout_s)
             if thread.is_alive():
-                raise self._stop(other, f"{self.peer(other)} did not say END within "
-                                        f"comm.timeout_s={self.timeout_s:g} s of this {self._self()} stopping")
+                raise self._stop(
+                    other,
+                    f"{self.peer(other)} did not say END within "
+                    f"comm.timeout_s={self.timeout_s:g} s of this {self._self()} stopping",
+                )
         self._drain_arrivals()
         self._complete_sends()
 
@@ -133,7 +166,8 @@ class WalkTransport(Transport):
                 receipts.received(other, "header")
                 fields = parse_header(header)
                 problem = self._route_problem(other, sender, receiver) or self._problem(
-                    fields, self.topology.degree(sender), min_round=last_round.get(sender, 1))
+                    fields, self.topology.degree(sender), min_round=last_round.get(sender, 1)
+                )
                 if problem is not None:
                     self._arrivals.put(("failure", other, self._rejected(other, sender, problem)))
                     return
@@ -147,8 +181,12 @@ class WalkTransport(Transport):
             self._stop_seen.set()
 
     def _route_problem(self, other: int, sender: int, receiver: int) -> str | None:
-        if not (0 <= sender < len(self.rank_of) and self.rank_of[sender] == other
-                and receiver in self.inbox and receiver in self.topology.neighbours(sender)):
+        if not (
+            0 <= sender < len(self.rank_of)
+            and self.rank_of[sender] == other
+            and receiver in self.inbox
+            and receiver in self.topology.neighbours(sender)
+        ):
             return f"routing ({sender} -> {receiver}) is not an edge from rank {other} to this rank"
         return None
 
@@ -169,14 +207,22 @@ class WalkTransport(Transport):
             if problem is not None:
                 self._arrivals.put(("failure", other, self._rejected(other, sender, problem)))
                 return None
-        return Message.received(fields, values.to(self.device), None if index is None else index.to(self.device),
-                                None if coordinates is None else coordinates.to(self.device))
+        return Message.received(
+            fields,
+            values.to(self.device),
+            None if index is None else index.to(self.device),
+            None if coordinates is None else coordinates.to(self.device),
+        )
 
     def _closed(self, other: int, error: Exception):
         """The connection to rank `other` closed: the launcher's word or the heartbeats may name who caused
         it (a rank aborted by gloo over a third rank's malformed message is that rank's victim)."""
-        return self._failure(other, error, "", seen=f"the connection to {self.peer(other)} closed "
-                                                    f"({type(error).__name__})")
+        return self._failure(
+            other,
+            error,
+            "",
+            seen=f"the connection to {self.peer(other)} closed ({type(error).__name__})",
+        )
 
     def _accept(self, item: tuple) -> None:
         kind, where, payload = item
@@ -211,9 +257,11 @@ class WalkTransport(Transport):
     def _silence(self):
         """Silence past comm.timeout_s: a walk is stuck somewhere; the heartbeats say where."""
         hosted = f"node {self.rank}" if self.one_node_per_rank else f"no node of rank {self.rank}"
-        silence = (f"{hosted} heard from no neighbour within comm.timeout_s={self.timeout_s:g} s" if
-                   self.one_node_per_rank else f"{hosted} heard from any neighbour within "
-                                               f"comm.timeout_s={self.timeout_s:g} s")
+        silence = (
+            f"{hosted} heard from no neighbour within comm.timeout_s={self.timeout_s:g} s"
+            if self.one_node_per_rank
+            else f"{hosted} heard from any neighbour within comm.timeout_s={self.timeout_s:g} s"
+        )
         verdict = None if self.liveness is None else self.liveness.suspect(waited_for=self.rank)
         if verdict is None or not verdict.found:
             return self._stop(self.rank, silence)
