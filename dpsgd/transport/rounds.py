@@ -47,6 +47,10 @@ class RoundTransport(Transport):
     every rank derives the same plan of batches from the same targets.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
     _planned: tuple = (
         None,
         None,
@@ -122,7 +126,7 @@ class RoundTransport(Transport):
         self, other: int, messages: list[Message], where: str
     ) -> list[tuple[int, dist.Work]]:
         headers = torch.stack([message.header() for message in messages])
-        values = _joined([message.values for message in messages]).cpu()
+        values = self._joined(("send", other), [message.values for message in messages])
         works = [
             (other, self._post(dist.isend, headers, other, HEADERS_TAG, where)),
             (other, self._post(dist.isend, values, other, VALUES_TAG, where)),
@@ -132,7 +136,12 @@ class RoundTransport(Transport):
         ]
         if indices:  # int32 and bitmask indices as bytes
             works.append(
-                (other, self._post(dist.isend, _joined(indices).cpu(), other, INDEX_TAG, where))
+                (
+                    other,
+                    self._post(
+                        dist.isend, self._joined(("index", other), indices), other, INDEX_TAG, where
+                    ),
+                )
             )
         return works
 
@@ -153,7 +162,9 @@ class RoundTransport(Transport):
             if problem is not None:
                 raise self._rejected(other, sender, problem)
         where = f"round {round_number}"
-        values = torch.empty(sum(f["num_values"] for f in fields), dtype=values_dtype(fields[0]))
+        values = self._scratch(
+            ("values", other), sum(f["num_values"] for f in fields), values_dtype(fields[0])
+        )
         receipts.receiving(
             other, "payload", f"values of round {round_number} (for nodes {span(senders)})"
         )
@@ -161,7 +172,7 @@ class RoundTransport(Transport):
         index_bytes = [
             declared_bytes(f)[1] - HEADER_BYTES for f in fields
         ]  # meta bytes less the header's
-        index = torch.empty(sum(index_bytes), dtype=torch.uint8)
+        index = self._scratch(("received index", other), sum(index_bytes), torch.uint8)
         index_work = (
             self._post(dist.irecv, index, other, INDEX_TAG, where) if index.numel() else None
         )
@@ -213,7 +224,17 @@ class RoundTransport(Transport):
                 self.ports[node].bytes.recv_data += message.data_bytes
                 self.ports[node].bytes.recv_meta += message.meta_bytes
 
+    def _joined(self, key: tuple, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor for the wire; a batch of one message is sent as it is, without a copy."""
+        if len(tensors) == 1:
+            return tensors[0].cpu()
+        joined = self._scratch(key, sum(t.numel() for t in tensors), tensors[0].dtype)
+        return torch.cat([t.cpu() for t in tensors], out=joined)
 
-def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One tensor for the wire; a batch of one message is sent as it is, without a copy."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    def _scratch(self, key: tuple, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer reused every round: a fresh one of tens of megabytes costs more in page faults than
+        its copy. What a round received lives here until that round's merge is done."""
+        buffer = self._buffers.get((key, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[(key, dtype)] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
