@@ -3,24 +3,37 @@
 A node's checkpoint is its model, optimizer state, place in its batch order, sharing
 state (accumulators, generators), byte counters, random-choice generator, and what the
 algorithm keeps (RWM's age). Files go to the node's own machine
-(`<run>/checkpoints/<node>/<round>.pt`, written to a temporary name then renamed, the
-last `KEEP` kept), so a crash mid-write never leaves a torn checkpoint. On resume the
-nodes agree through the rendezvous store on the latest round that every one of them
-saved, and every node continues from there: D-PSGD exactly as if never interrupted;
+(`<run>/checkpoints/<node>/<round>.pt`, written to a temporary name, flushed to disk, then
+renamed, the last `KEEP` kept), so a crash mid-write never leaves a torn checkpoint. On
+resume the nodes agree through the rendezvous store on the latest round that every one of
+them saved, and every node continues from there: D-PSGD exactly as if never interrupted;
 RWM restarts its walks from the saved models and ages (messages in flight at the
 interruption are gone).
+
+Writing is in the background (`CheckpointWriter`): at a checkpoint round a node serializes
+its state into memory (about a millisecond for a MovieLens model) and trains on while a writer
+thread puts the bytes on disk, waits for fsync and prunes. Done in the round, writing cost a
+rank of 96 MovieLens nodes 13-22% of its run; in the background it costs 0-3% (issue 22,
+`benchmarks/checkpoints.py`). A node has one checkpoint in progress at most: before it writes
+the next one, and at the run's last round, it waits for the one in progress; a write that
+failed raises there, on the node's thread. Only a checkpoint that is wholly on disk is renamed
+to its round, announced to the others and counted by a resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, fields
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -31,16 +44,31 @@ from dpsgd.errors import ConfigError
 from dpsgd.topology import default_degree
 
 if TYPE_CHECKING:
-    from dpsgd.node import Node
+    import numpy as np
+
+    from dpsgd.sharing import Sharing
+    from dpsgd.training import Trainer
 
 KEEP = 2
 SAVED_KEY = "checkpoint/latest"
 # What every checkpoint this library writes holds; anything else is not one of ours.
 STATE_KEYS = frozenset({"round", "elapsed_s", "flat", "optimizer", "batches", "sharing", "bytes", "rng", "algorithm"})
 # Top-level keys that may differ between a run and its resumption: none changes the numbers.
+RESUMABLE_CHANGES = {"resume", "rounds", "checkpoint", "log", "comm", "cache_dir", "threads_per_rank"}
 # Graph kinds that read topology.degree (the others ignore it).
 DEGREE_KINDS = ("regular", "smallworld")
-RESUMABLE_CHANGES = {"resume", "rounds", "checkpoint", "log", "comm", "cache_dir", "threads_per_rank"}
+
+
+class SavedNode(Protocol):
+    """What a checkpoint reads from a node and restores into it (`dpsgd.node.Node` is one)."""
+
+    flat: torch.Tensor          # the model
+    trainer: Trainer            # its optimizer and batch stream
+    sharing: Sharing            # accumulators and generators
+    link: Any                   # `.bytes`: the node's ByteCounters
+    rng: np.random.Generator    # the algorithm's random choices
+    recorder: Any               # `.elapsed_s()`: seconds of rounds so far
+    schedule: Any               # `.rounds`: the run's last round
 
 
 def checkpoint_dir(run_dir: Path, node: int) -> Path:
@@ -55,19 +83,65 @@ def saved_rounds(run_dir: Path, node: int) -> list[int]:
     return sorted(int(p.stem) for p in directory.glob("*.pt") if p.stem.isdigit())
 
 
+class CheckpointWriter:
+    """Threads that put the checkpoints of the nodes a process hosts on disk, while the nodes go on training.
+
+    A write is a few system calls and store requests, which wait (for the disk's fsync, for the
+    store) without holding the interpreter, so `threads` writes wait together. Until its file is
+    written a checkpoint's bytes stay in memory: at most one per hosted node (96 MovieLens nodes:
+    85 MB). Threads do not survive a fork: a forked rank starts its own at its first checkpoint.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._hosted: dict[Path, list[Checkpoints]] = {}  # per run folder, the nodes this process hosts
+        # Per run folder, the slowest node's latest saved round as last read from the store. It only
+        # grows during a run, so a value read earlier never frees a file that a resume could need.
+        self.slowest: dict[Path, int] = {}
+
+    def submit(self, write: Callable[[], None]) -> Future:
+        if self._executor is None or self._pid != os.getpid():
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="dpsgd-checkpoint")
+            self._pid = os.getpid()
+        return self._executor.submit(write)
+
+    def enrol(self, checkpoints: Checkpoints) -> None:
+        self._hosted.setdefault(checkpoints.run_dir, []).append(checkpoints)
+
+    def at_last_round(self, checkpoints: Checkpoints) -> None:
+        """`checkpoints`' node ended its last round: once every node of its run in this process has,
+        wait until all their checkpoints are on disk (the last ones written together, not node after node)."""
+        checkpoints.ended = True
+        hosted = self._hosted.get(checkpoints.run_dir, [checkpoints])
+        if all(node_checkpoints.ended for node_checkpoints in hosted):
+            self._hosted.pop(checkpoints.run_dir, None)
+            for node_checkpoints in hosted:
+                node_checkpoints.wait()
+
+
+WRITER = CheckpointWriter(threads=4)
+
+
 class Checkpoints:
     """One node's checkpoints: save every `every` rounds, agree on where to resume, restore, prune.
 
     The only component that reads or writes `<run>/checkpoints/<node>/`.
     """
 
-    def __init__(self, run_dir: Path, rank: int, world_size: int, every: int, store: dist.Store):
+    def __init__(self, run_dir: Path, rank: int, world_size: int, every: int, store: dist.Store,
+                 writer: CheckpointWriter = WRITER):
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.world_size = world_size
         self.every = every
         self.store = store
+        self.writer = writer
         self.directory = checkpoint_dir(run_dir, rank)
+        self.ended = False  # the node ended its last round
+        self._writing: Future | None = None
+        writer.enrol(self)
 
     def announce(self) -> None:
         """Tell the others which rounds this node has saved (a rank hosting a group announces each node first)."""
@@ -79,33 +153,52 @@ class Checkpoints:
         self.store.wait(keys, timedelta(seconds=timeout_s))
         return latest_common_round([json.loads(raw) for raw in self.store.multi_get(keys)], self.run_dir)
 
-    def after_round(self, node: "Node", round_number: int, algorithm_state: dict) -> None:
+    def after_round(self, node: SavedNode, round_number: int, algorithm_state: dict) -> None:
         if self.every and round_number % self.every == 0:
             self.save(node, round_number, node.recorder.elapsed_s(), algorithm_state)
+        if round_number >= node.schedule.rounds:
+            self.writer.at_last_round(self)  # every checkpoint is on disk before the rank can exit
 
-    def save(self, node: "Node", round_number: int, elapsed_s: float, algorithm_state: dict) -> None:
-        """Write this node's state after `round_number`, then prune what no resume can need.
+    def save(self, node: SavedNode, round_number: int, elapsed_s: float, algorithm_state: dict) -> None:
+        """Serialize this node's state after `round_number` and hand the bytes to the writer (`wait` ends the write).
 
-        Nodes drift apart in rounds (RWM without bound), so a node keeps every checkpoint
-        from the slowest node's latest saved round on: that round is the one a resume
-        would pick. Checkpoints fall on multiples of checkpoint.every, the same for all.
+        The bytes are taken now, so the node may change its state while the file is written.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
-        state = {
-            "round": round_number, "elapsed_s": elapsed_s, "flat": node.flat.clone(),
+        self.wait()  # one checkpoint in progress per node: the previous one is on disk (or raised) first
+        serialized = io.BytesIO()
+        torch.save({
+            "round": round_number, "elapsed_s": elapsed_s, "flat": node.flat.clone(),  # a view would save its base
             "optimizer": node.trainer.optimizer.state_dict(), "batches": node.trainer.batches.state_dict(),
             "sharing": node.sharing.state_dict(), "bytes": asdict(node.link.bytes),
             "rng": node.rng.bit_generator.state, "algorithm": algorithm_state,
-        }
+        }, serialized)
+        self._writing = self.writer.submit(partial(self._write, round_number, serialized.getbuffer()))
+
+    def wait(self) -> None:
+        """Until the checkpoint in progress is on disk (and pruned); raises if writing it failed."""
+        if self._writing is not None:
+            write, self._writing = self._writing, None
+            write.result()  # the writer thread's error, raised on the node's thread
+
+    def _write(self, round_number: int, serialized: memoryview) -> None:
+        """On a writer thread: the bytes under a temporary name, flushed to disk, renamed to their round; prune."""
         temporary = self.directory / f".{round_number}.pt.tmp"
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())  # the rename must never expose a torn file, even after an OS crash
-        os.replace(temporary, self.directory / f"{round_number}.pt")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as file:
+                file.write(serialized)
+                file.flush()
+                os.fsync(file.fileno())  # the rename must never expose a torn file, even after an OS crash
+            os.replace(temporary, self.directory / f"{round_number}.pt")
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise OSError(f"Node {self.rank}'s checkpoint of round {round_number} could not be written to "
+                          f"{self.directory}: {error}. Free space there, or checkpoint less often "
+                          "(checkpoint.every larger, or 0 for none).") from error
         self._prune(round_number)
 
-    def restore(self, node: "Node", round_number: int) -> tuple[float, dict | None]:
+    def restore(self, node: SavedNode, round_number: int) -> tuple[float, dict | None]:
         """Load the state saved after `round_number` into `node`; return (elapsed_s, algorithm state)."""
         if not round_number:
             return 0.0, None
@@ -120,10 +213,20 @@ class Checkpoints:
         return state["elapsed_s"], state["algorithm"]
 
     def _prune(self, round_number: int) -> None:
+        """Say that `round_number` is saved, then delete what no resume can need.
+
+        Nodes drift apart in rounds (RWM without bound), so a node keeps every checkpoint
+        from the slowest node's latest saved round on: that round is the one a resume
+        would pick. Checkpoints fall on multiples of checkpoint.every, the same for all.
+        """
         self.store.set(f"{SAVED_KEY}/{self.rank}", str(round_number))
-        keys = [f"{SAVED_KEY}/{rank}" for rank in range(self.world_size)]
-        slowest = min(int(raw) for raw in self.store.multi_get(keys)) if self.store.check(keys) else 0
-        for old in saved_rounds(self.run_dir, self.rank)[:-KEEP]:
+        older = saved_rounds(self.run_dir, self.rank)[:-KEEP]
+        slowest = self.writer.slowest.get(self.run_dir, 0)
+        if older and older[-1] >= slowest:  # what this process last read keeps some: read the store again
+            keys = [f"{SAVED_KEY}/{rank}" for rank in range(self.world_size)]
+            if self.store.check(keys):
+                slowest = self.writer.slowest[self.run_dir] = min(int(raw) for raw in self.store.multi_get(keys))
+        for old in older:
             if old < slowest:
                 (self.directory / f"{old}.pt").unlink(missing_ok=True)
 

@@ -11,6 +11,7 @@ rewritten during a run are replaced atomically (`write_atomic`).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
+from dpsgd.checkpoint import checkpoint_dir, saved_rounds
 from dpsgd.errors import ConfigError
 from dpsgd.launch import EXIT_CONFIG_ERROR
 
@@ -51,14 +53,12 @@ def claim(run_dir: Path) -> None:
 
 def check_fresh_node(run_dir: Path, node: int) -> None:
     """Under torchrun each machine has its own copy of the folder: a fresh node's files must not exist."""
-    from dpsgd.checkpoint import checkpoint_dir  # here: checkpoint imports torch-heavy modules
-    from dpsgd.run_outputs import node_log_path
-
     held = [path for path in (node_log_path(run_dir, node), checkpoint_dir(run_dir, node)) if path.exists()]
     if held:
         raise ConfigError(f"The run folder {run_dir} already holds node {node}'s results ({held[0]}) on this "
                           "machine; a fresh run never writes into another run's folder. Choose another "
-                          f"hydra.run.dir, or continue that run with `hydra.run.dir={run_dir} resume=true`.", rank_specific=True)
+                          f"hydra.run.dir, or continue that run with `hydra.run.dir={run_dir} resume=true`.",
+                          rank_specific=True)
 
 
 def release(run_dir: Path) -> None:
@@ -89,9 +89,6 @@ def release(run_dir: Path) -> None:
 
 def resume_hint(run_dir: Path, nodes: int, argv: list[str]) -> str:
     """How far an interrupted run got and the exact command that continues it."""
-    from dpsgd.checkpoint import saved_rounds  # here: checkpoint imports torch-heavy modules
-    from dpsgd.run_outputs import last_logged_round
-
     completed = min(last_logged_round(run_dir, node) for node in range(nodes))
     common = set.intersection(*(set(saved_rounds(run_dir, node)) for node in range(nodes)))
     if not common:
@@ -101,6 +98,25 @@ def resume_hint(run_dir: Path, nodes: int, argv: list[str]) -> str:
     command = " ".join(["python", "train.py", *kept, f"hydra.run.dir={Path(run_dir).resolve()}", "resume=true"])
     return (f"every node completed round {completed}; the last checkpoint is round {max(common)}. "
             f"Continue with: {command}")
+
+
+# Where a node's JSONL lives and how far it got: the run folder's layout, read here because
+# dpsgd.run_outputs (which writes the logs) imports this module. run_outputs keeps its own copy
+# of these two until it imports them from here.
+def node_log_path(run_dir: Path, node: int) -> Path:
+    return Path(run_dir) / "nodes" / f"{node}.jsonl"
+
+
+def last_logged_round(run_dir: Path, node: int) -> int:
+    """The last round in a node's JSONL (0 if none). A line torn by a crash is no round."""
+    path = node_log_path(run_dir, node)
+    rounds = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            rounds.append(json.loads(line)["round"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return max(rounds, default=0)
 
 
 def write_atomic(path: Path, text: str) -> None:
