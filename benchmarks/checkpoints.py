@@ -42,7 +42,7 @@ from dpsgd.communication import ByteCounters  # noqa: E402
 from dpsgd.training import BatchStream  # noqa: E402
 
 MOVIELENS_PARAMETERS = 217_015  # (610 users + 9,724 items) x (20 + 1) + 1: `experiment=movielens_1`
-EXAMPLES_PER_NODE = 735         # 70% of 100,836 ratings over 96 nodes
+EXAMPLES_PER_NODE = 735  # 70% of 100,836 ratings over 96 nodes
 
 
 def stand_in_nodes(count: int, rounds: int) -> list[SimpleNamespace]:
@@ -53,11 +53,19 @@ def stand_in_nodes(count: int, rounds: int) -> list[SimpleNamespace]:
         generator = torch.Generator().manual_seed(g)
         batches = BatchStream((torch.arange(EXAMPLES_PER_NODE),), 8, generator)
         batches.next_positions()  # an order drawn, as after a round
-        nodes.append(SimpleNamespace(
-            flat=rows[g], rng=np.random.default_rng(g), link=SimpleNamespace(bytes=ByteCounters()),
-            trainer=SimpleNamespace(optimizer=torch.optim.SGD([parameter], lr=0.25), batches=batches),
-            sharing=SimpleNamespace(state_dict=dict), recorder=SimpleNamespace(elapsed_s=lambda: 1.0),
-            schedule=SimpleNamespace(rounds=rounds)))
+        nodes.append(
+            SimpleNamespace(
+                flat=rows[g],
+                rng=np.random.default_rng(g),
+                link=SimpleNamespace(bytes=ByteCounters()),
+                trainer=SimpleNamespace(
+                    optimizer=torch.optim.SGD([parameter], lr=0.25), batches=batches
+                ),
+                sharing=SimpleNamespace(state_dict=dict),
+                recorder=SimpleNamespace(elapsed_s=lambda: 1.0),
+                schedule=SimpleNamespace(rounds=rounds),
+            )
+        )
     return nodes
 
 
@@ -65,18 +73,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=96)
     parser.add_argument("--checkpoints", type=int, default=5)
-    parser.add_argument("--in-round", action="store_true", help="write each file before the next node goes on")
-    parser.add_argument("--threads", type=int, default=WRITER.threads, help="writer threads (default: the library's)")
-    parser.add_argument("--dir", default=str(REPO), help="a folder on the disk to measure (default: the repository)")
+    parser.add_argument(
+        "--in-round", action="store_true", help="write each file before the next node goes on"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=WRITER.threads,
+        help="writer threads (default: the library's)",
+    )
+    parser.add_argument(
+        "--dir", default=str(REPO), help="a folder on the disk to measure (default: the repository)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     rounds = args.checkpoints
-    nodes = stand_in_nodes(args.nodes, rounds + 1)  # the last checkpoint round is not the run's last round
+    nodes = stand_in_nodes(
+        args.nodes, rounds + 1
+    )  # the last checkpoint round is not the run's last round
     store = dist.HashStore()
     in_round, on_disk = [], []
     with tempfile.TemporaryDirectory(dir=args.dir, prefix=".checkpoint-bench-") as run_dir:
         writer = CheckpointWriter(args.threads)
-        checkpoints = [Checkpoints(Path(run_dir), g, args.nodes, 1, store, writer) for g in range(args.nodes)]
+        checkpoints = [
+            Checkpoints(Path(run_dir), g, args.nodes, 1, store, writer) for g in range(args.nodes)
+        ]
         for round_number in range(1, rounds + 1):
             started = time.perf_counter()
             for node, node_checkpoints in zip(nodes, checkpoints):
@@ -89,10 +110,19 @@ def main() -> None:
             on_disk.append(time.perf_counter() - started)
         written = sum(path.stat().st_size for path in checkpoint_dir(Path(run_dir), 0).glob("*.pt"))
         written /= len(list(checkpoint_dir(Path(run_dir), 0).glob("*.pt")))
-    print(json.dumps({"nodes": args.nodes, "checkpoints": rounds, "in_round": args.in_round, "threads": args.threads,
-                      "in_round_s": round(statistics.median(in_round), 3),
-                      "on_disk_s": round(statistics.median(on_disk), 3),
-                      "mb": round(written * args.nodes / 1e6, 1)}))
+    print(
+        json.dumps(
+            {
+                "nodes": args.nodes,
+                "checkpoints": rounds,
+                "in_round": args.in_round,
+                "threads": args.threads,
+                "in_round_s": round(statistics.median(in_round), 3),
+                "on_disk_s": round(statistics.median(on_disk), 3),
+                "mb": round(written * args.nodes / 1e6, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -52,9 +52,19 @@ if TYPE_CHECKING:
 KEEP = 2
 SAVED_KEY = "checkpoint/latest"
 # What every checkpoint this library writes holds; anything else is not one of ours.
-STATE_KEYS = frozenset({"round", "elapsed_s", "flat", "optimizer", "batches", "sharing", "bytes", "rng", "algorithm"})
+STATE_KEYS = frozenset(
+    {"round", "elapsed_s", "flat", "optimizer", "batches", "sharing", "bytes", "rng", "algorithm"}
+)
 # Top-level keys that may differ between a run and its resumption: none changes the numbers.
-RESUMABLE_CHANGES = {"resume", "rounds", "checkpoint", "log", "comm", "cache_dir", "threads_per_rank"}
+RESUMABLE_CHANGES = {
+    "resume",
+    "rounds",
+    "checkpoint",
+    "log",
+    "comm",
+    "cache_dir",
+    "threads_per_rank",
+}
 # Graph kinds that read topology.degree (the others ignore it).
 DEGREE_KINDS = ("regular", "smallworld")
 
@@ -62,13 +72,13 @@ DEGREE_KINDS = ("regular", "smallworld")
 class SavedNode(Protocol):
     """What a checkpoint reads from a node and restores into it (`dpsgd.node.Node` is one)."""
 
-    flat: torch.Tensor          # the model
-    trainer: Trainer            # its optimizer and batch stream
-    sharing: Sharing            # accumulators and generators
-    link: Any                   # `.bytes`: the node's ByteCounters
-    rng: np.random.Generator    # the algorithm's random choices
-    recorder: Any               # `.elapsed_s()`: seconds of rounds so far
-    schedule: Any               # `.rounds`: the run's last round
+    flat: torch.Tensor  # the model
+    trainer: Trainer  # its optimizer and batch stream
+    sharing: Sharing  # accumulators and generators
+    link: Any  # `.bytes`: the node's ByteCounters
+    rng: np.random.Generator  # the algorithm's random choices
+    recorder: Any  # `.elapsed_s()`: seconds of rounds so far
+    schedule: Any  # `.rounds`: the run's last round
 
 
 def checkpoint_dir(run_dir: Path, node: int) -> Path:
@@ -96,7 +106,9 @@ class CheckpointWriter:
         self.threads = threads
         self._executor: ThreadPoolExecutor | None = None
         self._pid = 0
-        self._hosted: dict[Path, list[Checkpoints]] = {}  # per run folder, the nodes this process hosts
+        self._hosted: dict[
+            Path, list[Checkpoints]
+        ] = {}  # per run folder, the nodes this process hosts
         # Per run folder, the slowest node's latest saved round as last read from the store. It only
         # grows during a run, so a value read earlier never frees a file that a resume could need.
         self.slowest: dict[Path, int] = {}
@@ -130,8 +142,15 @@ class Checkpoints:
     The only component that reads or writes `<run>/checkpoints/<node>/`.
     """
 
-    def __init__(self, run_dir: Path, rank: int, world_size: int, every: int, store: dist.Store,
-                 writer: CheckpointWriter = WRITER):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        world_size: int,
+        every: int,
+        store: dist.Store,
+        writer: CheckpointWriter = WRITER,
+    ):
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.world_size = world_size
@@ -151,7 +170,9 @@ class Checkpoints:
         """Once every node announced: the latest round all of them saved."""
         keys = [f"resume/{node}" for node in range(self.world_size)]
         self.store.wait(keys, timedelta(seconds=timeout_s))
-        return latest_common_round([json.loads(raw) for raw in self.store.multi_get(keys)], self.run_dir)
+        return latest_common_round(
+            [json.loads(raw) for raw in self.store.multi_get(keys)], self.run_dir
+        )
 
     def after_round(self, node: SavedNode, round_number: int, algorithm_state: dict) -> None:
         if self.every and round_number % self.every == 0:
@@ -159,20 +180,32 @@ class Checkpoints:
         if round_number >= node.schedule.rounds:
             self.writer.at_last_round(self)  # every checkpoint is on disk before the rank can exit
 
-    def save(self, node: SavedNode, round_number: int, elapsed_s: float, algorithm_state: dict) -> None:
+    def save(
+        self, node: SavedNode, round_number: int, elapsed_s: float, algorithm_state: dict
+    ) -> None:
         """Serialize this node's state after `round_number` and hand the bytes to the writer (`wait` ends the write).
 
         The bytes are taken now, so the node may change its state while the file is written.
         """
         self.wait()  # one checkpoint in progress per node: the previous one is on disk (or raised) first
         serialized = io.BytesIO()
-        torch.save({
-            "round": round_number, "elapsed_s": elapsed_s, "flat": node.flat.clone(),  # a view would save its base
-            "optimizer": node.trainer.optimizer.state_dict(), "batches": node.trainer.batches.state_dict(),
-            "sharing": node.sharing.state_dict(), "bytes": asdict(node.link.bytes),
-            "rng": node.rng.bit_generator.state, "algorithm": algorithm_state,
-        }, serialized)
-        self._writing = self.writer.submit(partial(self._write, round_number, serialized.getbuffer()))
+        torch.save(
+            {
+                "round": round_number,
+                "elapsed_s": elapsed_s,
+                "flat": node.flat.clone(),  # a view would save its base
+                "optimizer": node.trainer.optimizer.state_dict(),
+                "batches": node.trainer.batches.state_dict(),
+                "sharing": node.sharing.state_dict(),
+                "bytes": asdict(node.link.bytes),
+                "rng": node.rng.bit_generator.state,
+                "algorithm": algorithm_state,
+            },
+            serialized,
+        )
+        self._writing = self.writer.submit(
+            partial(self._write, round_number, serialized.getbuffer())
+        )
 
     def wait(self) -> None:
         """Until the checkpoint in progress is on disk (and pruned); raises if writing it failed."""
@@ -188,14 +221,18 @@ class Checkpoints:
             with open(temporary, "wb") as file:
                 file.write(serialized)
                 file.flush()
-                os.fsync(file.fileno())  # the rename must never expose a torn file, even after an OS crash
+                os.fsync(
+                    file.fileno()
+                )  # the rename must never expose a torn file, even after an OS crash
             os.replace(temporary, self.directory / f"{round_number}.pt")
         except OSError as error:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
-            raise OSError(f"Node {self.rank}'s checkpoint of round {round_number} could not be written to "
-                          f"{self.directory}: {error}. Free space there, or checkpoint less often "
-                          "(checkpoint.every larger, or 0 for none).") from error
+            raise OSError(
+                f"Node {self.rank}'s checkpoint of round {round_number} could not be written to "
+                f"{self.directory}: {error}. Free space there, or checkpoint less often "
+                "(checkpoint.every larger, or 0 for none)."
+            ) from error
         self._prune(round_number)
 
     def restore(self, node: SavedNode, round_number: int) -> tuple[float, dict | None]:
@@ -222,10 +259,14 @@ class Checkpoints:
         self.store.set(f"{SAVED_KEY}/{self.rank}", str(round_number))
         older = saved_rounds(self.run_dir, self.rank)[:-KEEP]
         slowest = self.writer.slowest.get(self.run_dir, 0)
-        if older and older[-1] >= slowest:  # what this process last read keeps some: read the store again
+        if (
+            older and older[-1] >= slowest
+        ):  # what this process last read keeps some: read the store again
             keys = [f"{SAVED_KEY}/{rank}" for rank in range(self.world_size)]
             if self.store.check(keys):
-                slowest = self.writer.slowest[self.run_dir] = min(int(raw) for raw in self.store.multi_get(keys))
+                slowest = self.writer.slowest[self.run_dir] = min(
+                    int(raw) for raw in self.store.multi_get(keys)
+                )
         for old in older:
             if old < slowest:
                 (self.directory / f"{old}.pt").unlink(missing_ok=True)
@@ -237,12 +278,19 @@ def load_checkpoint(path: Path, numel: int | None = None) -> dict:
     `weights_only=True`: unpickling runs no code, so a tampered file cannot act on resume.
     """
     try:
-        with warnings.catch_warnings():  # torch warns about foreign pickles; the error below says it all
+        with (
+            warnings.catch_warnings()
+        ):  # torch warns about foreign pickles; the error below says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, weights_only=True)
-    except pickle.UnpicklingError:  # torch's own text suggests weights_only=False: never for a file like this
-        raise _unusable(path, "it holds objects other than tensors and plain values (loading it could run "
-                              "code, so it was not loaded)") from None
+    except (
+        pickle.UnpicklingError
+    ):  # torch's own text suggests weights_only=False: never for a file like this
+        raise _unusable(
+            path,
+            "it holds objects other than tensors and plain values (loading it could run "
+            "code, so it was not loaded)",
+        ) from None
     except Exception as error:  # noqa: BLE001 - truncation and I/O fail in many ways
         detail = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
         raise _unusable(path, f"it cannot be read: {type(error).__name__}: {detail}") from None
@@ -251,20 +299,29 @@ def load_checkpoint(path: Path, numel: int | None = None) -> dict:
     flat = state["flat"]
     if not isinstance(flat, torch.Tensor) or (numel is not None and flat.numel() != numel):
         raise _unusable(path, f"its model vector does not have this model's {numel} parameters")
-    if not isinstance(state["bytes"], dict) or set(state["bytes"]) != {f.name for f in fields(ByteCounters)}:
-        raise _unusable(path, "its byte counters are not this version's (it was written by an older dpsgd)")
+    if not isinstance(state["bytes"], dict) or set(state["bytes"]) != {
+        f.name for f in fields(ByteCounters)
+    }:
+        raise _unusable(
+            path, "its byte counters are not this version's (it was written by an older dpsgd)"
+        )
     if str(state["round"]) != Path(path).stem:
         raise _unusable(path, f"it holds round {state['round']}, not the round its name says")
     return state
 
 
 def _unusable(path: Path, why: str) -> ConfigError:
-    return ConfigError(f"The checkpoint {path} cannot be resumed from: {why}. It may be truncated or not "
-                       f"written by dpsgd. Delete it (the run then resumes from an earlier round every node "
-                       f"saved, if any) or start a new run without resume=true.", rank_specific=True)
+    return ConfigError(
+        f"The checkpoint {path} cannot be resumed from: {why}. It may be truncated or not "
+        f"written by dpsgd. Delete it (the run then resumes from an earlier round every node "
+        f"saved, if any) or start a new run without resume=true.",
+        rank_specific=True,
+    )
 
 
-def agree_on_start_round(checkpoints: list[Checkpoints], resume: bool, rounds: int, timeout_s: float) -> int:
+def agree_on_start_round(
+    checkpoints: list[Checkpoints], resume: bool, rounds: int, timeout_s: float
+) -> int:
     """The round a run starts after, agreed by all nodes: 0, or on resume the latest every node saved.
 
     A rank hosting several nodes announces all of them before waiting for the others'
@@ -281,20 +338,26 @@ def agree_on_start_round(checkpoints: list[Checkpoints], resume: bool, rounds: i
 
 def check_rounds(rounds: int, start_round: int) -> None:
     if rounds < start_round:
-        raise ConfigError(f"rounds={rounds} but the run resumes after round {start_round}: set rounds to "
-                          f"{start_round} or more to continue it.")
+        raise ConfigError(
+            f"rounds={rounds} but the run resumes after round {start_round}: set rounds to "
+            f"{start_round} or more to continue it."
+        )
 
 
 def latest_common_round(rounds_per_node: list[list[int]], run_dir: Path) -> int:
     common = set.intersection(*(set(rounds) for rounds in rounds_per_node))
     if not common:
-        raise ConfigError(f"resume=true, but no round has a checkpoint from every node under {run_dir}/checkpoints "
-                          "(checkpoint.every may be 0, or the run stopped before the first one). Start a new run "
-                          "instead (resume=false).")
+        raise ConfigError(
+            f"resume=true, but no round has a checkpoint from every node under {run_dir}/checkpoints "
+            "(checkpoint.every may be 0, or the run stopped before the first one). Start a new run "
+            "instead (resume=false)."
+        )
     return max(common)
 
 
-def check_resumable(cfg: DictConfig, run_dir: Path, all_nodes_local: bool = False, rank: int = 0) -> None:
+def check_resumable(
+    cfg: DictConfig, run_dir: Path, all_nodes_local: bool = False, rank: int = 0
+) -> None:
     """Resuming continues the same experiment: only keys that do not change the numbers may differ.
 
     config.yaml lives on rank 0's machine; other machines check only if they have a copy.
@@ -304,20 +367,33 @@ def check_resumable(cfg: DictConfig, run_dir: Path, all_nodes_local: bool = Fals
     if rank != 0 and not saved_path.exists():
         return
     if not saved_path.exists():
-        raise ConfigError(f"resume=true, but {saved_path} does not exist. Point hydra.run.dir at the directory of "
-                          "the run to continue, e.g. `hydra.run.dir=outputs/2026-11-26/10-00-00 resume=true`.")
-    saved = _effective_degree(_flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)))
+        raise ConfigError(
+            f"resume=true, but {saved_path} does not exist. Point hydra.run.dir at the directory of "
+            "the run to continue, e.g. `hydra.run.dir=outputs/2026-11-26/10-00-00 resume=true`."
+        )
+    saved = _effective_degree(
+        _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+    )
     current = _effective_degree(_flatten(OmegaConf.to_container(cfg, resolve=True)))
     # A key the saved config lacks came with a newer dpsgd: the run used what its default now gives.
-    changed = sorted(key for key in saved
-                     if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key) != current.get(key))
+    changed = sorted(
+        key
+        for key in saved
+        if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
+    )
     if changed:
-        raise ConfigError(f"resume=true, but the configuration differs from the run's {saved_path} in: "
-                          f"{', '.join(changed)}. Resume with the run's own settings (only rounds, checkpoint.*, "
-                          "log.* and comm.* may change).")
+        raise ConfigError(
+            f"resume=true, but the configuration differs from the run's {saved_path} in: "
+            f"{', '.join(changed)}. Resume with the run's own settings (only rounds, checkpoint.*, "
+            "log.* and comm.* may change)."
+        )
     if all_nodes_local:
-        round_number = latest_common_round([saved_rounds(run_dir, node) for node in range(cfg.nodes)], run_dir)
-        for node in range(cfg.nodes):  # found here, before any rank starts, a bad file is one clear paragraph
+        round_number = latest_common_round(
+            [saved_rounds(run_dir, node) for node in range(cfg.nodes)], run_dir
+        )
+        for node in range(
+            cfg.nodes
+        ):  # found here, before any rank starts, a bad file is one clear paragraph
             load_checkpoint(checkpoint_dir(run_dir, node) / f"{round_number}.pt")
 
 

@@ -94,6 +94,8 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     rounds_completed = run_algorithm(
         cfg.rounds, start_round, {node: state for node, (_, state) in restored.items()}
     )
+    for node_checkpoints in checkpoints.values():  # a run stopped early has writes still going
+        node_checkpoints.wait()
     for node in nodes:
         node.recorder.log.close()
         publish_rounds_completed(store, node.rank, rounds_completed[node.rank])

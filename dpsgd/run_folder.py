@@ -26,7 +26,9 @@ from dpsgd.errors import ConfigError
 from dpsgd.launch import EXIT_CONFIG_ERROR
 
 MARKER = ".dpsgd-run"
-HYDRA_RECORD = ".hydra"  # Hydra's record of the command, written into the folder before the run starts
+HYDRA_RECORD = (
+    ".hydra"  # Hydra's record of the command, written into the folder before the run starts
+)
 # What a run writes into its folder; any of them means the folder holds a run.
 RESULTS = ("config.yaml", "summary.json", "partition.json", "nodes", "checkpoints", MARKER)
 
@@ -45,20 +47,28 @@ def claim(run_dir: Path) -> None:
             os.write(descriptor, f"{os.getpid()} {datetime.now().isoformat()}\n".encode())
             os.close(descriptor)
             return
-    raise ConfigError(f"The run folder {run_dir} already holds a run ({', '.join(held)}); a fresh run never "
-                      "writes into another run's folder. Leave hydra.run.dir unset for a new timestamped "
-                      f"folder, choose another one, or continue that run with `hydra.run.dir={run_dir} "
-                      "resume=true`.")
+    raise ConfigError(
+        f"The run folder {run_dir} already holds a run ({', '.join(held)}); a fresh run never "
+        "writes into another run's folder. Leave hydra.run.dir unset for a new timestamped "
+        f"folder, choose another one, or continue that run with `hydra.run.dir={run_dir} "
+        "resume=true`."
+    )
 
 
 def check_fresh_node(run_dir: Path, node: int) -> None:
     """Under torchrun each machine has its own copy of the folder: a fresh node's files must not exist."""
-    held = [path for path in (node_log_path(run_dir, node), checkpoint_dir(run_dir, node)) if path.exists()]
+    held = [
+        path
+        for path in (node_log_path(run_dir, node), checkpoint_dir(run_dir, node))
+        if path.exists()
+    ]
     if held:
-        raise ConfigError(f"The run folder {run_dir} already holds node {node}'s results ({held[0]}) on this "
-                          "machine; a fresh run never writes into another run's folder. Choose another "
-                          f"hydra.run.dir, or continue that run with `hydra.run.dir={run_dir} resume=true`.",
-                          rank_specific=True)
+        raise ConfigError(
+            f"The run folder {run_dir} already holds node {node}'s results ({held[0]}) on this "
+            "machine; a fresh run never writes into another run's folder. Choose another "
+            f"hydra.run.dir, or continue that run with `hydra.run.dir={run_dir} resume=true`.",
+            rank_specific=True,
+        )
 
 
 def release(run_dir: Path) -> None:
@@ -92,17 +102,22 @@ def resume_hint(run_dir: Path, nodes: int, argv: list[str]) -> str:
     completed = min(last_logged_round(run_dir, node) for node in range(nodes))
     common = set.intersection(*(set(saved_rounds(run_dir, node)) for node in range(nodes)))
     if not common:
-        return (f"every node completed round {completed}; no checkpoint every node saved exists "
-                f"(checkpoint.every), so the run cannot be resumed. Results so far are in {run_dir}.")
+        return (
+            f"every node completed round {completed}; no checkpoint every node saved exists "
+            f"(checkpoint.every), so the run cannot be resumed. Results so far are in {run_dir}."
+        )
     kept = [arg for arg in argv if not arg.startswith(("hydra.run.dir=", "resume="))]
-    command = " ".join(["python", "train.py", *kept, f"hydra.run.dir={Path(run_dir).resolve()}", "resume=true"])
-    return (f"every node completed round {completed}; the last checkpoint is round {max(common)}. "
-            f"Continue with: {command}")
+    command = " ".join(
+        ["python", "train.py", *kept, f"hydra.run.dir={Path(run_dir).resolve()}", "resume=true"]
+    )
+    return (
+        f"every node completed round {completed}; the last checkpoint is round {max(common)}. "
+        f"Continue with: {command}"
+    )
 
 
-# Where a node's JSONL lives and how far it got: the run folder's layout, read here because
-# dpsgd.run_outputs (which writes the logs) imports this module. run_outputs keeps its own copy
-# of these two until it imports them from here.
+# Where a node's JSONL lives and how far it got: the run folder's layout (dpsgd.run_outputs, which
+# writes the logs, imports this module).
 def node_log_path(run_dir: Path, node: int) -> Path:
     return Path(run_dir) / "nodes" / f"{node}.jsonl"
 
@@ -111,7 +126,7 @@ def last_logged_round(run_dir: Path, node: int) -> int:
     """The last round in a node's JSONL (0 if none). A line torn by a crash is no round."""
     path = node_log_path(run_dir, node)
     rounds = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             rounds.append(json.loads(line)["round"])
         except (ValueError, KeyError, TypeError):

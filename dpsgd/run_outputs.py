@@ -25,7 +25,7 @@ from dpsgd.across_nodes import across_nodes, is_finite_number
 from dpsgd.consensus import consensus_distance
 from dpsgd.divergence import finite_or_none
 from dpsgd.progress import ProgressLine, RoundsReached
-from dpsgd.run_folder import write_atomic
+from dpsgd.run_folder import node_log_path, write_atomic
 
 if TYPE_CHECKING:
     from dpsgd.metrics import EvalSchedule
@@ -51,10 +51,6 @@ EVALUATED_KEYS = (
     "test_acc",
     "train_loss",
 )  # what a node's evaluation adds to its record
-
-
-def node_log_path(run_dir: Path, node: int) -> Path:
-    return Path(run_dir) / "nodes" / f"{node}.jsonl"
 
 
 class NodeLog:
@@ -99,13 +95,6 @@ class NodeLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-def last_logged_round(run_dir: Path, node: int) -> int:
-    """The last round in a node's JSONL (0 if none): how far the node got."""
-    path = node_log_path(run_dir, node)
-    rounds = [_round_of(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return max((r for r in rounds if r is not None), default=0)
 
 
 def _round_of(line: str) -> int | None:

@@ -28,11 +28,19 @@ def _node(rounds: int = 100) -> SimpleNamespace:
     """What a checkpoint reads from a node, with an optimizer whose state changes in place (Adam's)."""
     flat = torch.nn.Parameter(torch.randn(PARAMETERS))
     optimizer = torch.optim.Adam([flat], lr=0.1)
-    node = SimpleNamespace(flat=flat.data, rng=np.random.default_rng(0), link=SimpleNamespace(bytes=ByteCounters()),
-                           trainer=SimpleNamespace(optimizer=optimizer, parameter=flat,
-                                                   batches=BatchStream((torch.arange(10),), 4, torch.Generator())),
-                           sharing=SimpleNamespace(state_dict=dict), recorder=SimpleNamespace(elapsed_s=lambda: 2.5),
-                           schedule=SimpleNamespace(rounds=rounds))
+    node = SimpleNamespace(
+        flat=flat.data,
+        rng=np.random.default_rng(0),
+        link=SimpleNamespace(bytes=ByteCounters()),
+        trainer=SimpleNamespace(
+            optimizer=optimizer,
+            parameter=flat,
+            batches=BatchStream((torch.arange(10),), 4, torch.Generator()),
+        ),
+        sharing=SimpleNamespace(state_dict=dict),
+        recorder=SimpleNamespace(elapsed_s=lambda: 2.5),
+        schedule=SimpleNamespace(rounds=rounds),
+    )
     _step(node)
     return node
 
@@ -63,9 +71,15 @@ def _checkpoints(run_dir: Path, writer: CheckpointWriter = WRITER) -> Checkpoint
 def test_a_checkpoint_holds_the_state_of_its_round_though_the_node_went_on(tmp_path):
     writer = GatedWriter()
     checkpoints, node = _checkpoints(tmp_path, writer), _node()
-    moments = node.trainer.optimizer.state[node.trainer.parameter]["exp_avg"]  # Adam's, updated in place
-    expected = {"flat": node.flat.clone(), "exp_avg": moments.clone(),
-                "order": node.trainer.batches.state_dict()["order"].clone(), "rng": node.rng.bit_generator.state}
+    moments = node.trainer.optimizer.state[node.trainer.parameter][
+        "exp_avg"
+    ]  # Adam's, updated in place
+    expected = {
+        "flat": node.flat.clone(),
+        "exp_avg": moments.clone(),
+        "order": node.trainer.batches.state_dict()["order"].clone(),
+        "rng": node.rng.bit_generator.state,
+    }
     checkpoints.after_round(node, 2, {"age": 7})
     for _ in range(3):  # the node trains on while its checkpoint waits for the disk
         _step(node)
@@ -79,9 +93,15 @@ def test_a_checkpoint_holds_the_state_of_its_round_though_the_node_went_on(tmp_p
     assert torch.equal(state["flat"], expected["flat"])
     assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], expected["exp_avg"])
     assert torch.equal(state["batches"]["order"], expected["order"])
-    assert state["rng"] == expected["rng"] and state["algorithm"] == {"age": 7} and state["elapsed_s"] == 2.5
+    assert (
+        state["rng"] == expected["rng"]
+        and state["algorithm"] == {"age": 7}
+        and state["elapsed_s"] == 2.5
+    )
     assert state["bytes"]["sent_data"] == 100
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "0").iterdir()) == ["2.pt"]  # no temporary left
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "0").iterdir()) == [
+        "2.pt"
+    ]  # no temporary left
 
 
 def test_the_next_checkpoint_and_the_last_round_wait_for_the_write_in_progress(tmp_path):
@@ -103,7 +123,9 @@ def test_the_nodes_of_a_rank_wait_for_their_last_checkpoints_together(tmp_path):
     group[0].after_round(_node(rounds=2), 2, {})  # node 1 has not ended: nothing waits yet
     assert time.monotonic() - started < 10 and saved_rounds(tmp_path, 0) == []
     threading.Timer(0.3, writer.gate.set).start()
-    group[1].after_round(_node(rounds=2), 2, {})  # the rank's last node: every checkpoint is on disk after it
+    group[1].after_round(
+        _node(rounds=2), 2, {}
+    )  # the rank's last node: every checkpoint is on disk after it
     assert saved_rounds(tmp_path, 0) == saved_rounds(tmp_path, 1) == [2]
 
 
@@ -129,5 +151,7 @@ def test_checkpoint_needs_no_node():
     """checkpoint reads the parts of a node it saves (`SavedNode`), so it imports no dpsgd.node, whose
     imports lead back to it (tests/test_layout.py checks the whole package for circles)."""
     code = "import sys, dpsgd.run_folder; print('dpsgd.node' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
