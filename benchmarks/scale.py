@@ -5,13 +5,19 @@ whole process tree, so forked ranks are not counted twice) and reads the run's o
 summary. Rows:
 
 - `ml1_96x500_g<G>`: the study's MovieLens (1) preset, 96 nodes, 500 rounds, G nodes per
-  rank (G=1 is one process per node, today's default);
+  rank (G=1 is one process per node, the default);
 - `synthetic_<N>x100`: N = 96, 250, 500, 1000 nodes on a synthetic ratings set the size of
   MovieLens's item side (2,000 users, 9,724 items: MovieLens's 610 users cannot feed
   1,000 nodes), 100 rounds, two ranks (one per core);
+- `ml1_96x100_g96_partial`: MovieLens (1) on one rank of 96 with top-alpha messages (alpha 0.1);
+- `synthetic_1000x20_332k_r<R>`: 1,000 nodes with a 332k-parameter model each on R ranks, 20
+  rounds: the memory a round's messages between ranks hold;
 - `femnist_96`: FEMNIST, 96 nodes, a few rounds, next to `femnist_floor`: the same 96 nodes'
   forward and backward passes and optimizer steps alone, in one process per core, the
   compute this machine cannot avoid.
+
+Every row runs with the defaults besides its own keys (a checkpoint every 50 rounds, the
+progress lines): the figures are what a user's run pays.
 
     python benchmarks/scale.py                         # every row (about 30 minutes on 2 cores)
     python benchmarks/scale.py --rows synthetic_1000x100 femnist_96 femnist_floor
@@ -73,6 +79,22 @@ def _rows(data_dir: str) -> dict[str, list[str]]:
             f"nodes_per_rank={nodes // 2}",
             "rounds=100",
         ]
+    rows["ml1_96x100_g96_partial"] = [  # top-alpha messages between the nodes of one rank
+        *ml1[:2],
+        "rounds=100",
+        ml1[3],
+        "nodes_per_rank=96",
+        "sharing=partial",
+        "alpha=0.1",
+    ]
+    for ranks in (2, 4):  # memory held for messages between ranks: a 332k-parameter model per node
+        rows[f"synthetic_1000x20_332k_r{ranks}"] = [
+            "dataset=synthetic",
+            "dataset.num_users=6100",
+            "nodes=1000",
+            f"nodes_per_rank={1000 // ranks}",
+            "rounds=20",
+        ]
     rows["femnist_96"] = [
         "experiment=femnist",
         "nodes=96",
@@ -94,9 +116,7 @@ def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
         "--",
         sys.executable,
         str(REPO / "train.py"),
-        *overrides,
-        "log.progress=false",
-        "checkpoint.every=0",
+        *overrides,  # otherwise the defaults, checkpoints included: what a user's run pays
         f"hydra.run.dir={run_dir}",
     ]
     print("[scale]", name, " ".join(overrides), flush=True)
