@@ -256,12 +256,9 @@ class WalkTransport(Transport):
 
     def _silence(self):
         """Silence past comm.timeout_s: a walk is stuck somewhere; the heartbeats say where."""
-        hosted = f"node {self.rank}" if self.one_node_per_rank else f"no node of rank {self.rank}"
-        silence = (
-            f"{hosted} heard from no neighbour within comm.timeout_s={self.timeout_s:g} s"
-            if self.one_node_per_rank
-            else f"{hosted} heard from any neighbour within comm.timeout_s={self.timeout_s:g} s"
-        )
+        who = f"node {self.rank}" if self.one_node_per_rank else f"no node of rank {self.rank}"
+        heard = "no neighbour" if self.one_node_per_rank else "any neighbour"
+        silence = f"{who} heard from {heard} within comm.timeout_s={self.timeout_s:g} s"
         verdict = None if self.liveness is None else self.liveness.suspect(waited_for=self.rank)
         if verdict is None or not verdict.found:
             return self._stop(self.rank, silence)
