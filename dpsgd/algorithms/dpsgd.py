@@ -103,17 +103,17 @@ def _merge_group(
 
     Whole models under fill_own are averaged out of place into the group's spare rows,
     which then become the rows: nobody's input changes while others read it, at no copy.
-    Otherwise nodes merge in place, after the messages that are live rows were copied.
+    Otherwise nodes merge in place, after the messages that are live rows were copied. A node
+    alone on its rank reads no live row but its own: it merges in place, with nothing to copy.
     """
-    whole = group.nodes[0].merge is merge_fill_own and all(
-        message.encoding == Encoding.FULL
-        for messages in received.values()
-        for message in messages.values()
+    alone = len(group.nodes) == 1
+    whole = (
+        not alone
+        and group.nodes[0].merge is merge_fill_own
+        and all(m.encoding == Encoding.FULL for ms in received.values() for m in ms.values())
     )
-    if not whole:
-        _detached(
-            outgoing, group.rows, group.spare
-        )  # before decoding: decoded values must point at the copy
+    if not whole and not alone:  # before decoding: decoded values must point at the copy
+        _detached(outgoing, group.rows, group.spare)
     decoder = group.nodes[0].sharing  # every node's method decodes alike: once per sender
     decoded = {
         sender: decoder.decode(message)
