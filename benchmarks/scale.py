@@ -91,6 +91,7 @@ def _rows(data_dir: str) -> dict[str, list[str]]:
         rows[f"synthetic_1000x20_332k_r{ranks}"] = [
             "dataset=synthetic",
             "dataset.num_users=6100",
+            "dataset.num_items=9724",
             "nodes=1000",
             f"nodes_per_rank={1000 // ranks}",
             "rounds=20",
