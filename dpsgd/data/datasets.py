@@ -20,14 +20,21 @@ import torch
 
 from dpsgd.data.celeba import CELEBA_CLASSES, load_celeba
 from dpsgd.data.femnist import FEMNIST_CLASSES, load_femnist
-from dpsgd.data.leaf import LeafSplit, LoadReport, partition_rows, partition_summary
-from dpsgd.data.partition import contiguous_blocks
+from dpsgd.data.leaf import (
+    LeafSplit,
+    LoadReport,
+    leaf_partitioner,
+    leaf_samples,
+    partition_summary,
+)
+from dpsgd.data.partition import choose_partitioner, partition_samples
 from dpsgd.data.ratings import (
     RatingsTable,
     describe,
     load_movielens,
     make_synthetic,
-    split_node_ratings,
+    ratings_samples,
+    split_rows,
 )
 from dpsgd.errors import ConfigError
 from dpsgd.seeding import torch_generator
@@ -78,14 +85,21 @@ class Dataset(Protocol):
         """Node `node`'s train and test examples (`eval_subset`: at most `test_samples` test examples)."""
 
 
+RATINGS_PARTITIONER = "user_blocks"  # the study's rule for MovieLens users; synthetic uses it too
+
+
 @dataclass
 class RatingsDataset:
-    """Users in contiguous blocks per node; each user's ratings split train:test; local test."""
+    """Users dealt to nodes (by default in contiguous blocks, the study's rule); each user's ratings split
+    train:test; local test."""
 
     table: RatingsTable
     train_fraction: float
+    # `dataset.partition`, a name in PARTITIONERS; None: the study's contiguous blocks of users.
+    partitioner: str | None = None
     task = "ratings"
     _description: str | None = field(default=None, init=False, repr=False)
+    _parts: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def dims(self) -> dict:
@@ -99,20 +113,28 @@ class RatingsDataset:
 
     def partition(self, nodes: int, seed: int) -> dict:
         entries = []
-        for node, users in enumerate(contiguous_blocks(self.table.num_users, nodes)):
-            rows = self.table.user_rows(users.start, users.stop)
+        per_user = self.table.ratings_per_user()
+        for node, rows in enumerate(self._rows(nodes, seed)):
+            users, counts = np.unique(np.asarray(self.table.user[rows]), return_counts=True)
+            whole_block = (
+                len(users) > 0
+                and users[-1] - users[0] + 1 == len(users)
+                and np.array_equal(counts, per_user[users])
+            )
             entries.append(
                 {
                     "node": node,
-                    "users": [users.start, users.stop],
-                    "samples": rows.stop - rows.start,
+                    # [first, end): whole users first..end-1; else how many ratings of each user it holds.
+                    "users": [int(users[0]), int(users[-1]) + 1]
+                    if whole_block
+                    else {str(u): int(c) for u, c in zip(users, counts)},
+                    "samples": len(rows),
                 }
             )
         return {"nodes": entries}
 
     def node_data(self, node: int, nodes: int, seed: int, test_samples: int | None) -> NodeData:
-        users = contiguous_blocks(self.table.num_users, nodes)[node]
-        split = split_node_ratings(self.table, users, seed, self.train_fraction)
+        split = split_rows(self.table, self._rows(nodes, seed)[node], seed, self.train_fraction)
 
         def tensors(user, item, rating):
             return (
@@ -127,6 +149,14 @@ class RatingsDataset:
             test=eval_subset(test, test_samples, torch_generator(seed, "eval_subset", node)),
         )
 
+    def _rows(self, nodes: int, seed: int) -> list[np.ndarray]:
+        # Kept per (nodes, seed): a rank hosting a group of nodes asks once per node.
+        if (nodes, seed) not in self._parts:
+            name = self.partitioner or RATINGS_PARTITIONER
+            samples = ratings_samples(self.table)
+            self._parts[nodes, seed] = partition_samples(name, samples, nodes, seed)
+        return self._parts[nodes, seed]
+
 
 @dataclass
 class LeafDataset:
@@ -136,9 +166,12 @@ class LeafDataset:
     test: LeafSplit
     report: LoadReport
     num_classes: int
-    split_users: bool
+    split_users: bool  # with `partitioner` None: `split_users` rather than `shuffled_users`
     what: str
+    # `dataset.partition`, a name in PARTITIONERS; None: LEAF's default (`leaf_partitioner`).
+    partitioner: str | None = None
     task = "classification"
+    _parts: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def dims(self) -> dict:
@@ -165,7 +198,43 @@ class LeafDataset:
         return NodeData(train=train, test=test)
 
     def _rows(self, nodes: int, seed: int) -> list[np.ndarray]:
-        return partition_rows(self.train, nodes, seed, split_users=self.split_users, what=self.what)
+        # Kept per (nodes, seed): a rank hosting a group of nodes asks once per node.
+        if (nodes, seed) not in self._parts:
+            name = self.partitioner or leaf_partitioner(self.split_users)
+            samples = leaf_samples(self.train, self.what)
+            self._parts[nodes, seed] = partition_samples(name, samples, nodes, seed)
+        return self._parts[nodes, seed]
+
+
+def ratings_dataset(
+    dataset: str, table: RatingsTable, train_fraction: float, partition: str | None
+) -> RatingsDataset:
+    """A ratings data set dealt by `dataset.partition` (null: the study's contiguous blocks of users),
+    checked to apply before any rank starts."""
+    choose_partitioner(partition, RATINGS_PARTITIONER, ratings_samples(table), dataset)
+    return RatingsDataset(table, train_fraction, partition)
+
+
+def leaf_dataset(
+    dataset: str,
+    loaded: tuple[LeafSplit, LeafSplit, LoadReport],
+    num_classes: int,
+    what: str,
+    split_users: bool,
+    partition: str | None,
+) -> LeafDataset:
+    """A LEAF data set dealt by `dataset.partition` (null: whole users at random, or split with
+    `dataset.split_users=true`), checked to apply before any rank starts."""
+    train, test, report = loaded
+    default = leaf_partitioner(split_users)
+    if split_users and partition not in (None, default):
+        raise ConfigError(
+            f"dataset.split_users=true and dataset.partition={partition} choose two partitioners: "
+            f"split_users=true is `dataset.partition={default}`. Drop one of them (keep "
+            f"`dataset.split_users=false` to use `{partition}`)."
+        )
+    choose_partitioner(partition, default, leaf_samples(train, what), dataset)
+    return LeafDataset(train, test, report, num_classes, split_users, what, partition)
 
 
 def _shared_tensor(array: np.ndarray) -> torch.Tensor:
@@ -177,36 +246,49 @@ def _shared_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def _celeba(  # a function: its keys do not fit one lambda
+    seed,
+    cache_dir,
+    train_dir,
+    test_dir,
+    images_dir,
+    image_size,
+    strict,
+    split_users,
+    partition=None,
+) -> LeafDataset:
+    loaded = load_celeba(
+        Path(train_dir),
+        Path(test_dir),
+        Path(images_dir),
+        cache_dir,
+        strict=strict,
+        image_size=image_size,
+    )
+    return leaf_dataset("celeba", loaded, CELEBA_CLASSES, "celebrities", split_users, partition)
+
+
 # Each data set of dpsgd's own, by `dataset.name`: builder(seed, cache_dir, **its keys) -> Dataset. A new one is
-# its module (the loader), a builder here and conf/dataset/<name>.yaml declaring its keys.
+# its module (the loader), a builder here and conf/dataset/<name>.yaml declaring its keys. `partition` is the
+# name of a partitioner (`dpsgd.data.partition.PARTITIONERS`), null for the data set's own.
 DATASETS: dict[str, Callable[..., Dataset]] = {
-    "synthetic": lambda seed, cache_dir, train_fraction, **shape: RatingsDataset(
-        make_synthetic(seed, **shape), train_fraction
+    "synthetic": lambda seed, cache_dir, train_fraction, partition=None, **shape: ratings_dataset(
+        "synthetic", make_synthetic(seed, **shape), train_fraction, partition
     ),
-    "movielens": lambda seed, cache_dir, path, train_fraction: RatingsDataset(
-        load_movielens(Path(path).expanduser(), cache_dir), train_fraction
+    "movielens": lambda seed, cache_dir, path, train_fraction, partition=None: ratings_dataset(
+        "movielens", load_movielens(Path(path).expanduser(), cache_dir), train_fraction, partition
     ),
-    "femnist": lambda seed, cache_dir, train_dir, test_dir, split_users: LeafDataset(
-        *load_femnist(Path(train_dir), Path(test_dir), cache_dir),
-        FEMNIST_CLASSES,
-        split_users,
-        "writers",
-    ),
-    "celeba": lambda seed, cache_dir, train_dir, test_dir, images_dir, image_size, strict, split_users: (
-        LeafDataset(
-            *load_celeba(
-                Path(train_dir),
-                Path(test_dir),
-                Path(images_dir),
-                cache_dir,
-                strict=strict,
-                image_size=image_size,
-            ),
-            CELEBA_CLASSES,
+    "femnist": lambda seed, cache_dir, train_dir, test_dir, split_users, partition=None: (
+        leaf_dataset(
+            "femnist",
+            load_femnist(Path(train_dir), Path(test_dir), cache_dir),
+            FEMNIST_CLASSES,
+            "writers",
             split_users,
-            "celebrities",
+            partition,
         )
     ),
+    "celeba": _celeba,
 }
 # The dataset keys that name files or folders (under data_dir, unless set on their own).
 DATA_PATH_KEYS = {

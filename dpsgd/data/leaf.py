@@ -1,4 +1,4 @@
-"""What LEAF's data sets share: reading its JSON shards, the parse-once cache, dealing users to nodes.
+"""What LEAF's data sets share: reading its JSON shards, the parse-once cache, its samples for partitioners.
 
 LEAF's preprocess.sh writes each data set as JSON shards, a train/ and a test/ folder,
 where a "user" is a FEMNIST writer or a CelebA celebrity. Parsing 77 MB of JSON (or
@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from dpsgd.data.cache import build_once, load_arrays
-from dpsgd.data.partition import contiguous_blocks, shuffled_partition
+from dpsgd.data.partition import Samples, partition_samples
 from dpsgd.errors import ConfigError
-from dpsgd.seeding import numpy_rng
 
 LEAF_URL = "https://github.com/TalwalkarLab/leaf"
 
@@ -282,39 +281,28 @@ def load_cached(target: Path) -> tuple[LeafSplit, LeafSplit, LoadReport, dict]:
 # ---------------------------------------------------------------- partitioning
 
 
-def _rows_of_users(split: LeafSplit, users: list[int]) -> np.ndarray:
-    ranges = [
-        np.arange(split.user_offsets[u], split.user_offsets[u + 1], dtype=np.int64) for u in users
-    ]
-    return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+def leaf_samples(split: LeafSplit, what: str = "writers") -> Samples:
+    """The samples of `split` as partitioners see them: grouped by user, with their labels."""
+    return Samples(len(split), split.user_offsets, split.labels, what)
+
+
+def leaf_partitioner(split_users: bool) -> str:
+    """The partitioner a LEAF data set uses when `dataset.partition` is null (`dataset.split_users`)."""
+    return "split_users" if split_users else "shuffled_users"
 
 
 def partition_rows(
     split: LeafSplit, nodes: int, seed: int, *, split_users: bool = False, what: str = "writers"
 ) -> list[np.ndarray]:
-    """Row indices (int64, sorted) of `split` for each node.
+    """Row indices (int64, sorted) of `split` for each node, as LEAF data sets deal them by default.
 
-    By default whole users are dealt to nodes (disjoint, seeded, near-equal numbers of
-    users), since LEAF's non-IID setting is that one user's data stays on one device.
-    `split_users` is for runs with more nodes than users: users are shuffled (seeded),
-    their rows laid end to end, and cut into `nodes` near-equal contiguous blocks, so a
-    user may span several nodes. `what` names the users in error messages.
+    Whole users are dealt to nodes (`shuffled_users`: disjoint, seeded, near-equal numbers
+    of users), since LEAF's non-IID setting is that one user's data stays on one device.
+    `split_users` is for runs with more nodes than users (`split_users`): users are shuffled
+    (seeded), their rows laid end to end, and cut into `nodes` near-equal contiguous blocks,
+    so a user may span several nodes. `what` names the users in error messages.
     """
-    num_users = len(split.users)
-    if split_users:
-        order = numpy_rng(seed, "leaf_user_order").permutation(num_users)
-        rows = _rows_of_users(split, order.tolist())
-        blocks = contiguous_blocks(len(rows), nodes, what="samples")
-        return [np.sort(rows[block.start : block.stop]) for block in blocks]
-    if 1 <= nodes and num_users < nodes:
-        raise ConfigError(
-            f"`nodes` is {nodes}, but the data set has only {num_users} {what}, and by default no one's "
-            f"samples are split across nodes: use at most {num_users} `nodes`, or set "
-            f"`dataset.split_users=true` to cut the {len(split)} samples into {nodes} near-equal blocks."
-        )
-    groups = shuffled_partition(range(num_users), nodes, seed, "leaf_users", what=what)
-    # Users keep ascending order within a group, so their row ranges are already sorted.
-    return [_rows_of_users(split, group) for group in groups]
+    return partition_samples(leaf_partitioner(split_users), leaf_samples(split, what), nodes, seed)
 
 
 def partition_summary(split: LeafSplit, parts: list[np.ndarray]) -> dict:

@@ -1,17 +1,20 @@
 """Rating data sets (synthetic and MovieLens) and the per-user train/test split.
 
-A data set is one `RatingsTable` for all users, rows sorted by user so a node's users
-are one contiguous slice. Each node then calls `split_node_ratings` for its own users;
-the split of a user depends only on (seed, user), never on which node owns it.
+A data set is one `RatingsTable` for all users, rows sorted by user so a user's ratings
+are one contiguous slice. Each node then calls `split_rows` for the ratings its
+partitioner gave it; the split of a user depends only on (seed, user), never on which
+node owns it.
 """
 
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from dpsgd.data.cache import build_once, cache_path, load_arrays
+from dpsgd.data.partition import Samples
 from dpsgd.errors import ConfigError
 from dpsgd.seeding import numpy_rng
 
@@ -64,12 +67,18 @@ class RatingsTable:
     def ratings_per_user(self) -> np.ndarray:
         return np.diff(self._offsets)
 
+    @property
+    def user_offsets(self) -> np.ndarray:
+        """(num_users+1,): the rows of user u are offsets[u]..offsets[u+1] (read-only use)."""
+        return self._offsets
+
 
 @dataclass(frozen=True, eq=False)
 class NodeRatings:
     """What one node trains and tests on: its own users' ratings, split per user."""
 
-    users: range  # users owned by this node
+    # Users with ratings on this node (a range when it holds a block of whole users).
+    users: Sequence[int]
     train_user: np.ndarray  # int64 global user ids
     train_item: np.ndarray  # int64 global item ids
     train_rating: np.ndarray  # float32
@@ -374,31 +383,44 @@ def load_movielens(ratings_csv: str | Path, cache_dir: str | Path) -> RatingsTab
 def split_node_ratings(
     table: RatingsTable, users: range, seed: int, train_fraction: float = 0.7
 ) -> NodeRatings:
-    """Split each of `users`' ratings into train and test, seeded per user.
+    """Split each of `users`' ratings into train and test, seeded per user (`split_rows`)."""
+    if users.step != 1 or not 0 <= users.start <= users.stop <= table.num_users:
+        raise ValueError(f"users {users} is not a contiguous range within 0..{table.num_users}")
+    rows = table.user_rows(users.start, users.stop)
+    node = split_rows(table, np.arange(rows.start, rows.stop, dtype=np.int64), seed, train_fraction)
+    return replace(node, users=users)
+
+
+def split_rows(
+    table: RatingsTable, rows: np.ndarray, seed: int, train_fraction: float = 0.7
+) -> NodeRatings:
+    """A node's ratings `rows` (ascending) into train and test, by each user's split of all its ratings.
 
     User u's ratings are shuffled by the stream ("split", u) and the first
     round(train_fraction * n) go to train, so a user's split is the same whichever node
-    owns it and however many nodes there are. The arrays are fresh copies, not views of
-    a memory-mapped cache.
+    owns it and however many nodes there are; a node holding only some of a user's
+    ratings (a partitioner that splits users) keeps those ratings on the side of the
+    split they fall on. The arrays are fresh copies, not views of a memory-mapped cache.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ConfigError(
             f"`train_fraction` is {train_fraction}; it must lie strictly between 0 and 1 "
             "so every node has both train and test ratings (the study uses 0.7)."
         )
-    if users.step != 1 or not 0 <= users.start <= users.stop <= table.num_users:
-        raise ValueError(f"users {users} is not a contiguous range within 0..{table.num_users}")
-    train_rows, test_rows = [], []
-    for user in users:
-        rows = table.user_rows(user, user + 1)
-        count = rows.stop - rows.start
-        shuffled = rows.start + numpy_rng(seed, "split", user).permutation(count)
-        num_train = int(round(train_fraction * count))
-        # Sorting keeps reads of the memory map sequential; membership is what is random.
-        train_rows.append(np.sort(shuffled[:num_train]))
-        test_rows.append(np.sort(shuffled[num_train:]))
-    train_index = np.concatenate(train_rows) if train_rows else np.zeros(0, dtype=np.int64)
-    test_index = np.concatenate(test_rows) if test_rows else np.zeros(0, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    owners = np.asarray(table.user[rows])
+    users, firsts = np.unique(owners, return_index=True)
+    in_train = np.zeros(len(rows), dtype=bool)
+    for user, first, end in zip(users.tolist(), firsts, [*firsts[1:], len(rows)]):
+        start, stop = table.user_offsets[user], table.user_offsets[user + 1]
+        count = int(stop - start)
+        train = np.zeros(count, dtype=bool)
+        train[
+            numpy_rng(seed, "split", user).permutation(count)[: int(round(train_fraction * count))]
+        ] = True
+        in_train[first:end] = train[rows[first:end] - start]
+    # Rows ascend, so each side does too: reads of the memory map stay sequential.
+    train_index, test_index = rows[in_train], rows[~in_train]
 
     def take(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # np.array copies into plain arrays that own their data: nothing returned keeps
@@ -412,7 +434,7 @@ def split_node_ratings(
     train_user, train_item, train_rating = take(train_index)
     test_user, test_item, test_rating = take(test_index)
     return NodeRatings(
-        users=users,
+        users=users.tolist(),
         train_user=train_user,
         train_item=train_item,
         train_rating=train_rating,
@@ -422,6 +444,11 @@ def split_node_ratings(
         num_users=table.num_users,
         num_items=table.num_items,
     )
+
+
+def ratings_samples(table: RatingsTable) -> Samples:
+    """The ratings as partitioners see them: grouped by user, no class labels."""
+    return Samples(table.num_ratings, table.user_offsets, None, "users")
 
 
 def describe(table: RatingsTable) -> str:
