@@ -42,9 +42,12 @@ class ByteCounters:
         self.sent_data += message.data_bytes
         self.sent_meta += message.meta_bytes
 
-    def count_received(self, fields: dict[str, int]) -> None:
-        """A message received in full, counted by the sizes its checked header declared."""
-        data_bytes, meta_bytes = declared_bytes(fields)
+    def count_received(self, message: Message | dict[str, int]) -> None:
+        """A message received in full, or the checked header of one (counted by what it declares)."""
+        if isinstance(message, dict):
+            data_bytes, meta_bytes = declared_bytes(message)
+        else:
+            data_bytes, meta_bytes = message.data_bytes, message.meta_bytes
         self.recv_data += data_bytes
         self.recv_meta += meta_bytes
 
@@ -92,8 +95,9 @@ def is_timeout(error: Exception) -> bool:
     return "timed out" in text or "timeout" in text
 
 
-def describe_peer_error(peer: int, error: Exception, timeout_s: float) -> str:
-    """What a failed gloo operation says about the peer: silent too long, or gone."""
+def describe_peer_error(peer: str, error: Exception, timeout_s: float) -> str:
+    """What a failed gloo operation says about the peer (in words: "neighbour 3", "rank 1"): silent
+    too long, or gone."""
     if is_timeout(error):
-        return f"neighbour {peer} did not answer within comm.timeout_s={timeout_s:g} s"
-    return f"the connection to neighbour {peer} closed (its process stopped)"
+        return f"{peer} did not answer within comm.timeout_s={timeout_s:g} s"
+    return f"the connection to {peer} closed (its process stopped)"

@@ -59,12 +59,9 @@ class Beat:
 class Verdict:
     node: int
     why: str
-    found: bool = (
-        True  # the heartbeats showed a stalled or slow node (False: only the peer waited for)
-    )
-    source: str = (
-        "the heartbeats show"  # who saw it: the heartbeats, or the launcher that saw a rank die
-    )
+    # Whether the heartbeats showed a stalled or slow node (False: `node` is only the peer waited for).
+    found: bool = True
+    source: str = "the heartbeats show"  # or the launcher, that saw a rank die
 
 
 class Liveness:
@@ -237,9 +234,8 @@ class RankTable:
 
     def __init__(self, world_size: int):
         self.world_size = world_size
-        self._memory = mmap.mmap(
-            -1, max(1, world_size) * self.SLOT_BYTES
-        )  # MAP_SHARED: forked ranks see it
+        # MAP_SHARED: forked ranks see it.
+        self._memory = mmap.mmap(-1, max(1, world_size) * self.SLOT_BYTES)
         self._deaths = 0
 
     def record_death(self, rank: int, exit_code: int) -> None:

@@ -96,9 +96,7 @@ class Transport:
     ) -> NodeFailure:
         """A failed transfer with rank `other`. The heartbeats say which rank stalled, unless another
         rank recorded the failure already: then this one is a ripple of it, confirmed once is enough."""
-        seen = seen or f"{describe_peer_error(other, error, self.timeout_s)} ({where})"
-        if not self.one_node_per_rank:
-            seen = seen.replace("neighbour", "rank")
+        seen = seen or f"{describe_peer_error(self.peer(other), error, self.timeout_s)} ({where})"
         if self.liveness is not None and not self.failures.recorded():
             verdict = self.liveness.suspect(waited_for=other)
             if verdict.found:
@@ -107,14 +105,10 @@ class Transport:
 
     def _rejected(self, other: int, sender: int, problem: str) -> NodeFailure:
         """A message no correct node sends ends the run naming the rank that sent it."""
-        if self.one_node_per_rank:
-            return self._stop(
-                other, f"neighbour {other} sent a message that no correct node sends: {problem}"
-            )
+        for_node = "" if self.one_node_per_rank else f", for node {sender},"
         return self._stop(
             other,
-            f"rank {other} sent, for node {sender}, a message that no correct node sends: "
-            f"{problem}",
+            f"{self.peer(other)} sent{for_node} a message that no correct node sends: {problem}",
         )
 
     def _stop(self, culprit: int, seen: str) -> NodeFailure:

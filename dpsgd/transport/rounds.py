@@ -51,10 +51,8 @@ class RoundTransport(Transport):
         super().__init__(*args, **kwargs)
         self._buffers: dict[tuple, torch.Tensor] = {}
 
-    _planned: tuple = (
-        None,
-        None,
-    )  # the last targets and their routes (a fixed graph's never change)
+    # The last targets and their routes (a fixed graph's never change).
+    _planned: tuple = (None, None)
 
     def _routes(
         self, targets: list[list[int]]
@@ -82,7 +80,6 @@ class RoundTransport(Transport):
         round_number = next(iter(outgoing.values())).round
         where = f"round {round_number}"
         outgoing_to, incoming_from = self._routes(targets)
-        received: dict[int, dict[int, Message]] = {node: {} for node in self.hosted}
         header_blocks = {
             other: torch.empty(len(senders), HEADER_LENGTH, dtype=HEADER_DTYPE)
             for other, senders in incoming_from.items()
@@ -99,28 +96,28 @@ class RoundTransport(Transport):
             for work in self._send_batch(other, [outgoing[node] for node in senders], where)
         ]
         for node, message in outgoing.items():
-            self._count_sent(node, message, len(targets[node]))
-            for receiver in targets[node]:
-                if self.rank_of[receiver] == self.rank:
-                    received[receiver][node] = message
-        for other, (
-            work,
-            _,
-        ) in header_works.items():  # every block in before any payload: one open at a time
+            for _ in targets[node]:  # alone, a node sends its message once per receiver
+                self.ports[node].bytes.count_sent(message)
+        # Every header block in before any payload is posted: one payload open at a time.
+        for other, (work, _) in header_works.items():
             self._wait(work, other, f"headers, {where}")
             receipts.received(other, "header")
+        # Every message a hosted node may hear, by sender: the hosted nodes', then other ranks'.
+        arrived = dict(outgoing)
         for other, (_, headers) in header_works.items():
             senders = incoming_from[other]
-            for sender, message in zip(
-                senders, self._receive_batch(other, senders, headers, targets, round_number)
-            ):
-                for receiver in targets[sender]:
-                    if self.rank_of[receiver] == self.rank:
-                        received[receiver][sender] = message
+            arrived.update(
+                zip(senders, self._receive_batch(other, senders, headers, targets, round_number))
+            )
         for other, work in send_works:
             self._wait(work, other, f"send, {where}")
-        self._count_received(received)
-        return {node: dict(sorted(messages.items())) for node, messages in received.items()}
+        received: dict[int, dict[int, Message]] = {node: {} for node in self.hosted}
+        for sender, message in sorted(arrived.items()):
+            for receiver in targets[sender]:
+                if self.rank_of[receiver] == self.rank:
+                    received[receiver][sender] = message
+                    self.ports[receiver].bytes.count_received(message)
+        return received
 
     def _send_batch(
         self, other: int, messages: list[Message], where: str
@@ -135,14 +132,8 @@ class RoundTransport(Transport):
             message.index.view(torch.uint8) for message in messages if message.index is not None
         ]
         if indices:  # int32 and bitmask indices as bytes
-            works.append(
-                (
-                    other,
-                    self._post(
-                        dist.isend, self._joined(("index", other), indices), other, INDEX_TAG, where
-                    ),
-                )
-            )
+            index = self._joined(("index", other), indices)
+            works.append((other, self._post(dist.isend, index, other, INDEX_TAG, where)))
         return works
 
     def _receive_batch(
@@ -169,9 +160,7 @@ class RoundTransport(Transport):
             other, "payload", f"values of round {round_number} (for nodes {span(senders)})"
         )
         value_work = self._post(dist.irecv, values, other, VALUES_TAG, where)
-        index_bytes = [
-            declared_bytes(f)[1] - HEADER_BYTES for f in fields
-        ]  # meta bytes less the header's
+        index_bytes = [declared_bytes(f)[1] - HEADER_BYTES for f in fields]  # meta less the header
         index = self._scratch(("received index", other), sum(index_bytes), torch.uint8)
         index_work = (
             self._post(dist.irecv, index, other, INDEX_TAG, where) if index.numel() else None
@@ -200,9 +189,8 @@ class RoundTransport(Transport):
             own_index, coordinates = None, None
             if nbytes:
                 own_index = index[index_at : index_at + nbytes]
-                if (
-                    INDEX_DTYPES[encoding].itemsize > 1
-                ):  # an int32 index may start at any byte: a view needs alignment
+                # An int32 index may start at any byte: a view needs alignment.
+                if INDEX_DTYPES[encoding].itemsize > 1:
                     own_index = own_index.clone().view(INDEX_DTYPES[encoding])
                 coordinates, problem = read_index(
                     encoding, own_index, field["num_values"], self.numel
@@ -213,16 +201,6 @@ class RoundTransport(Transport):
             value_at += field["num_values"]
             index_at += nbytes
         return messages
-
-    def _count_sent(self, node: int, message: Message, receivers: int) -> None:
-        for _ in range(receivers):  # alone, a node sends its message once per receiver
-            self.ports[node].bytes.count_sent(message)
-
-    def _count_received(self, received: dict[int, dict[int, Message]]) -> None:
-        for node, messages in received.items():
-            for message in messages.values():
-                self.ports[node].bytes.recv_data += message.data_bytes
-                self.ports[node].bytes.recv_meta += message.meta_bytes
 
     def _joined(self, key: tuple, tensors: list[torch.Tensor]) -> torch.Tensor:
         """One tensor for the wire; a batch of one message is sent as it is, without a copy."""

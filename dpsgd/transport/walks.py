@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -81,18 +82,8 @@ class WalkTransport(Transport):
         self.ports[sender].bytes.count_sent(message)
         if self.rank_of[receiver] == self.rank:
             values = message.values.clone()  # the sender's live row trains on
-            self.inbox[receiver].append(
-                Message(
-                    message.round,
-                    message.degree,
-                    message.age,
-                    message.encoding,
-                    values,
-                    message.index,
-                    message.seed,
-                )
-            )
-            self._count_received(receiver, message)
+            self.inbox[receiver].append(replace(message, values=values, coordinates=None))
+            self.ports[receiver].bytes.count_received(message)
             return
         self._complete_sends()
         other = self.rank_of[receiver]
@@ -129,9 +120,8 @@ class WalkTransport(Transport):
                     torch.tensor([END, END], dtype=torch.int64), other, ROUTE_TAG, "send END"
                 )
             self._ended = True
-            for (
-                node
-            ) in self.hosted:  # alone, every node says END to each neighbour and hears it from each
+            # Alone, every node says END to each neighbour and hears it from each.
+            for node in self.hosted:
                 for _ in self.topology.neighbours(node):
                     self.ports[node].bytes.sent_meta += HEADER_BYTES
                     self.ports[node].bytes.recv_meta += HEADER_BYTES
@@ -230,7 +220,7 @@ class WalkTransport(Transport):
             raise payload
         if kind == "message":
             self.inbox[where].append(payload)
-            self._count_received(where, payload)
+            self.ports[where].bytes.count_received(payload)
 
     def _drain_arrivals(self) -> None:
         while True:
@@ -238,10 +228,6 @@ class WalkTransport(Transport):
                 self._accept(self._arrivals.get_nowait())
             except queue.Empty:
                 return
-
-    def _count_received(self, node: int, message: Message) -> None:
-        self.ports[node].bytes.recv_data += message.data_bytes
-        self.ports[node].bytes.recv_meta += message.meta_bytes
 
     def _send(self, tensor: torch.Tensor, other: int, tag: int, where: str) -> None:
         self._pending.append((other, self._post(dist.isend, tensor, other, tag, where), tensor))
