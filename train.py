@@ -32,6 +32,7 @@ from dpsgd import launch, run_folder
 from dpsgd.building import prepare_data
 from dpsgd.checkpoint import check_resumable
 from dpsgd.checks import check_config, config_notes, ranks_for
+from dpsgd.composition import settings_from
 from dpsgd.config_help import composition_error
 from dpsgd.errors import (
     ConfigError,
@@ -43,6 +44,7 @@ from dpsgd.errors import (
 from dpsgd.experiment import run_key, run_node
 from dpsgd.node_group import rank_label
 from dpsgd.progress import startup_step
+from dpsgd.settings import Settings
 from dpsgd.training import optimizers_without_compiler
 
 optimizers_without_compiler()  # here, before ranks fork, not at import of dpsgd.training (see its docstring)
@@ -129,7 +131,8 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
         ctx, run_key(run_dir)
     )  # counted per run: a sweep's jobs share the store
     try:
-        check_config(cfg, ctx.world_size)  # run_node checks again; here to say the notes once
+        settings = settings_from(cfg, HydraConfig.get().runtime.choices)
+        check_config(settings, ctx.world_size)  # run_node checks again; here to say the notes once
     except (
         ConfigError
     ) as error:  # the config and world size alone: every rank finds it, a sweep goes on
@@ -140,8 +143,8 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
         raise JobFailed(str(error), launch.EXIT_CONFIG_ERROR, show=ctx.rank == 0) from None
     try:
         if ctx.rank == 0:
-            _print_notes(cfg)
-        run_node(cfg, ctx, run_dir)
+            _print_notes(settings)
+        run_node(settings, ctx, run_dir)
     except (
         ConfigError
     ) as error:  # files or data: maybe not on every rank or machine, so a sweep ends here
@@ -161,7 +164,7 @@ def _run_under_torchrun(cfg: DictConfig, ctx: launch.RankContext, run_dir: Path)
         _exit(str(error), launch.EXIT_NODE_FAILURE, hard=True)
     except (KeyboardInterrupt, Interrupted) as stop:
         stop = stop if isinstance(stop, Interrupted) else Interrupted(signal.SIGINT)
-        _exit(_stopped_line(stop, cfg, run_dir), stop.exit_code, show=ctx.rank == 0, hard=True)
+        _exit(_stopped_line(stop, settings, run_dir), stop.exit_code, show=ctx.rank == 0, hard=True)
     finally:
         if arrivals is not None:
             arrivals.stop()
@@ -172,36 +175,35 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN and not cfg.resume:
             run_folder.claim(run_dir)  # a single run's folder was claimed by the Hydra callback
-        check_config(cfg)  # standalone: the ranks follow from nodes and nodes_per_rank
-        _print_notes(cfg)
-        if cfg.resume:
-            check_resumable(cfg, run_dir, all_nodes_local=True)
-        dataset = prepare_data(cfg)  # before forking: ranks inherit or memory-map it
+        settings = settings_from(cfg, HydraConfig.get().runtime.choices)
+        check_config(settings)  # standalone: the ranks follow from nodes and nodes_per_rank
+        _print_notes(settings)
+        if settings.run.resume:
+            check_resumable(settings, run_dir, all_nodes_local=True)
+        dataset = prepare_data(settings)  # before forking: ranks inherit or memory-map it
         dataset.partition(
-            cfg.nodes, cfg.seed
+            settings.run.nodes, settings.run.seed
         )  # too few users for the nodes is a user error, found here
     except ConfigError as error:
         if not cfg.resume:
             run_folder.release(run_dir)  # nothing was written: the same folder may be used again
         raise JobFailed(str(error), launch.EXIT_CONFIG_ERROR) from None
-    startup_step("data ready", f"{cfg.dataset.name}: {dataset.describe()}")
-    ranks = ranks_for(cfg)
-    grouping = (
-        f" in {ranks} rank{'s' if ranks > 1 else ''} of {cfg.nodes_per_rank}"
-        if cfg.nodes_per_rank > 1
-        else ""
+    startup_step("data ready", f"{settings.dataset.name}: {dataset.describe()}")
+    ranks, per_rank = ranks_for(settings), settings.run.nodes_per_rank
+    grouping = f" in {ranks} rank{'s' if ranks > 1 else ''} of {per_rank}" if per_rank > 1 else ""
+    startup_step(
+        "spawn", f"{settings.run.nodes} nodes{grouping} on this machine, results in {run_dir}"
     )
-    startup_step("spawn", f"{cfg.nodes} nodes{grouping} on this machine, results in {run_dir}")
     if ranks > 1:
         # torch.optim's step imports it (2 s of CPU): imported once here, every forked rank shares it.
         import torch._dynamo  # noqa: F401
     try:
         launch.spawn(
-            lambda ctx: run_node(cfg, ctx, run_dir, dataset),
+            lambda ctx: run_node(settings, ctx, run_dir, dataset),
             ranks,
-            grace_s=cfg.comm.timeout_s + 30,
+            grace_s=settings.comm.timeout_s + 30,
             quiet_failures=True,
-            label=rank_label(cfg.nodes_per_rank),
+            label=rank_label(per_rank),
             announce_ranks=run_key(run_dir),
         )
     except launch.RankFailure as failure:
@@ -211,17 +213,17 @@ def _run_standalone(cfg: DictConfig, run_dir: Path) -> None:
             launch.EXIT_NODE_FAILURE,
         ) from None
     except Interrupted as stop:  # spawn has stopped every rank
-        _exit(_stopped_line(stop, cfg, run_dir), stop.exit_code)
+        _exit(_stopped_line(stop, settings, run_dir), stop.exit_code)
 
 
-def _stopped_line(stop: Interrupted, cfg: DictConfig, run_dir: Path) -> str:
+def _stopped_line(stop: Interrupted, settings: Settings, run_dir: Path) -> str:
     """One line: what stopped the run, how far it got, and the command that continues it."""
     how = "Ctrl-C" if stop.signal_number == signal.SIGINT else str(stop)
-    return f"stopped by {how}: {run_folder.resume_hint(run_dir, cfg.nodes, sys.argv[1:])}"
+    return f"stopped by {how}: {run_folder.resume_hint(run_dir, settings.run.nodes, sys.argv[1:])}"
 
 
-def _print_notes(cfg: DictConfig) -> None:
-    for note in config_notes(cfg):
+def _print_notes(settings: Settings) -> None:
+    for note in config_notes(settings):
         print(f"[dpsgd] note: {note}", flush=True)
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dpsgd.building import build_trainer, prepare_data  # noqa: E402
+from dpsgd.composition import settings_from  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -38,9 +39,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=["nodes=1", *args.overrides])
+        cfg = settings_from(compose(config_name="config", overrides=["nodes=1", *args.overrides]))
     dataset = prepare_data(cfg)
-    data = dataset.node_data(0, 1, cfg.seed, cfg.eval.test_samples)
+    data = dataset.node_data(0, 1, cfg.run.seed, cfg.eval.test_samples)
     trainer, _ = build_trainer(cfg, dataset, data, rank=0)
     baseline = trainer.task.no_learning(data.train, data.test)
     print(f"{cfg.dataset.name}: {dataset.describe()}; no-learning baseline {baseline}", flush=True)

@@ -156,12 +156,12 @@ def femnist_floor(data_dir: str, nodes: int = 96) -> dict:
 import sys, time, torch
 sys.path.insert(0, {str(REPO)!r})
 torch.set_num_threads(1)
-from tests.conftest import compose_config
+from tests.conftest import compose_settings
 from dpsgd.building import build_trainer, prepare_data
-cfg = compose_config("experiment=femnist", "nodes={nodes}", "data_dir={data_dir}", "cache_dir=" + sys.argv[3])
+cfg = compose_settings("experiment=femnist", "nodes={nodes}", "data_dir={data_dir}", "cache_dir=" + sys.argv[3])
 dataset = prepare_data(cfg)
 part, parts = int(sys.argv[1]), int(sys.argv[2])
-trainers = [build_trainer(cfg, dataset, dataset.node_data(n, {nodes}, cfg.seed, None), n)[0]
+trainers = [build_trainer(cfg, dataset, dataset.node_data(n, {nodes}, cfg.run.seed, None), n)[0]
             for n in range(part, {nodes}, parts)]
 for t in trainers: t.train_round()  # warm up
 start = time.perf_counter()

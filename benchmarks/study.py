@@ -143,6 +143,7 @@ def no_learning_baseline(row: Row, data_dir: str) -> float:
     from hydra import compose, initialize_config_dir
 
     from dpsgd.building import no_learning_baseline as baseline
+    from dpsgd.composition import settings_from
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(
@@ -154,7 +155,7 @@ def no_learning_baseline(row: Row, data_dir: str) -> float:
                 "eval.test_samples=null",
             ],
         )
-    score = baseline(cfg)
+    score = baseline(settings_from(cfg))
     return score["loss"] if row.dataset == "movielens" else 100 * score["acc"]
 
 
@@ -256,9 +257,10 @@ def checkpoint_candidates(run_dir: Path) -> dict:
 
     from dpsgd.building import build_trainer, prepare_data
     from dpsgd.checkpoint import checkpoint_dir, load_checkpoint, saved_rounds
+    from dpsgd.composition import settings_from
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    common = set.intersection(*(set(saved_rounds(run_dir, node)) for node in range(cfg.nodes)))
+    cfg = settings_from(OmegaConf.load(run_dir / "config.yaml"))
+    common = set.intersection(*(set(saved_rounds(run_dir, node)) for node in range(cfg.run.nodes)))
     if not common:
         raise SystemExit(
             f"{run_dir / 'checkpoints'} has no round that every node saved: run the row with "
@@ -271,8 +273,8 @@ def checkpoint_candidates(run_dir: Path) -> dict:
         for what in ("mae", "mse", "mae_rounded")
     }
     pooled = {split: [0.0, 0.0, 0] for split in ("train", "test")}  # sum |e|, sum e^2, count
-    for node in range(cfg.nodes):
-        data = dataset.node_data(node, cfg.nodes, cfg.seed, cfg.eval.test_samples)
+    for node in range(cfg.run.nodes):
+        data = dataset.node_data(node, cfg.run.nodes, cfg.run.seed, cfg.eval.test_samples)
         trainer, flat = build_trainer(cfg, dataset, data, node)
         flat.copy_(
             load_checkpoint(checkpoint_dir(run_dir, node) / f"{at}.pt", flat.numel())["flat"]

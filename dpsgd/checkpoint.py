@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
 from dpsgd.communication import ByteCounters
 from dpsgd.errors import ConfigError
+from dpsgd.settings import Settings
 from dpsgd.topology import default_degree
 
 if TYPE_CHECKING:
@@ -356,7 +357,7 @@ def latest_common_round(rounds_per_node: list[list[int]], run_dir: Path) -> int:
 
 
 def check_resumable(
-    cfg: DictConfig, run_dir: Path, all_nodes_local: bool = False, rank: int = 0
+    settings: Settings, run_dir: Path, all_nodes_local: bool = False, rank: int = 0
 ) -> None:
     """Resuming continues the same experiment: only keys that do not change the numbers may differ.
 
@@ -371,10 +372,8 @@ def check_resumable(
             f"resume=true, but {saved_path} does not exist. Point hydra.run.dir at the directory of "
             "the run to continue, e.g. `hydra.run.dir=outputs/2026-11-26/10-00-00 resume=true`."
         )
-    saved = _effective_degree(
-        _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
-    )
-    current = _effective_degree(_flatten(OmegaConf.to_container(cfg, resolve=True)))
+    saved = _effective_degree(_flatten(yaml.safe_load(saved_path.read_text()) or {}))
+    current = _effective_degree(_flatten(settings.resolved))
     # A key the saved config lacks came with a newer dpsgd: the run used what its default now gives.
     changed = sorted(
         key
@@ -389,10 +388,10 @@ def check_resumable(
         )
     if all_nodes_local:
         round_number = latest_common_round(
-            [saved_rounds(run_dir, node) for node in range(cfg.nodes)], run_dir
+            [saved_rounds(run_dir, node) for node in range(settings.run.nodes)], run_dir
         )
         for node in range(
-            cfg.nodes
+            settings.run.nodes
         ):  # found here, before any rank starts, a bad file is one clear paragraph
             load_checkpoint(checkpoint_dir(run_dir, node) / f"{round_number}.pt")
 

@@ -8,13 +8,14 @@ the run's files, resume, the start barrier, and the final line.
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
 from dpsgd.building import build_rank, no_learning_baseline, prepare_data, round_peers
 from dpsgd.checkpoint import Checkpoints, agree_on_start_round, check_resumable
@@ -34,46 +35,50 @@ from dpsgd.run_outputs import (
     publish_rounds_completed,
     republish_kept_rounds,
 )
+from dpsgd.settings import Settings
 
 # What test_loss means, per task.
 TEST_LOSS_METRIC = {"ratings": "rmse", "classification": "cross_entropy"}
 
 
-def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> None:
+def run_node(settings: Settings, ctx: RankContext, run_dir: Path, dataset=None) -> None:
     """Everything one rank does in a run, from joining the process group to leaving it.
 
     A rank hosts one node, or with `nodes_per_rank` > 1 a group of them (`dpsgd.group`).
     """
-    torch.set_num_threads(cfg.threads_per_rank)
-    topology = check_config(cfg, ctx.world_size)
-    hosted = hosted_nodes(ctx.rank, cfg.nodes_per_rank)
+    torch.set_num_threads(settings.run.threads_per_rank)
+    topology = check_config(settings, ctx.world_size)
+    hosted = hosted_nodes(ctx.rank, settings.run.nodes_per_rank)
     for node_id in hosted:
-        _check_run_folder(cfg, run_dir, node_id)
-    dataset = dataset or _prepare_on_every_rank(cfg, ctx.rank)
-    store = _join_process_group(cfg, ctx, run_dir)
+        _check_run_folder(settings, run_dir, node_id)
+    dataset = dataset or _prepare_on_every_rank(settings, ctx.rank)
+    store = _join_process_group(settings, ctx, run_dir)
     startup_step(
         "process group",
         f"process group ready ({ctx.world_size} rank{'s' if ctx.world_size > 1 else ''}); "
-        f"building {cfg.nodes} nodes",
+        f"building {settings.run.nodes} nodes",
         show=ctx.rank == 0,
     )
     checkpoints = {
-        node_id: Checkpoints(run_dir, node_id, cfg.nodes, cfg.checkpoint.every, store)
+        node_id: Checkpoints(run_dir, node_id, settings.run.nodes, settings.checkpoint.every, store)
         for node_id in hosted
     }
     start_round = agree_on_start_round(
-        list(checkpoints.values()), cfg.resume, cfg.rounds, cfg.comm.timeout_s
+        list(checkpoints.values()),
+        settings.run.resume,
+        settings.run.rounds,
+        settings.comm.timeout_s,
     )
     if ctx.rank == 0:
-        write_run_files(cfg, dataset, run_dir)
+        write_run_files(settings, dataset, run_dir)
     group, run_algorithm = build_rank(
-        cfg, ctx, topology, dataset, store, run_dir, start_round, checkpoints
+        settings, ctx, topology, dataset, store, run_dir, start_round, checkpoints
     )
     nodes = group.nodes
     restored = {node.rank: checkpoints[node.rank].restore(node, start_round) for node in nodes}
     elapsed_s = restored[nodes[0].rank][0]
     aggregator = (
-        _start_aggregator(cfg, nodes[0], store, run_dir, dataset, start_round)
+        _start_aggregator(settings, nodes[0], store, run_dir, dataset, start_round)
         if ctx.rank == 0
         else None
     )
@@ -92,7 +97,7 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
         if start_round:
             print(f"[dpsgd] resumed after round {start_round}", flush=True)
     rounds_completed = run_algorithm(
-        cfg.rounds, start_round, {node: state for node, (_, state) in restored.items()}
+        settings.run.rounds, start_round, {node: state for node, (_, state) in restored.items()}
     )
     for node_checkpoints in checkpoints.values():  # a run stopped early has writes still going
         node_checkpoints.wait()
@@ -102,30 +107,30 @@ def run_node(cfg: DictConfig, ctx: RankContext, run_dir: Path, dataset=None) -> 
     nodes[0].liveness.end("done")
     _barrier(ctx.rank)
     if aggregator is not None:
-        diverged = divergence_report(store, cfg.nodes)
+        diverged = divergence_report(store, settings.run.nodes)
         if diverged is not None:
             print(f"[dpsgd] {describe(diverged)}", flush=True)
         _print_final(aggregator.finish(diverged=diverged), run_dir)
     dist.destroy_process_group()
 
 
-def _check_run_folder(cfg: DictConfig, run_dir: Path, rank: int) -> None:
+def _check_run_folder(settings: Settings, run_dir: Path, rank: int) -> None:
     """Resume only a run whose settings match; a fresh node never writes over another run's files."""
-    if cfg.resume:
-        check_resumable(cfg, run_dir, rank=rank)
+    if settings.run.resume:
+        check_resumable(settings, run_dir, rank=rank)
     else:
         check_fresh_node(run_dir, rank)
 
 
-def _prepare_on_every_rank(cfg: DictConfig, rank: int):
+def _prepare_on_every_rank(settings: Settings, rank: int):
     """Under torchrun every rank prepares the data; the cache makes only one of them parse it."""
-    dataset = prepare_data(cfg)
+    dataset = prepare_data(settings)
     if rank == 0:
-        print(f"[dpsgd] {cfg.dataset.name}: {dataset.describe()}", flush=True)
+        print(f"[dpsgd] {settings.dataset.name}: {dataset.describe()}", flush=True)
     return dataset
 
 
-def _join_process_group(cfg: DictConfig, ctx: RankContext, run_dir: Path) -> dist.Store:
+def _join_process_group(settings: Settings, ctx: RankContext, run_dir: Path) -> dist.Store:
     """Start gloo; return this run's namespace in the rendezvous store.
 
     On a NodeFailure the process group is left as it is: tearing down gloo pairs to a
@@ -137,7 +142,7 @@ def _join_process_group(cfg: DictConfig, ctx: RankContext, run_dir: Path) -> dis
         store=dist.PrefixStore("pg", store),
         rank=ctx.rank,
         world_size=ctx.world_size,
-        timeout=timedelta(seconds=cfg.comm.timeout_s),
+        timeout=timedelta(seconds=settings.comm.timeout_s),
     )
     Path(run_dir).mkdir(
         parents=True, exist_ok=True
@@ -154,27 +159,28 @@ def run_key(run_dir: Path) -> str:
     return "/".join(Path(run_dir).parts[-2:])
 
 
-def write_run_files(cfg: DictConfig, dataset, run_dir: Path) -> None:
+def write_run_files(settings: Settings, dataset, run_dir: Path) -> None:
     """The resolved config, and which users (and how many samples) each node got, so runs can be compared.
 
     config.yaml records the degree the graph was built with, not `null` (a resume compares it with
     the degree it would build, `check_resumable`, so a changed default can never change a run's graph).
     """
-    notes = "".join(f"# {note}\n" for note in config_notes(cfg))
-    recorded = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    if recorded.topology.get("degree") is None and recorded.topology.kind in RANDOM_TOPOLOGIES:
-        recorded.topology.degree = topology_degree(cfg)
-    write_atomic(Path(run_dir) / "config.yaml", notes + OmegaConf.to_yaml(recorded))
+    notes = "".join(f"# {note}\n" for note in config_notes(settings))
+    recorded = copy.deepcopy(settings.resolved)
+    if settings.topology.degree is None and settings.topology.kind in RANDOM_TOPOLOGIES:
+        recorded["topology"]["degree"] = topology_degree(settings)
+    text = yaml.safe_dump(recorded, sort_keys=False, allow_unicode=True)
+    write_atomic(Path(run_dir) / "config.yaml", notes + text)
     partition = {
-        "dataset": cfg.dataset.name,
+        "dataset": settings.dataset.name,
         "description": dataset.describe(),
-        **dataset.partition(cfg.nodes, cfg.seed),
+        **dataset.partition(settings.run.nodes, settings.run.seed),
     }
     write_atomic(Path(run_dir) / "partition.json", json.dumps(partition, indent=1) + "\n")
 
 
 def _start_aggregator(
-    cfg: DictConfig, node: Node, store: dist.Store, run_dir: Path, dataset, start_round: int
+    settings: Settings, node: Node, store: dist.Store, run_dir: Path, dataset, start_round: int
 ) -> Aggregator:
     """Rank 0's aggregator, carrying over on resume the aggregates written before the interruption.
 
@@ -183,17 +189,17 @@ def _start_aggregator(
     """
     carried = earlier_rounds(run_dir, start_round)
     store.set(RESUME_AGGREGATED_KEY, str(carried[-1]["round"] if carried else 0))
-    baseline = no_learning_baseline(cfg, dataset)
+    baseline = no_learning_baseline(settings, dataset)
     info = RunInfo(
-        nodes=cfg.nodes,
-        rounds=cfg.rounds,
+        nodes=settings.run.nodes,
+        rounds=settings.run.rounds,
         num_parameters=node.flat.numel(),
-        model=cfg.model.name,
-        dataset=cfg.dataset.name,
-        algorithm=cfg.algorithm.name,
-        sharing=cfg.sharing.name,
+        model=settings.model.name,
+        dataset=settings.dataset.name,
+        algorithm=settings.algorithm.name,
+        sharing=settings.sharing.name,
         metric_name=TEST_LOSS_METRIC[dataset.task],
-        spectral_gap=round_peers(cfg, node.topology).mixing_gap(),
+        spectral_gap=round_peers(settings, node.topology).mixing_gap(),
         no_learning={f"test_{key}": value for key, value in baseline.items()},
     )
     return Aggregator(
@@ -201,11 +207,11 @@ def _start_aggregator(
         run_dir,
         info,
         node.schedule.rounds_due(),
-        per_node_tb=cfg.log.per_node_tb,
-        progress=cfg.log.progress,
+        per_node_tb=settings.log.per_node_tb,
+        progress=settings.log.progress,
         earlier_rounds=carried,
         reached=node.recorder.reached,
-        progress_every_s=cfg.log.progress_every_s,
+        progress_every_s=settings.log.progress_every_s,
     ).start()
 
 

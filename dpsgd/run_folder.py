@@ -5,8 +5,8 @@ and overwrite each other's config, and both still exit 0. So a fresh run claims 
 folder with an exclusive marker file (created with O_EXCL, so of two runs started at the
 same moment exactly one gets it) and refuses a folder that already holds results;
 `resume=true` is the only way to write into an existing run. The claim is made by a
-Hydra callback before Hydra writes anything into the folder, and result files that are
-rewritten during a run are replaced atomically (`write_atomic`).
+Hydra callback (`dpsgd.composition.ClaimRunFolder`) before Hydra writes anything into the
+folder, and result files that are rewritten during a run are replaced atomically (`write_atomic`).
 """
 
 from __future__ import annotations
@@ -14,16 +14,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from datetime import datetime
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
-
 from dpsgd.checkpoint import checkpoint_dir, saved_rounds
 from dpsgd.errors import ConfigError
-from dpsgd.launch import EXIT_CONFIG_ERROR
 
 MARKER = ".dpsgd-run"
 HYDRA_RECORD = (
@@ -140,26 +135,3 @@ def write_atomic(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(text)
     os.replace(temporary, path)
-
-
-class ClaimRunFolder(Callback):
-    """Hydra callback (conf/config.yaml): claim the run folder before Hydra writes into it.
-
-    On resume the folder is the run's own; Hydra's record of this invocation then goes to
-    `.hydra/resume-<time>/`, so the run's original `.hydra/overrides.yaml` is never rewritten,
-    even by a resume that is refused.
-    """
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if os.environ.get("RANK", "0") != "0":
-            return  # under torchrun rank 0 speaks for the run
-        run_dir = Path(config.hydra.run.dir)
-        if config.get("resume"):
-            with read_write(config.hydra), open_dict(config.hydra):
-                config.hydra.output_subdir = f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S-%f}"
-            return
-        try:
-            claim(run_dir)
-        except ConfigError as error:
-            print(f"dpsgd: {error}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_CONFIG_ERROR)

@@ -1,11 +1,13 @@
-"""Every configuration value's type and range, checked once before any rank starts.
+"""The run's settings as typed, frozen dataclasses: what every component reads instead of the raw config.
 
-Hydra hands over whatever the command line said (`nodes=abc` arrives as the string
-"abc"); checked here, a wrong value is one paragraph naming the key, instead of a
-traceback from deep inside torch or a rank that "crashed" minutes later. The table
-below is the one place that says what each key may hold; checks that involve several
-keys (topology, sharing method, optimizer name) live with the code they concern. A data set or
-model of the user's own is named by `dataset._target_` or `model._target_` (`builder_for`).
+A key's default and meaning live in its YAML file (conf/); its type and range live here, on the
+dataclass field that holds it (`key`), so a wrong value (`nodes=abc` arrives as the string "abc") is
+one paragraph naming the key, found once at the composition root (`dpsgd.composition`) before any
+rank starts, instead of a traceback from deep inside torch. A group whose keys depend on the chosen
+option (a sharing method's, a pattern's, a data set's) keeps those in `options`, with their rules
+beside the group (`OPTION_RULES`). Checks that involve several keys (topology, pattern, grouping)
+are in `dpsgd.checks`. A data set or model of the user's own is named by `dataset._target_` or
+`model._target_` (`builder_for`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,10 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
-from dpsgd.config_help import closest_keys, declared_keys, leaf_keys
 from dpsgd.errors import ConfigError
-
-_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -90,104 +88,246 @@ _KIND_WORDS = {
     "fractions": "a non-empty list of numbers",
 }
 
-RULES = (
-    Rule("nodes", "whole", low=1, example="16"),
-    Rule("nodes_per_rank", "whole", low=1, example="8"),
-    Rule("device", "text", example="cpu"),
-    Rule("rounds", "whole", low=1, example="200"),
-    Rule("seed", "whole", low=0, example="1"),
-    Rule("alpha", "number", low=0, high=1, low_open=True, example="0.1"),
-    Rule("data_dir", "text", example="./data"),
-    Rule("cache_dir", "text", example=".dpsgd_cache"),
-    Rule("threads_per_rank", "whole", low=1, example="1"),
-    Rule("resume", "flag", example="true"),
-    Rule("train.local_steps", "whole", low=1, example="20"),
-    Rule("train.batch_size", "whole", low=1, example="8"),
-    Rule("train.full_epochs", "flag", example="false"),
-    Rule("train.stop_on_divergence", "flag", example="true"),
-    Rule("eval.every", "whole", low=1, example="10"),
-    Rule("eval.test_samples", "whole", low=1, optional=True, example="1000"),
-    Rule("eval.train_loss", "flag", example="true"),
-    Rule("eval.consensus_sketch", "whole", low=0, example="2048"),
-    Rule("comm.timeout_s", "number", low=0, low_open=True, example="120"),
-    Rule("checkpoint.every", "whole", low=0, example="50"),
-    Rule("log.per_node_tb", "flag", example="false"),
-    Rule("log.progress", "flag", example="true"),
-    Rule("log.progress_every_s", "number", low=0, low_open=True, example="10"),
-    Rule("optimizer.name", "text", example="sgd"),
-    Rule("optimizer.lr", "number", low=0, example="0.1"),
-    Rule("optimizer.momentum", "number", low=0, high=1, high_open=True, example="0.9"),
-    Rule("optimizer.weight_decay", "number", low=0, example="0.0"),
-    Rule("model._target_", "text", optional=True, example="mypkg.nets.TinyNet"),
-    Rule("model.name", "text", example="mf"),
-    Rule("model.embedding_dim", "whole", low=1, example="20"),
-    Rule("model.regularization", "number", low=0, example="0.05"),
-    Rule("model.input_scale", "number", low=0, low_open=True, example="1.0"),
-    Rule("topology.kind", "text", example="regular"),
-    Rule("topology.degree", "whole", low=1, optional=True, example="4"),
-    Rule("topology.rewire_p", "number", low=0, high=1, example="0.1"),
-    Rule("topology.path", "text", optional=True, example="graph.txt"),
-    Rule("topology.resample_every", "whole", low=1, optional=True, example="10"),
-    Rule("sharing.name", "text", example="partial"),
-    Rule("sharing.merge", "text", example="fill_own"),
-    Rule("sharing.values", "text", example="float16"),
-    Rule("sharing.accumulation", "flag", example="true"),
-    Rule("sharing.accumulate_averaging_changes", "flag", example="true"),
-    Rule("sharing.metadata_cap", "number", low=0, high=1, low_open=True, example="1.0"),
-    Rule("sharing.alpha_list", "fractions", low=0, high=1, low_open=True, example="[0.1,0.2,1.0]"),
-    Rule("algorithm.name", "text", example="dpsgd"),
-    Rule("algorithm.every", "whole", low=1, example="5"),
-    Rule("algorithm.fanout", "whole", low=1, example="4"),
-    Rule("algorithm.switch_round", "whole", low=1, optional=True, example="100"),
-    Rule("algorithm.byte_budget", "whole", low=1, optional=True, example="50000000"),
-    Rule("dataset._target_", "text", optional=True, example="mypkg.data.MyRatings"),
-    Rule("dataset.name", "text", example="movielens"),
-    Rule(
-        "dataset.train_fraction",
-        "number",
-        low=0,
-        high=1,
-        low_open=True,
-        high_open=True,
-        example="0.7",
-    ),
-    Rule("dataset.image_size", "whole", low=1, example="84"),
-    Rule("dataset.strict", "flag", example="false"),
-    Rule("dataset.split_users", "flag", example="false"),
-    Rule("dataset.num_users", "whole", low=1, example="400"),
-    Rule("dataset.num_items", "whole", low=1, example="600"),
-    Rule("dataset.rank", "whole", low=1, example="5"),
-    Rule("dataset.min_ratings", "whole", low=1, example="20"),
-    Rule("dataset.max_ratings", "whole", low=1, example="80"),
-    Rule("dataset.noise_std", "number", low=0, example="0.3"),
+
+def key(kind: str, example: str, **limits) -> Any:
+    """A settings field and the rule for its value: `kind` (see `Rule`), an example for the message,
+    and optional limits (low, high, low_open, high_open, optional)."""
+    return field(metadata={"rule": (kind, example, limits)})
+
+
+def _rules_of(cls: type, prefix: str) -> tuple[Rule, ...]:
+    """The rules of a settings dataclass's keyed fields and of its OPTION_RULES, with their config paths."""
+    keyed = tuple(
+        Rule(
+            f"{prefix}{f.name}",
+            f.metadata["rule"][0],
+            example=f.metadata["rule"][1],
+            **f.metadata["rule"][2],
+        )
+        for f in fields(cls)
+        if "rule" in f.metadata
+    )
+    return keyed + tuple(
+        Rule(
+            f"{prefix}{r.key}",
+            r.kind,
+            r.low,
+            r.high,
+            r.low_open,
+            r.high_open,
+            r.optional,
+            r.example,
+        )
+        for r in getattr(cls, "OPTION_RULES", ())
+    )
+
+
+def _build(cls: type, tree: dict):
+    """`cls` from its part of the resolved config: typed fields by name, `options` the rest."""
+    typed = {f.name for f in fields(cls)} - {"options"}
+    values = {name: tree.get(name) for name in typed}
+    if "options" in {f.name for f in fields(cls)}:
+        values["options"] = {k: v for k, v in tree.items() if k != "name"}
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The top-level keys: how many nodes, where, for how long, from which seed and data."""
+
+    nodes: int = key("whole", "16", low=1)
+    nodes_per_rank: int = key("whole", "8", low=1)
+    device: str = key("text", "cpu")
+    rounds: int = key("whole", "200", low=1)
+    seed: int = key("whole", "1", low=0)
+    alpha: float = key("number", "0.1", low=0, high=1, low_open=True)
+    data_dir: str = key("text", "./data")
+    cache_dir: str = key("text", ".dpsgd_cache")
+    threads_per_rank: int = key("whole", "1", low=1)
+    resume: bool = key("flag", "true")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_steps: int = key("whole", "20", low=1)
+    batch_size: int = key("whole", "8", low=1)
+    full_epochs: bool = key("flag", "false")
+    stop_on_divergence: bool = key("flag", "true")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    every: int = key("whole", "10", low=1)
+    test_samples: int | None = key("whole", "1000", low=1, optional=True)
+    train_loss: bool = key("flag", "true")
+    consensus_sketch: int = key("whole", "2048", low=0)
+
+
+@dataclass(frozen=True)
+class CommSettings:
+    timeout_s: float = key("number", "120", low=0, low_open=True)
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    every: int = key("whole", "50", low=0)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    per_node_tb: bool = key("flag", "false")
+    progress: bool = key("flag", "true")
+    progress_every_s: float = key("number", "10", low=0, low_open=True)
+
+
+@dataclass(frozen=True)
+class TopologySettings:
+    kind: str = key("text", "regular")
+    degree: int | None = key("whole", "4", low=1, optional=True)
+    rewire_p: float = key("number", "0.1", low=0, high=1)
+    path: str | None = key("text", "graph.txt", optional=True)
+    resample_every: int | None = key("whole", "10", low=1, optional=True)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """`options`: every key but `name` (lr included), as the optimizer's keyword arguments."""
+
+    name: str = key("text", "sgd")
+    lr: float = key("number", "0.1", low=0)
+    options: dict = field(default_factory=dict)
+    OPTION_RULES: ClassVar = (
+        Rule("momentum", "number", low=0, high=1, high_open=True, example="0.9"),
+        Rule("weight_decay", "number", low=0, example="0.0"),
+    )
+
+
+@dataclass(frozen=True)
+class SharingSettings:
+    """`options`: every key but `name` (merge included), as the sharing method's keyword arguments."""
+
+    name: str = key("text", "partial")
+    merge: str = key("text", "fill_own")
+    options: dict = field(default_factory=dict)
+    OPTION_RULES: ClassVar = (
+        Rule("values", "text", example="float16"),
+        Rule("accumulation", "flag", example="true"),
+        Rule("accumulate_averaging_changes", "flag", example="true"),
+        Rule("metadata_cap", "number", low=0, high=1, low_open=True, example="1.0"),
+        Rule("alpha_list", "fractions", low=0, high=1, low_open=True, example="[0.1,0.2,1.0]"),
+    )
+
+
+@dataclass(frozen=True)
+class PatternSettings:
+    """The communication pattern (`algorithm.*`); `options`: its own keys (`dpsgd.algorithms.patterns`)."""
+
+    name: str = key("text", "dpsgd")
+    options: dict = field(default_factory=dict)
+    OPTION_RULES: ClassVar = (
+        Rule("every", "whole", low=1, example="5"),
+        Rule("fanout", "whole", low=1, example="4"),
+        Rule("switch_round", "whole", low=1, optional=True, example="100"),
+        Rule("byte_budget", "whole", low=1, optional=True, example="50000000"),
+    )
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """`options`: every key but `name` (a `_target_` of the user's own included): the builder's keywords."""
+
+    name: str | None = None
+    options: dict = field(default_factory=dict)
+    OPTION_RULES: ClassVar = (
+        Rule("_target_", "text", optional=True, example="mypkg.data.MyRatings"),
+        Rule("name", "text", example="movielens"),
+        Rule("train_fraction", "number", 0, 1, True, True, example="0.7"),
+        Rule("image_size", "whole", low=1, example="84"),
+        Rule("strict", "flag", example="false"),
+        Rule("split_users", "flag", example="false"),
+        Rule("num_users", "whole", low=1, example="400"),
+        Rule("num_items", "whole", low=1, example="600"),
+        Rule("rank", "whole", low=1, example="5"),
+        Rule("min_ratings", "whole", low=1, example="20"),
+        Rule("max_ratings", "whole", low=1, example="80"),
+        Rule("noise_std", "number", low=0, example="0.3"),
+        Rule("partition", "text", optional=True, example="shuffled_users"),
+    )
+
+    @property
+    def target(self) -> str | None:
+        return self.options.get("_target_")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """`options`: every key but `name`; `regularization` is the loss's (`dpsgd.building.build_task`)."""
+
+    name: str | None = None
+    options: dict = field(default_factory=dict)
+    OPTION_RULES: ClassVar = (
+        Rule("_target_", "text", optional=True, example="mypkg.nets.TinyNet"),
+        Rule("name", "text", example="mf"),
+        Rule("embedding_dim", "whole", low=1, example="20"),
+        Rule("regularization", "number", low=0, example="0.05"),
+        Rule("input_scale", "number", low=0, low_open=True, example="1.0"),
+    )
+
+    @property
+    def target(self) -> str | None:
+        return self.options.get("_target_")
+
+
+# Config group -> the settings dataclass holding it ("": the top-level keys).
+GROUPS: dict[str, type] = {
+    "": RunSettings,
+    "train": TrainSettings,
+    "eval": EvalSettings,
+    "comm": CommSettings,
+    "checkpoint": CheckpointSettings,
+    "log": LogSettings,
+    "optimizer": OptimizerSettings,
+    "model": ModelSettings,
+    "topology": TopologySettings,
+    "sharing": SharingSettings,
+    "algorithm": PatternSettings,
+    "dataset": DatasetSettings,
+}
+RULES: tuple[Rule, ...] = tuple(
+    rule for group, cls in GROUPS.items() for rule in _rules_of(cls, f"{group}." if group else "")
 )
 
 
-def check_values(cfg: DictConfig) -> None:
-    """Raise a ConfigError for the first key whose value has the wrong type or range."""
-    for group in (
-        "dataset",
-        "model",
-    ):  # `=own` without its target (dataset=own picks model=own too)
-        if group in cfg and OmegaConf.is_missing(cfg[group], "_target_"):
-            raise ConfigError(
-                f"{group}=own needs {group}._target_, the dotted path of your own {group}'s callable, "
-                f"e.g. `{group}._target_=mypkg.{'nets.TinyNet' if group == 'model' else 'data.MyData'}`"
-                " (dataset=own picks model=own too: `model=mf` or another model gives dpsgd's own)."
-            )
-    for rule in RULES:
-        value = _select(cfg, rule.key)
-        if value is _ABSENT:
-            continue  # a key of another group member (e.g. momentum with adam)
-        problem = rule.problem(value)
-        if problem is not None:
-            raise ConfigError(
-                f"{rule.key}={value!r} {problem}. Set it on the command line or in its "
-                f"config file, e.g. `{rule.key}={rule.example}`."
-            )
+@dataclass(frozen=True)
+class Settings:
+    """One run's settings, checked (`dpsgd.composition.settings_from`). `resolved`: the whole config as
+    plain values, as the run's config.yaml records it and a resume compares it."""
+
+    run: RunSettings
+    train: TrainSettings
+    eval: EvalSettings
+    comm: CommSettings
+    checkpoint: CheckpointSettings
+    log: LogSettings
+    optimizer: OptimizerSettings
+    model: ModelSettings
+    topology: TopologySettings
+    sharing: SharingSettings
+    algorithm: PatternSettings
+    dataset: DatasetSettings
+    resolved: dict
+
+    @classmethod
+    def from_tree(cls, tree: dict) -> Settings:
+        """Settings from the resolved config (plain dicts and values whose rules have been checked)."""
+        parts = {
+            ("run" if group == "" else group): _build(kind, tree if group == "" else tree[group])
+            for group, kind in GROUPS.items()
+        }
+        return cls(**parts, resolved=tree)
 
 
-def alpha_note(cfg: DictConfig) -> str | None:
+def alpha_note(settings: Settings) -> str | None:
     """Why `alpha` does not apply to this run's sharing method, or None when it does (or is left at 1).
 
     `alpha` means something to partial and sub-sampling sharing only. A sweep that crosses
@@ -195,61 +335,15 @@ def alpha_note(cfg: DictConfig) -> str | None:
     compare them, so with the other methods alpha is accepted, said not to apply, and
     recorded so in the run's config.yaml; the report leaves it out of their labels.
     """
-    if cfg.sharing.name not in ("full", "random_alpha") or cfg.alpha == 1.0:
+    sharing, alpha = settings.sharing.name, settings.run.alpha
+    if sharing not in ("full", "random_alpha") or alpha == 1.0:
         return None
     why = (
         "every message carries the whole model"
-        if cfg.sharing.name == "full"
+        if sharing == "full"
         else "each round's fraction is drawn from sharing.alpha_list"
     )
-    return f"alpha={cfg.alpha} does not apply to sharing={cfg.sharing.name} ({why})"
-
-
-def check_known_keys(cfg: DictConfig, choices) -> None:
-    """Refuse a key no config file declares (`+train.bogus=1`): nothing would read it, so the run
-    would silently differ from what the user asked for.
-
-    `choices`: Hydra's runtime choices (group -> option); the keys the primary config and the
-    chosen options declare (`dpsgd.config_help.declared_keys`) are the ones components read.
-    """
-    declared = declared_keys(choices)
-    # A `_target_` of the user's own takes the group's keys, whatever they are: its call says which it lacks.
-    own = tuple(
-        f"{group}."
-        for group in ("dataset", "model")
-        if OmegaConf.select(cfg, f"{group}._target_") is not None
-    )
-    undeclared = sorted(
-        key
-        for key in leaf_keys(OmegaConf.to_container(cfg, resolve=False))
-        if key not in declared and not key.startswith(own)
-    )
-    if undeclared:
-        key = undeclared[0]
-        value = OmegaConf.select(cfg, key)
-        similar = closest_keys(key, declared)
-        hint = f"Did you mean {' or '.join(f'`{k}`' for k in similar)}? " if similar else ""
-        more = f" (also {', '.join(undeclared[1:])})" if len(undeclared) > 1 else ""
-        raise ConfigError(
-            f"{key}={value} is not a key of this configuration{more}: no part of dpsgd reads it, so "
-            f"the run would silently ignore it. {hint}Drop it from the command line; "
-            "`python train.py --help` lists every key with its meaning (a group option's keys come "
-            "with the option, e.g. `optimizer=sgd optimizer.momentum=0.9`)."
-        )
-
-
-def _select(cfg: DictConfig, key: str):
-    """The value at `key`; a value that cannot be resolved (a bad interpolation) is reported as such."""
-    try:
-        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
-        return (
-            OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
-        )
-    except Exception as error:  # noqa: BLE001 - omegaconf raises several kinds for one cause
-        raise ConfigError(
-            f"{key} cannot be read from the configuration ({error}). Give it a value, "
-            f"e.g. `{key}=...` on the command line."
-        ) from None
+    return f"alpha={alpha} does not apply to sharing={sharing} ({why})"
 
 
 def builder_for(

@@ -24,12 +24,19 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def compose_settings(*overrides: str):
+    """The run's typed settings (`dpsgd.settings.Settings`) as train.py makes them from the config."""
+    from dpsgd.composition import settings_from
+
+    return settings_from(compose_config(*overrides))
+
+
 def no_learning_baseline(tmp_path: Path, *overrides: str) -> dict[str, float]:
     """What the task of this config scores without learning (global train mean; majority class),
     on the same split and test set as a run with these overrides: the line a learning test must beat."""
     from dpsgd.building import no_learning_baseline as baseline
 
-    return baseline(compose_config(*overrides, f"cache_dir={tmp_path / 'cache'}"))
+    return baseline(compose_settings(*overrides, f"cache_dir={tmp_path / 'cache'}"))
 
 
 def run_train(

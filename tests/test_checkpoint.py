@@ -140,17 +140,18 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
     from omegaconf import OmegaConf
 
     from dpsgd.checkpoint import check_resumable
+    from dpsgd.composition import settings_from
     from tests.conftest import compose_config
 
     cfg = compose_config("nodes=4", "topology=ring")
     saved = OmegaConf.to_container(cfg, resolve=True)
     del saved["device"]  # written by a dpsgd without node groups on GPUs
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
-    check_resumable(cfg, tmp_path)
+    check_resumable(settings_from(cfg), tmp_path)
     saved["optimizer"]["lr"] = 0.5
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
     with pytest.raises(Exception, match="optimizer.lr"):
-        check_resumable(cfg, tmp_path)
+        check_resumable(settings_from(cfg), tmp_path)
 
 
 def test_resume_compares_the_degree_the_graph_was_built_with(tmp_path):
@@ -159,22 +160,23 @@ def test_resume_compares_the_degree_the_graph_was_built_with(tmp_path):
     from omegaconf import OmegaConf
 
     from dpsgd.checkpoint import check_resumable
+    from dpsgd.composition import settings_from
     from tests.conftest import compose_config
 
     cfg = compose_config("nodes=5")  # topology.degree unset: 4 for 5 nodes
     saved = OmegaConf.to_container(cfg, resolve=True)
     saved["topology"]["degree"] = 4
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
-    check_resumable(cfg, tmp_path)
+    check_resumable(settings_from(cfg), tmp_path)
     saved["nodes"] = 4  # with 4 nodes the default is 3: the saved 4-regular graph is another graph
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
     with pytest.raises(Exception, match="topology.degree"):
-        check_resumable(compose_config("nodes=4"), tmp_path)
+        check_resumable(settings_from(compose_config("nodes=4")), tmp_path)
     saved["topology"]["kind"] = (
         "ring"  # a ring reads no degree: the old 4 and today's 3 build the same graph
     )
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
-    check_resumable(compose_config("nodes=4", "topology=ring"), tmp_path)
+    check_resumable(settings_from(compose_config("nodes=4", "topology=ring")), tmp_path)
 
     run = tmp_path / "run"
     run_train(tmp_path, "nodes=4", "rounds=1", "checkpoint.every=1", "log.progress=false")

@@ -14,7 +14,7 @@ from dpsgd.building import build_rank, prepare_data
 from dpsgd.checks import check_config
 from dpsgd.launch import spawn
 from dpsgd.topology import mh_matrix
-from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config
+from tests.conftest import RANK_TEST_TIMEOUT_S, compose_settings
 
 
 def _random_model(rank: int, numel: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def _rounds_from_random_models(cfg, nodes, tmp_path, rounds=1, peers=None, nodes
 )
 def test_one_round_without_training_is_w_times_x(tmp_path, nodes, topology):
     degree = "topology.degree=3" if nodes == 8 else "topology.degree=2"
-    cfg = compose_config(
+    cfg = compose_settings(
         f"nodes={nodes}",
         "rounds=1",
         "optimizer.lr=0",
@@ -87,7 +87,7 @@ def test_one_round_of_partial_messages_follows_the_configured_merge_rule(tmp_pat
     from tests.test_sharing import _renormalize_reference
 
     nodes, alpha = 6, 0.5
-    cfg = compose_config(
+    cfg = compose_settings(
         f"nodes={nodes}",
         "rounds=1",
         "optimizer.lr=0",
@@ -104,7 +104,7 @@ def test_one_round_of_partial_messages_follows_the_configured_merge_rule(tmp_pat
     numel = np.load(tmp_path / "after_0.npy").size
     models = [_random_model(r, numel).numpy().astype(np.float64) for r in range(nodes)]
     masks = [
-        subsampling_mask(stream_key(cfg.seed, "subsampling", r, 1), numel, alpha).numpy()
+        subsampling_mask(stream_key(cfg.run.seed, "subsampling", r, 1), numel, alpha).numpy()
         for r in range(nodes)
     ]
     for node in range(nodes):

@@ -19,11 +19,11 @@ from omegaconf import open_dict
 
 from dpsgd import config_help
 from dpsgd.checks import check_config, config_notes
+from dpsgd.composition import check_known_keys, settings_from
 from dpsgd.errors import ConfigError
 from dpsgd.launch import EXIT_CONFIG_ERROR
-from dpsgd.settings import check_known_keys
 from dpsgd.topology import default_degree
-from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, compose_config, run_train
+from tests.conftest import RANK_TEST_TIMEOUT_S, REPO, compose_settings, run_train
 
 README = (REPO / "README.md").read_text()
 
@@ -67,12 +67,12 @@ def _torchrun(tmp_path: Path, ranks: int, *overrides: str) -> subprocess.Complet
 
 @pytest.mark.parametrize("sharing", ["full", "random_alpha"])
 def test_alpha_with_a_method_it_does_not_apply_to_is_accepted_and_noted(sharing):
-    cfg = compose_config(f"sharing={sharing}", "alpha=0.1")
+    cfg = compose_settings(f"sharing={sharing}", "alpha=0.1")
     check_config(cfg, 16)  # before: "alpha=0.1 has no effect with sharing=full"
     assert any(
         f"alpha=0.1 does not apply to sharing={sharing}" in note for note in config_notes(cfg)
     )
-    assert config_notes(compose_config("sharing=partial", "alpha=0.1")) == []
+    assert config_notes(compose_settings("sharing=partial", "alpha=0.1")) == []
 
 
 def test_a_sweep_runs_every_job_and_lists_the_failed_ones_at_its_end(tmp_path):
@@ -116,14 +116,14 @@ def test_a_sweep_runs_every_job_and_lists_the_failed_ones_at_its_end(tmp_path):
 def test_the_default_degree_fits_small_worlds_and_a_typed_one_is_checked():
     assert [default_degree("regular", n) for n in (2, 3, 4, 5, 6, 96)] == [1, 2, 3, 4, 4, 4]
     assert [default_degree("smallworld", n) for n in (3, 4, 5)] == [2, 2, 4]
-    topology = check_config(compose_config("nodes=4"), 4)  # before: no 4-regular graph on 4 nodes
+    topology = check_config(compose_settings("nodes=4"), 4)  # before: no 4-regular graph on 4 nodes
     assert {topology.degree(node) for node in range(4)} == {3}
-    assert config_notes(compose_config("nodes=4")) == [
+    assert config_notes(compose_settings("nodes=4")) == [
         "topology.degree=3: the largest valid degree up to 4 for 4 nodes (set topology.degree to choose one)"
     ]
-    assert config_notes(compose_config("nodes=16")) == []
+    assert config_notes(compose_settings("nodes=16")) == []
     with pytest.raises(ConfigError, match="topology.degree is 4 with nodes=4"):
-        check_config(compose_config("nodes=4", "topology.degree=4"), 4)
+        check_config(compose_settings("nodes=4", "topology.degree=4"), 4)
 
 
 def test_plain_torchrun_with_four_ranks_runs_the_default_graph(tmp_path):
@@ -175,7 +175,7 @@ def test_an_unknown_key_or_option_exits_2_with_one_paragraph(tmp_path, overrides
 def test_a_key_no_config_file_declares_is_refused():
     cfg, choices = _compose_with_choices("+train.bogus=1")
     with pytest.raises(ConfigError) as error:
-        check_config(cfg, 16, choices=choices)  # before: accepted and silently ignored
+        check_config(settings_from(cfg, choices), 16)  # before: accepted and silently ignored
     message = str(error.value)
     assert message.startswith("train.bogus=1 is not a key") and "\n" not in message
 

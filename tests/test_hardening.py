@@ -20,7 +20,14 @@ from dpsgd.checks import check_config
 from dpsgd.errors import ConfigError
 from dpsgd.launch import EXIT_CONFIG_ERROR, EXIT_NODE_FAILURE
 from dpsgd.run_folder import MARKER, claim
-from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train, wait_for_rounds
+from tests.conftest import (
+    REPO,
+    children_of,
+    compose_settings,
+    read_jsonl,
+    run_train,
+    wait_for_rounds,
+)
 
 SMALL = ("nodes=4", "topology=ring", "log.progress=false")
 
@@ -228,9 +235,8 @@ def test_a_healthy_run_reports_no_divergence(tmp_path):
     ],
 )
 def test_a_wrong_value_is_one_paragraph_naming_its_key(overrides, key):
-    cfg = compose_config(*overrides)
     with pytest.raises(ConfigError) as error:
-        check_config(cfg, 16)
+        check_config(compose_settings(*overrides), 16)
     message = str(error.value)
     assert message.startswith(f"{key}=") and "\n" not in message
 
@@ -326,7 +332,7 @@ def test_a_slow_node_is_the_one_named(tmp_path, monkeypatch):
     from dpsgd.training import Trainer
 
     slow, timeout_s = 2, 6
-    cfg = compose_config(
+    cfg = compose_settings(
         "nodes=6",
         "rounds=50",
         "log.progress=false",

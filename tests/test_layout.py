@@ -75,3 +75,17 @@ def test_no_function_imports_a_module_of_dpsgd():
                     if _dpsgd_imports(inner):
                         hidden.append(f"{path.relative_to(PACKAGE.parent)}:{inner.lineno}")
     assert not hidden, f"function-level imports of dpsgd modules: {hidden}"
+
+
+def test_only_the_composition_root_sees_hydras_config():
+    """Components read the typed `dpsgd.settings.Settings`; omegaconf stays at the root."""
+    importers = sorted(
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if any(
+            (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("omegaconf"))
+            or (isinstance(node, ast.Import) and any(a.name == "omegaconf" for a in node.names))
+            for node in ast.walk(ast.parse(path.read_text()))
+        )
+    )
+    assert importers == ["dpsgd/composition.py"]

@@ -20,7 +20,7 @@ from dpsgd.building import prepare_data
 from dpsgd.checks import check_config
 from dpsgd.experiment import run_node
 from dpsgd.launch import spawn
-from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config, read_jsonl
+from tests.conftest import RANK_TEST_TIMEOUT_S, compose_settings, read_jsonl
 
 CALLS_DIR: Path | None = (
     None  # set by a test before the ranks fork: where each call of the rule is kept
@@ -75,7 +75,7 @@ def test_a_merge_rule_registered_by_a_test_runs_in_every_pattern_and_grouping(
     global CALLS_DIR
     CALLS_DIR = tmp_path / "calls"
     CALLS_DIR.mkdir()
-    cfg = compose_config(
+    cfg = compose_settings(
         *PATTERNS[pattern],
         "sharing.merge=test_median",
         "nodes=8",
@@ -125,7 +125,7 @@ def test_under_dpsgd_the_rule_s_result_is_the_model_the_next_round_starts_from(t
     global CALLS_DIR
     CALLS_DIR = tmp_path / "calls"
     CALLS_DIR.mkdir()
-    cfg = compose_config(
+    cfg = compose_settings(
         "sharing.merge=test_median",
         "nodes=8",
         "nodes_per_rank=4",
@@ -159,4 +159,4 @@ def test_under_dpsgd_the_rule_s_result_is_the_model_the_next_round_starts_from(t
 
 def test_the_rule_is_chosen_by_name_like_the_built_in_ones():
     assert MERGE_RULES["test_median"] is coordinate_median
-    check_config(compose_config("sharing.merge=test_median", "algorithm=rwm", "nodes=8"), 8)
+    check_config(compose_settings("sharing.merge=test_median", "algorithm=rwm", "nodes=8"), 8)

@@ -21,7 +21,7 @@ from tests.conftest import (
     RANK_TEST_TIMEOUT_S,
     REPO,
     children_of,
-    compose_config,
+    compose_settings,
     read_jsonl,
     wait_for_rounds,
 )
@@ -32,7 +32,7 @@ TIMEOUT_S = 30
 
 
 def test_killed_node_is_named_and_the_others_stop(tmp_path, monkeypatch):
-    cfg = compose_config(
+    cfg = compose_settings(
         "nodes=6", "rounds=500", "log.progress=false", f"comm.timeout_s={TIMEOUT_S}"
     )
     check_config(cfg, 6)

@@ -15,7 +15,14 @@ import torch
 from dpsgd import averaging
 from dpsgd.averaging import Contribution, merge_fill_own, mix_rows_into
 from dpsgd.launch import EXIT_NODE_FAILURE
-from tests.conftest import REPO, children_of, compose_config, read_jsonl, run_train, wait_for_rounds
+from tests.conftest import (
+    REPO,
+    children_of,
+    compose_settings,
+    read_jsonl,
+    run_train,
+    wait_for_rounds,
+)
 
 TIMINGS = {"time_s", "train_s", "comm_s", "eval_s"}
 COMMON = ("nodes=8", "rounds=6", "eval.every=2", "checkpoint.every=0", "log.progress=false")
@@ -144,7 +151,7 @@ def test_impossible_groupings_are_one_paragraph(overrides, words):
     from dpsgd.errors import ConfigError
 
     with pytest.raises(ConfigError, match=words):
-        check_config(compose_config(*overrides))
+        check_config(compose_settings(*overrides))
 
 
 def test_a_killed_rank_is_named_by_the_nodes_it_hosted(tmp_path):
@@ -183,7 +190,7 @@ def test_grouped_rwm_runs_never_hang_and_send_one_message_per_node_per_round(tmp
     from dpsgd.launch import spawn
     from tests.conftest import RANK_TEST_TIMEOUT_S
 
-    cfg = compose_config(
+    cfg = compose_settings(
         "algorithm=rwm",
         "nodes=8",
         "nodes_per_rank=4",

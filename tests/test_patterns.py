@@ -18,7 +18,7 @@ from dpsgd.checks import check_config
 from dpsgd.consensus import ModelSketch, consensus_distance
 from dpsgd.errors import ConfigError
 from dpsgd.topology import mh_weights
-from tests.conftest import compose_config, read_jsonl, run_train
+from tests.conftest import compose_settings, read_jsonl, run_train
 from tests.test_dpsgd_exactness import _random_model, _rounds_from_random_models
 from tests.test_node_groups import _assert_same, _records
 
@@ -71,7 +71,7 @@ def test_epidemic_receive_sets_are_exactly_the_senders_draws():
 def test_epidemic_rounds_over_real_ranks_are_the_float64_reference(tmp_path):
     """Three rounds without training: node j's model becomes the plain mean of its own and its senders'."""
     nodes, fanout, rounds = 6, 2, 3
-    cfg = compose_config(
+    cfg = compose_settings(
         f"nodes={nodes}",
         "algorithm=epidemic",
         f"algorithm.fanout={fanout}",
@@ -83,10 +83,12 @@ def test_epidemic_rounds_over_real_ranks_are_the_float64_reference(tmp_path):
         "log.progress=false",
         f"cache_dir={tmp_path / 'cache'}",
     )
-    _rounds_from_random_models(cfg, nodes, tmp_path, rounds, EpidemicDraws(nodes, fanout, cfg.seed))
+    _rounds_from_random_models(
+        cfg, nodes, tmp_path, rounds, EpidemicDraws(nodes, fanout, cfg.run.seed)
+    )
     numel = np.load(tmp_path / "after_0.npy").size
     models = np.stack([_random_model(r, numel).numpy().astype(np.float64) for r in range(nodes)])
-    draws = EpidemicDraws(nodes, fanout, cfg.seed)
+    draws = EpidemicDraws(nodes, fanout, cfg.run.seed)
     for round_number in range(1, rounds + 1):
         mixing = np.zeros((nodes, nodes))
         for node, senders in enumerate(draws.senders(round_number)):
@@ -181,7 +183,7 @@ def test_epidemic_and_resampled_runs_resume_exactly(tmp_path, pattern):
 
 
 def test_a_resampled_graph_is_the_same_on_every_rank_and_its_weights_stay_doubly_stochastic():
-    cfg = compose_config("nodes=12", "topology.degree=3", "topology.resample_every=3")
+    cfg = compose_settings("nodes=12", "topology.degree=3", "topology.resample_every=3")
     run_graph = check_config(cfg, 12)
     on_one_rank, on_another = round_peers(cfg, run_graph), round_peers(cfg, run_graph)
     graphs = []
@@ -215,7 +217,7 @@ def test_a_resampled_graph_is_the_same_on_every_rank_and_its_weights_stay_doubly
 
 
 def test_mh_weights_of_a_resampled_period_follow_its_degrees():
-    cfg = compose_config(
+    cfg = compose_settings(
         "nodes=10", "topology=smallworld", "topology.degree=4", "topology.resample_every=1"
     )
     peers = round_peers(cfg, check_config(cfg, 10))
@@ -500,7 +502,7 @@ def test_consensus_distance_of_a_run_is_the_distance_of_its_gathered_models(
 def test_epidemic_ignores_the_topology_keys():
     """Peers come from all nodes: a degree that no 4-node regular graph has is no error."""
     graph = check_config(
-        compose_config("nodes=4", "algorithm=epidemic", "algorithm.fanout=2", "topology.degree=4")
+        compose_settings("nodes=4", "algorithm=epidemic", "algorithm.fanout=2", "topology.degree=4")
     )
     assert [graph.neighbours(node) for node in range(4)] == [
         [1, 2, 3],
@@ -529,4 +531,4 @@ def test_epidemic_ignores_the_topology_keys():
 )
 def test_pattern_mistakes_are_one_paragraph(overrides, words):
     with pytest.raises(ConfigError, match="(?s).*" + re.escape(words)):
-        check_config(compose_config("nodes=8", *overrides))
+        check_config(compose_settings("nodes=8", *overrides))

@@ -12,7 +12,7 @@ import pytest
 
 from dpsgd.algorithms.dpsgd import run_dpsgd
 from dpsgd.algorithms.patterns import PATTERNS, Pattern, register_pattern
-from tests.conftest import compose_config, read_jsonl
+from tests.conftest import compose_settings, read_jsonl
 from tests.test_dpsgd_exactness import _random_model, _rounds_from_random_models
 
 
@@ -51,7 +51,7 @@ def test_a_registered_synchronous_pattern_averages_with_its_planned_partner(
     tmp_path, nodes_per_rank
 ):
     nodes = 6
-    cfg = compose_config(
+    cfg = compose_settings(
         "algorithm.name=test_rotating_partner",
         f"nodes={nodes}",
         f"nodes_per_rank={nodes_per_rank}",
@@ -84,7 +84,7 @@ def test_the_registered_pattern_runs_from_the_command_line_config(tmp_path):
     from dpsgd.launch import spawn
     from tests.conftest import RANK_TEST_TIMEOUT_S
 
-    cfg = compose_config(
+    cfg = compose_settings(
         "algorithm.name=test_rotating_partner",
         "nodes=6",
         "nodes_per_rank=2",

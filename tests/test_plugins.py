@@ -15,7 +15,7 @@ from dpsgd.data.datasets import DATASETS, prepare_dataset
 from dpsgd.errors import ConfigError
 from dpsgd.models import MODELS, build_model
 from dpsgd.models.flat import flatten_model
-from tests.conftest import REPO, compose_config, run_train
+from tests.conftest import REPO, compose_settings, run_train
 from tests.plugin_example.data import Blobs
 from tests.plugin_example.nets import TinyMLP
 
@@ -110,11 +110,13 @@ def test_a_registered_data_set_and_model_are_chosen_by_name(tmp_path, monkeypatc
         flatten_model(model), flatten_model(build_model("toy_mlp", dataset.dims, 4, hidden=5))
     )
     # check_config reads the registries' keys: the new names pass, and an unknown name lists them.
-    check_config(compose_config("dataset.name=toy", "model.name=toy_mlp", "nodes=4"), world_size=4)
+    check_config(
+        compose_settings("dataset.name=toy", "model.name=toy_mlp", "nodes=4"), world_size=4
+    )
     with pytest.raises(
         ConfigError, match=r"dataset\.name='nope' is not known; choose one of \[.*'toy'\]"
     ):
-        check_config(compose_config("dataset.name=nope", "nodes=4"), world_size=4)
+        check_config(compose_settings("dataset.name=nope", "nodes=4"), world_size=4)
     with pytest.raises(
         ConfigError, match=r"model\.name='nope' is not known; choose one of \[.*'toy_mlp'\]"
     ):
@@ -209,7 +211,7 @@ def test_a_target_under_dpsgds_own_name_is_refused():
         r"model, so model\.name must be a label of your own, not 'mf': choose "
         r"`model=own model\._target_=tests\.plugin_example\.nets\.TinyMLP`",
     ):
-        check_config(compose_config(f"+model._target_={MLP}", "nodes=4"), world_size=4)
+        check_config(compose_settings(f"+model._target_={MLP}", "nodes=4"), world_size=4)
 
 
 def test_own_without_its_target_says_which_key_and_that_dataset_own_brings_model_own():
@@ -219,7 +221,7 @@ def test_own_without_its_target_says_which_key_and_that_dataset_own_brings_model
         r"TinyNet` \(dataset=own picks model=own too: `model=mf`",
     ):
         check_config(
-            compose_config("dataset=own", f"dataset._target_={BLOBS}", "nodes=4"), world_size=4
+            compose_settings("dataset=own", f"dataset._target_={BLOBS}", "nodes=4"), world_size=4
         )
 
 

@@ -613,11 +613,12 @@ def test_a_run_records_its_no_learning_baseline(sweep: Path):
     from omegaconf import OmegaConf
 
     from dpsgd.building import prepare_data
+    from dpsgd.composition import settings_from
 
-    config = OmegaConf.create((sweep / "0" / "config.yaml").read_text())
+    config = settings_from(OmegaConf.create((sweep / "0" / "config.yaml").read_text()))
     dataset = prepare_data(config)
     parts = [
-        dataset.node_data(node, NODES, config.seed, config.eval.test_samples)
+        dataset.node_data(node, NODES, config.run.seed, config.eval.test_samples)
         for node in range(NODES)
     ]
     train = [float(r) for part in parts for r in part.train[2]]

@@ -21,7 +21,7 @@ from dpsgd.launch import RankFailure, spawn
 from dpsgd.seeding import numpy_rng
 from dpsgd.sharing.wire import HEADER_BYTES
 from dpsgd.training import Trainer
-from tests.conftest import RANK_TEST_TIMEOUT_S, compose_config, read_jsonl, run_train
+from tests.conftest import RANK_TEST_TIMEOUT_S, compose_settings, read_jsonl, run_train
 
 # --- the merge rule ---------------------------------------------------------------------------
 
@@ -62,7 +62,7 @@ def test_partial_message_merges_only_the_received_coordinates(seed):
 
 
 def _rwm_config(*overrides):
-    return compose_config(
+    return compose_settings(
         "algorithm=rwm",
         "nodes=8",
         "rounds=6",
@@ -110,7 +110,7 @@ def test_rwm_sends_one_message_per_round_and_walks_reproducibly(tmp_path):
         for r in records:
             assert r["bytes_sent"] == r["round"] * (HEADER_BYTES + 4 * numel)
         neighbours = topology.neighbours(node)
-        rng = numpy_rng(cfg.seed, "neighbour_choice", node)
+        rng = numpy_rng(cfg.run.seed, "neighbour_choice", node)
         assert [r["sent_to"] for r in records] == [
             neighbours[rng.integers(len(neighbours))] for _ in records
         ]
@@ -276,7 +276,7 @@ def test_periodic_rwm_sends_only_after_every_kth_round(tmp_path, nodes_per_rank)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_max"] == 9 and summary["rounds_min"] >= 3
     message_bytes = HEADER_BYTES + 4 * summary["num_parameters"]
-    config = compose_config("nodes=8")
+    config = compose_settings("nodes=8")
     topology = check_config(config, 8)
     for node in range(8):
         records = read_jsonl(run_dir / "nodes" / f"{node}.jsonl")
@@ -287,7 +287,7 @@ def test_periodic_rwm_sends_only_after_every_kth_round(tmp_path, nodes_per_rank)
         assert all(r["bytes_sent"] == (r["round"] // 3) * message_bytes for r in records)
         assert [r["age"] for r in records] == sorted(r["age"] for r in records)
         neighbours = topology.neighbours(node)
-        rng = numpy_rng(config.seed, "neighbour_choice", node)
+        rng = numpy_rng(config.run.seed, "neighbour_choice", node)
         sent = [r["sent_to"] for r in records if "sent_to" in r]
         assert sent == [neighbours[rng.integers(len(neighbours))] for _ in sent]
 

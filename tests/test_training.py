@@ -17,7 +17,7 @@ from dpsgd.models import build_model
 from dpsgd.models.flat import flatten_model, num_parameters
 from dpsgd.models.mf import MatrixFactorization
 from dpsgd.training import BatchStream, ClassificationTask, RatingsTask, Trainer, build_optimizer
-from tests.conftest import compose_config
+from tests.conftest import compose_settings
 
 
 def _stream(num_examples: int, batch_size: int, seed: int = 0) -> BatchStream:
@@ -224,7 +224,7 @@ def test_mf_offset_is_one_coordinate_of_the_shared_vector_and_learns():
 
 
 def test_every_node_starts_its_offset_at_its_own_train_mean_and_the_rest_identical():
-    cfg = compose_config("nodes=4")
+    cfg = compose_settings("nodes=4")
     dataset = RatingsDataset(
         make_synthetic(
             1, num_users=40, num_items=30, rank=2, min_ratings=20, max_ratings=30, noise_std=0.3
@@ -233,7 +233,7 @@ def test_every_node_starts_its_offset_at_its_own_train_mean_and_the_rest_identic
     )
     flats = []
     for node in range(4):
-        data = dataset.node_data(node, 4, cfg.seed, None)
+        data = dataset.node_data(node, 4, cfg.run.seed, None)
         _, flat = build_trainer(cfg, dataset, data, node)
         assert flat[-1].item() == pytest.approx(data.train[2].double().mean().item(), rel=1e-6)
         flats.append(flat)
