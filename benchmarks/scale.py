@@ -12,6 +12,8 @@ summary. Rows:
 - `ml1_96x100_g96_partial`: MovieLens (1) on one rank of 96 with top-alpha messages (alpha 0.1);
 - `synthetic_1000x20_332k_r<R>`: 1,000 nodes with a 332k-parameter model each on R ranks, 20
   rounds: the memory a round's messages between ranks hold;
+- `synthetic_10000x10_r2`: 10,000 nodes of a MovieLens-sized model (10,000 users and 334 items:
+  217k parameters) on two ranks, 10 rounds: the machine's 20 GiB must hold them;
 - `femnist_96`: FEMNIST, 96 nodes, a few rounds, next to `femnist_floor`: the same 96 nodes'
   forward and backward passes and optimizer steps alone, in one process per core, the
   compute this machine cannot avoid.
@@ -59,6 +61,9 @@ COLUMNS = (
     "final_test_acc",
     "note",
 )
+MEMORY_LIMIT_MB = (
+    21_000  # a row that would exhaust this machine's 24 GiB is stopped (peakmem), not the machine
+)
 SYNTHETIC = (
     "dataset=synthetic",
     "dataset.num_users=2000",
@@ -96,6 +101,16 @@ def _rows(data_dir: str) -> dict[str, list[str]]:
             f"nodes_per_rank={1000 // ranks}",
             "rounds=20",
         ]
+    rows[
+        "synthetic_10000x10_r2"
+    ] = [  # the goal: 10,000 nodes of a MovieLens-sized model (217k) in 20 GiB
+        "dataset=synthetic",
+        "dataset.num_users=10000",
+        "dataset.num_items=334",
+        "nodes=10000",
+        "nodes_per_rank=5000",
+        "rounds=10",
+    ]
     rows["femnist_96"] = [
         "experiment=femnist",
         "nodes=96",
@@ -114,6 +129,8 @@ def run_row(name: str, overrides: list[str], runs_dir: Path) -> dict:
     )  # this script's own scratch: a run never reuses a folder
     command = [
         str(PEAKMEM),
+        "--limit-mb",
+        str(MEMORY_LIMIT_MB),
         "--",
         sys.executable,
         str(REPO / "train.py"),

@@ -127,3 +127,39 @@ def test_one_round_of_partial_messages_follows_the_configured_merge_rule(tmp_pat
                 models[node], degrees, w, peer_masks, values, masks[node]
             )
         np.testing.assert_allclose(np.load(tmp_path / f"after_{node}.npy"), expected, atol=1e-5)
+
+
+def test_whole_models_from_another_rank_are_averaged_as_they_arrive(tmp_path, monkeypatch):
+    """Grouped ranks add another rank's whole models into the average a bounded chunk at a time
+    (the round's messages are never held whole); at one model a chunk the round is still W x."""
+    from dpsgd.transport import rounds
+
+    monkeypatch.setattr(rounds, "STREAM_BYTES", 1)  # every chunk holds one model
+    posted = tmp_path / "posted.txt"
+    receive_values = rounds.RoundTransport._receive_values
+
+    def spy(self, other, batch, into, where):
+        with posted.open("a") as out:
+            out.write(f"{len(batch)}\n")
+        return receive_values(self, other, batch, into, where)
+
+    monkeypatch.setattr(rounds.RoundTransport, "_receive_values", spy)
+    nodes = 8
+    cfg = compose_settings(
+        f"nodes={nodes}",
+        "nodes_per_rank=4",
+        "rounds=1",
+        "optimizer.lr=0",
+        "eval.every=1",
+        "log.progress=false",
+        "topology.degree=3",
+        "dataset.num_users=40",
+        "dataset.num_items=90",
+    )
+    graph = _rounds_from_random_models(cfg, 2, tmp_path)
+    numel = np.load(tmp_path / "after_0.npy").size
+    before = np.stack([_random_model(r, numel).numpy().astype(np.float64) for r in range(nodes)])
+    after = np.stack([np.load(tmp_path / f"after_{r}.npy") for r in range(nodes)])
+    np.testing.assert_allclose(after, mh_matrix(graph) @ before, atol=1e-6, rtol=0)
+    chunks = [int(line) for line in posted.read_text().split()]
+    assert len(chunks) > 2 and set(chunks) == {1}, chunks  # models from the other rank, one by one

@@ -7,6 +7,8 @@ and Epidemic Learning's random receivers with equal weights.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dpsgd.algorithms.peers import FixedGraph, RoundPeers
@@ -44,8 +46,7 @@ def run_dpsgd(
                 node.rank: node.sharing.pack(node.flat, round_number, len(targets[node.rank]))
                 for node in group.nodes
             }
-            received = group.transport.exchange(outgoing, targets)
-            _merge_group(group, peers, round_number, outgoing, received)
+            _exchange_and_merge(group, peers, round_number, outgoing, targets)
         with clock.phase("eval"):
             metrics = [
                 node.evaluate() if node.schedule.due(round_number) else {} for node in group.nodes
@@ -92,27 +93,56 @@ def contributions(
     ]
 
 
-def _merge_group(
+def _exchange_and_merge(
+    group: NodeGroup,
+    peers: RoundPeers,
+    round_number: int,
+    outgoing: dict[int, Message],
+    targets: list[list[int]],
+) -> None:
+    """Every hosted node merges what its neighbours sent, each exactly as it would alone.
+
+    Whole models under fill_own are averaged out of place into the group's spare rows, which
+    then become the rows: nobody's input changes while others read it, at no copy. Other ranks'
+    models are added as they arrive (the average is linear), so a round's messages between ranks
+    are never held whole. Otherwise nodes merge in place, after the messages that are live rows
+    were copied. A node alone on its rank reads no live row but its own: it merges in place.
+    """
+    averaged = []
+
+    def arriving(received: dict[int, dict[int, Message]]):
+        if not _whole_models(group, received):
+            return None
+        averaged.append(True)
+        return _average_whole_models(group, peers, round_number, received)
+
+    received = group.transport.exchange(outgoing, targets, arriving)
+    if averaged:
+        group.swap_rows()
+    else:
+        _merge_in_place(group, peers, round_number, outgoing, received)
+    for node in group.nodes:
+        node.sharing.after_merge(node.flat)
+
+
+def _whole_models(group: NodeGroup, received: dict[int, dict[int, Message]]) -> bool:
+    """Whether every hosted node averages whole models (fill_own on full messages) with others."""
+    return (
+        len(group.nodes) > 1
+        and group.nodes[0].merge is merge_fill_own
+        and all(m.encoding == Encoding.FULL for ms in received.values() for m in ms.values())
+    )
+
+
+def _merge_in_place(
     group: NodeGroup,
     peers: RoundPeers,
     round_number: int,
     outgoing: dict[int, Message],
     received: dict[int, dict[int, Message]],
 ) -> None:
-    """Every hosted node merges what its neighbours sent, each exactly as it would alone.
-
-    Whole models under fill_own are averaged out of place into the group's spare rows,
-    which then become the rows: nobody's input changes while others read it, at no copy.
-    Otherwise nodes merge in place, after the messages that are live rows were copied. A node
-    alone on its rank reads no live row but its own: it merges in place, with nothing to copy.
-    """
-    alone = len(group.nodes) == 1
-    whole = (
-        not alone
-        and group.nodes[0].merge is merge_fill_own
-        and all(m.encoding == Encoding.FULL for ms in received.values() for m in ms.values())
-    )
-    if not whole and not alone:  # before decoding: decoded values must point at the copy
+    """Each node's merge rule on its own row, after the messages that are live rows were copied."""
+    if len(group.nodes) > 1:  # before decoding: decoded values must point at the copy
         _detached(outgoing, group.rows, group.spare)
     decoder = group.nodes[0].sharing  # every node's method decodes alike: once per sender
     decoded = {
@@ -120,17 +150,11 @@ def _merge_group(
         for messages in received.values()
         for sender, message in messages.items()
     }
-    if whole:
-        _average_whole_models(group, peers, round_number, received, decoded)
-        group.swap_rows()
-    else:
-        for node in group.nodes:
-            self_weight, weighed = contributions(
-                node, peers, round_number, received[node.rank], decoded
-            )
-            node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
     for node in group.nodes:
-        node.sharing.after_merge(node.flat)
+        self_weight, weighed = contributions(
+            node, peers, round_number, received[node.rank], decoded
+        )
+        node.merge(node.flat, self_weight, weighed, own_index=node.sharing.last_sent_index)
 
 
 def _average_whole_models(
@@ -138,27 +162,35 @@ def _average_whole_models(
     peers: RoundPeers,
     round_number: int,
     received: dict[int, dict[int, Message]],
-    decoded: dict[int, tuple],
-) -> None:
-    """Averaging of every hosted node (weights as the pattern says) into the spare rows in one sparse product
-    over the rows; a neighbour whose message is not its live row (another rank's, or values
-    rounded to a lighter type on the wire) is added to its reader's row afterwards."""
+) -> Callable[[int, torch.Tensor], None]:
+    """Averaging of every hosted node (weights as the pattern says) into the spare rows in one sparse
+    product over the rows; a message that is not its sender's live row (values rounded to a lighter
+    type on the wire) is added to its reader's row. Returns what adds another rank's model to the
+    rows of its readers as it arrives (its weights come from the headers, in before any model)."""
     position = {node.rank: g for g, node in enumerate(group.nodes)}
-    from_rows, from_messages = [], []
+    from_rows, readers = [], {}
     for g, node in enumerate(group.nodes):
-        self_weight, weighed = contributions(
-            node, peers, round_number, received[node.rank], decoded
+        self_weight, weights = peers.weigh(
+            len(peers.targets(round_number)[node.rank]),
+            {peer: message.degree for peer, message in received[node.rank].items()},
         )
         from_rows.append((g, g, self_weight))
-        for sender, contribution in zip(received[node.rank], weighed):
+        for sender, message in received[node.rank].items():
             row = position.get(sender)
-            if row is not None and _is_row(contribution.values, group.rows[row]):
-                from_rows.append((g, row, contribution.weight))
+            if row is not None and _is_row(message.values, group.rows[row]):
+                from_rows.append((g, row, weights[sender]))
             else:
-                from_messages.append((g, contribution))
+                readers.setdefault(sender, []).append((g, weights[sender]))
     mix_rows_into(group.spare, group.rows, from_rows)
-    for g, contribution in from_messages:
-        group.spare[g].add_(contribution.values, alpha=contribution.weight)
+
+    def add(sender: int, values: torch.Tensor) -> None:
+        for g, weight in readers[sender]:
+            group.spare[g].add_(values, alpha=weight)
+
+    local = {s: m for messages in received.values() for s, m in messages.items() if s in position}
+    for sender in [s for s in readers if s in local]:  # this rank's own, rounded on the wire
+        add(sender, local[sender].values)
+    return add
 
 
 def _is_row(values: torch.Tensor, row: torch.Tensor) -> bool:
