@@ -149,3 +149,32 @@ def test_when_zeros_decide_the_nonzeros_and_the_lowest_zeros_come_back_directly(
         assert np.array_equal(candidates, reference(np.nan_to_num(magnitude, nan=np.inf), k))
     candidates = selection._candidates(magnitude, 5_000)  # fewer than the nonzeros: exact on them
     assert candidates is not None and 5_000 < candidates.size <= 10_000
+
+
+def test_a_message_left_unwritten_declares_the_index_it_writes():
+    """Partial sharing leaves a message's index unwritten (a receiver of the same rank never reads it):
+    the header and the byte counts it declares are those of the index written when it is sent."""
+    import dataclasses
+
+    from dpsgd.sharing.partial import PartialSharing
+
+    generator = torch.Generator().manual_seed(5)
+    for numel, alpha in [(1000, 0.01), (50_000, 0.1), (50_000, 0.6), (204_000, 0.3)]:
+        flat = torch.randn(numel, generator=generator)
+        sharing = PartialSharing(
+            flat, alpha, accumulation=True, accumulate_averaging_changes=True, metadata_cap=1.0
+        )
+        flat += torch.randn(numel, generator=generator)  # a round's training
+        message = sharing.pack(flat, round_number=1, degree=4)
+        assert message.unwritten_index is not None
+        declared = (message.header().clone(), message.meta_bytes)
+        written = dataclasses.replace(message)
+        index = written.index
+        assert written.unwritten_index is None and index is written.index
+        assert (written.header().tolist(), written.meta_bytes) == (
+            declared[0].tolist(),
+            declared[1],
+        )
+        as_received = dataclasses.replace(written, coordinates=None)
+        coordinates, values = sharing.decode(as_received)
+        assert torch.equal(coordinates, message.coordinates) and values is message.values

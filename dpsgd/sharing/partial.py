@@ -12,7 +12,7 @@ import torch
 
 from dpsgd.seeding import torch_generator
 from dpsgd.sharing.selection import decode_indices, encode_indices, smallest_encoding, top_k_indices
-from dpsgd.sharing.wire import Encoding, Message, encoding_problem
+from dpsgd.sharing.wire import INDEX_DTYPES, Encoding, Message, encoding_problem
 
 
 def coordinates_to_send(alpha: float, numel: int) -> int:
@@ -65,16 +65,19 @@ class PartialSharing:
         chosen = top_k_indices(score, coordinates_to_send(alpha, self.numel))
         self._accumulated[chosen] = 0.0
         self.last_sent_index = chosen
-        encoding, _, parameter = smallest_encoding(chosen, self.numel)
+        encoding, index_bytes, parameter = smallest_encoding(chosen, self.numel)
         return Message(
             round=round_number,
             degree=degree,
             age=age,
             encoding=encoding,
             values=torch.index_select(flat, 0, chosen, out=self._values[: chosen.numel()]),
-            index=encode_indices(chosen, self.numel, encoding, parameter),
-            coordinates=chosen,
-        )  # a receiver of the same rank needs no decoding
+            coordinates=chosen,  # a receiver of the same rank needs no decoding, nor the index
+            unwritten_index=(
+                index_bytes // INDEX_DTYPES[encoding].itemsize,
+                lambda: encode_indices(chosen, self.numel, encoding, parameter),
+            ),
+        )
 
     def round_alpha(self) -> float:
         return self.alpha

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Callable
 
 import torch
 
@@ -91,6 +92,9 @@ class Message:
     # The coordinates the index names: the sender's own choice (handed over within a rank), or
     # decoded once by the receiver's check (`read_index`), so the method's decode need not decode them.
     coordinates: torch.Tensor | None = None
+    # An index not written yet: (its length in elements of its type, a function that writes it),
+    # written when `index` is first read; a message read only on its sender's rank never is.
+    unwritten_index: tuple[int, Callable[[], torch.Tensor]] | None = None
 
     @classmethod
     def received(
@@ -115,7 +119,7 @@ class Message:
     def header(self) -> torch.Tensor:
         """The header tensor. The 63-bit seed travels as two int32, low half first, each the two's
         complement reading of its 32 bits (`parse_header` joins them back)."""
-        num_index = 0 if self.index is None else self.index.numel()
+        num_index = self._index_numel()
         seed_low = (self.seed & 0xFFFF_FFFF) - ((self.seed & 0x8000_0000) << 1)
         fields = [
             self.round,
@@ -138,12 +142,34 @@ class Message:
     @property
     def meta_bytes(self) -> int:
         """Bytes of everything else: header, indices."""
+        if self.unwritten_index is not None:
+            return HEADER_BYTES + self.unwritten_index[0] * INDEX_DTYPES[self.encoding].itemsize
         index_bytes = 0 if self.index is None else self.index.numel() * self.index.element_size()
         return HEADER_BYTES + index_bytes
+
+    def _index_numel(self) -> int:
+        if self.unwritten_index is not None:
+            return self.unwritten_index[0]
+        return 0 if self.index is None else self.index.numel()
 
     @property
     def total_bytes(self) -> int:
         return self.data_bytes + self.meta_bytes
+
+
+def _read_index(message: Message) -> torch.Tensor | None:
+    unwritten = message.__dict__.get("unwritten_index")
+    if unwritten is not None:
+        message.__dict__["_index"], message.__dict__["unwritten_index"] = unwritten[1](), None
+    return message.__dict__.get("_index")
+
+
+def _keep_index(message: Message, index: torch.Tensor | None) -> None:
+    message.__dict__["_index"] = index
+
+
+# `index` is written when first read (`unwritten_index`); set, it is kept as given.
+Message.index = property(_read_index, _keep_index)
 
 
 def encoding_problem(
