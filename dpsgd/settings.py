@@ -233,11 +233,20 @@ class PatternSettings:
 
 
 @dataclass(frozen=True)
-class DatasetSettings:
-    """`options`: every key but `name` (a `_target_` of the user's own included): the builder's keywords."""
+class BuiltByName:
+    """A group whose builder is chosen by `name` from a registry, or by a `_target_` of the user's
+    own; `options`: every key but `name` (`_target_` included), the builder's keywords."""
 
     name: str | None = None
     options: dict = field(default_factory=dict)
+
+    @property
+    def target(self) -> str | None:
+        return self.options.get("_target_")
+
+
+@dataclass(frozen=True)
+class DatasetSettings(BuiltByName):
     OPTION_RULES: ClassVar = (
         Rule("_target_", "text", optional=True, example="mypkg.data.MyRatings"),
         Rule("name", "text", example="movielens"),
@@ -254,17 +263,11 @@ class DatasetSettings:
         Rule("partition", "text", optional=True, example="shuffled_users"),
     )
 
-    @property
-    def target(self) -> str | None:
-        return self.options.get("_target_")
-
 
 @dataclass(frozen=True)
-class ModelSettings:
-    """`options`: every key but `name`; `regularization` is the loss's (`dpsgd.building.build_task`)."""
+class ModelSettings(BuiltByName):
+    """`regularization` among the options is the loss's (`dpsgd.building.build_task`)."""
 
-    name: str | None = None
-    options: dict = field(default_factory=dict)
     OPTION_RULES: ClassVar = (
         Rule("_target_", "text", optional=True, example="mypkg.nets.TinyNet"),
         Rule("name", "text", example="mf"),
@@ -273,13 +276,9 @@ class ModelSettings:
         Rule("input_scale", "number", low=0, low_open=True, example="1.0"),
     )
 
-    @property
-    def target(self) -> str | None:
-        return self.options.get("_target_")
-
 
 # Config group -> the settings dataclass holding it ("": the top-level keys).
-GROUPS: dict[str, type] = {
+GROUP_SETTINGS: dict[str, type] = {
     "": RunSettings,
     "train": TrainSettings,
     "eval": EvalSettings,
@@ -294,7 +293,9 @@ GROUPS: dict[str, type] = {
     "dataset": DatasetSettings,
 }
 RULES: tuple[Rule, ...] = tuple(
-    rule for group, cls in GROUPS.items() for rule in _rules_of(cls, f"{group}." if group else "")
+    rule
+    for group, cls in GROUP_SETTINGS.items()
+    for rule in _rules_of(cls, f"{group}." if group else "")
 )
 
 
@@ -322,7 +323,7 @@ class Settings:
         """Settings from the resolved config (plain dicts and values whose rules have been checked)."""
         parts = {
             ("run" if group == "" else group): _build(kind, tree if group == "" else tree[group])
-            for group, kind in GROUPS.items()
+            for group, kind in GROUP_SETTINGS.items()
         }
         return cls(**parts, resolved=tree)
 

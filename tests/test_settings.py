@@ -10,7 +10,7 @@ import pytest
 from dpsgd import config_help
 from dpsgd.composition import settings_from
 from dpsgd.errors import ConfigError
-from dpsgd.settings import GROUPS, RULES, Settings
+from dpsgd.settings import GROUP_SETTINGS, RULES, Settings
 from tests.conftest import compose_config
 
 PRESETS = (
@@ -67,4 +67,4 @@ def test_every_rule_names_a_declared_key_once():
     keys = [rule.key for rule in RULES]
     assert len(keys) == len(set(keys))
     assert not [key for key in keys if key not in declared]
-    assert set(GROUPS) - {""} <= {key.split(".")[0] for key in keys}
+    assert set(GROUP_SETTINGS) - {""} <= {key.split(".")[0] for key in keys}

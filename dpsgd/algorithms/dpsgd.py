@@ -76,10 +76,7 @@ def contributions(
     `decoded`: messages already decoded (a node group decodes each sender's message once).
     The contributions are in the order of `received`, so they can be zipped with its senders.
     """
-    own_degree = len(peers.targets(round_number)[node.rank])
-    self_weight, weights = peers.weigh(
-        own_degree, {peer: message.degree for peer, message in received.items()}
-    )
+    self_weight, weights = merge_weights(node, peers, round_number, received)
     if decoded is None:
         decoded = {peer: node.sharing.decode(message) for peer, message in received.items()}
     return self_weight, [
@@ -91,6 +88,15 @@ def contributions(
         )
         for peer in received
     ]
+
+
+def merge_weights(
+    node: Node, peers: RoundPeers, round_number: int, received: dict[int, Message]
+) -> tuple[float, dict[int, float]]:
+    """(own weight, weight per sender) as the pattern says, from the degree each sender announced
+    (its header is enough: the weights are known before any values arrive)."""
+    own_degree = len(peers.targets(round_number)[node.rank])
+    return peers.weigh(own_degree, {peer: message.degree for peer, message in received.items()})
 
 
 def _exchange_and_merge(
@@ -108,13 +114,12 @@ def _exchange_and_merge(
     are never held whole. Otherwise nodes merge in place, after the messages that are live rows
     were copied. A node alone on its rank reads no live row but its own: it merges in place.
     """
-    averaged = []
+    averaged = False
 
     def arriving(received: dict[int, dict[int, Message]]):
-        if not _whole_models(group, received):
-            return None
-        averaged.append(True)
-        return _average_whole_models(group, peers, round_number, received)
+        nonlocal averaged
+        averaged = _whole_models(group, received)
+        return _average_whole_models(group, peers, round_number, received) if averaged else None
 
     received = group.transport.exchange(outgoing, targets, arriving)
     if averaged:
@@ -170,10 +175,7 @@ def _average_whole_models(
     position = {node.rank: g for g, node in enumerate(group.nodes)}
     from_rows, readers = [], {}
     for g, node in enumerate(group.nodes):
-        self_weight, weights = peers.weigh(
-            len(peers.targets(round_number)[node.rank]),
-            {peer: message.degree for peer, message in received[node.rank].items()},
-        )
+        self_weight, weights = merge_weights(node, peers, round_number, received[node.rank])
         from_rows.append((g, g, self_weight))
         for sender, message in received[node.rank].items():
             row = position.get(sender)
