@@ -10,20 +10,19 @@ them saved, and every node continues from there: D-PSGD exactly as if never inte
 RWM restarts its walks from the saved models and ages (messages in flight at the
 interruption are gone).
 
-Writing is in the background (`CheckpointWriter`): at a checkpoint round a node serializes
-its state into memory (about a millisecond for a MovieLens model) and trains on while a writer
-thread puts the bytes on disk, waits for fsync and prunes. Done in the round, writing cost a
-rank of 96 MovieLens nodes 13-22% of its run; in the background it costs 0-3% (issue 22,
-`benchmarks/checkpoints.py`). A node has one checkpoint in progress at most: before it writes
-the next one, and at the run's last round, it waits for the one in progress; a write that
-failed raises there, on the node's thread. Only a checkpoint that is wholly on disk is renamed
-to its round, announced to the others and counted by a resume.
+Writing is in the background (`CheckpointWriter`): at a checkpoint round a node copies its
+tensors (a tenth of a millisecond for a MovieLens model) and trains on while a writer thread
+serializes them, puts the bytes on disk, waits for fsync and prunes. Done in the round, writing
+cost a rank of 96 MovieLens nodes 13-22% of its run (`benchmarks/checkpoints.py`). A node has one
+checkpoint in progress at most: before it writes the next one, and at the run's last round, it
+waits for the one in progress; a write that failed raises there, on the node's thread. Only a
+checkpoint that is wholly on disk is renamed to its round, announced to the others and counted
+by a resume.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import pickle
@@ -184,29 +183,28 @@ class Checkpoints:
     def save(
         self, node: SavedNode, round_number: int, elapsed_s: float, algorithm_state: dict
     ) -> None:
-        """Serialize this node's state after `round_number` and hand the bytes to the writer (`wait` ends the write).
+        """Copy this node's state after `round_number` and hand it to a writer thread, which
+        serializes and writes it (`wait` ends the write).
 
-        The bytes are taken now, so the node may change its state while the file is written.
+        The tensors are copied now, so the node may change its state while the file is written;
+        serializing is left to the thread (torch.save releases the interpreter while it copies
+        bytes, so the node trains on meanwhile).
         """
         self.wait()  # one checkpoint in progress per node: the previous one is on disk (or raised) first
-        serialized = io.BytesIO()
-        torch.save(
+        state = _copied(
             {
                 "round": round_number,
                 "elapsed_s": elapsed_s,
-                "flat": node.flat.clone(),  # a view would save its base
+                "flat": node.flat,
                 "optimizer": node.trainer.optimizer.state_dict(),
                 "batches": node.trainer.batches.state_dict(),
                 "sharing": node.sharing.state_dict(),
                 "bytes": asdict(node.link.bytes),
                 "rng": node.rng.bit_generator.state,
                 "algorithm": algorithm_state,
-            },
-            serialized,
+            }
         )
-        self._writing = self.writer.submit(
-            partial(self._write, round_number, serialized.getbuffer())
-        )
+        self._writing = self.writer.submit(partial(self._write, round_number, state))
 
     def wait(self) -> None:
         """Until the checkpoint in progress is on disk (and pruned); raises if writing it failed."""
@@ -214,13 +212,13 @@ class Checkpoints:
             write, self._writing = self._writing, None
             write.result()  # the writer thread's error, raised on the node's thread
 
-    def _write(self, round_number: int, serialized: memoryview) -> None:
-        """On a writer thread: the bytes under a temporary name, flushed to disk, renamed to their round; prune."""
+    def _write(self, round_number: int, state: dict) -> None:
+        """On a writer thread: the state under a temporary name, flushed to disk, renamed to its round; prune."""
         temporary = self.directory / f".{round_number}.pt.tmp"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with open(temporary, "wb") as file:
-                file.write(serialized)
+                torch.save(state, file)
                 file.flush()
                 os.fsync(
                     file.fileno()
@@ -271,6 +269,18 @@ class Checkpoints:
         for old in older:
             if old < slowest:
                 (self.directory / f"{old}.pt").unlink(missing_ok=True)
+
+
+def _copied(tree: Any) -> Any:
+    """`tree` with every tensor in it cloned and every dict, list and tuple rebuilt: a copy that
+    the node's later steps cannot change (a view is cloned too, so only its own values are saved)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {key: _copied(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copied(value) for value in tree)
+    return tree
 
 
 def load_checkpoint(path: Path, numel: int | None = None) -> dict:
