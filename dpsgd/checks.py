@@ -13,8 +13,8 @@ from dpsgd.data.datasets import dataset_builder
 from dpsgd.errors import ConfigError
 from dpsgd.models import model_builder
 from dpsgd.seeding import stream_key
-from dpsgd.settings import Settings, alpha_note
-from dpsgd.sharing import check_sharing
+from dpsgd.settings import Settings
+from dpsgd.sharing import alpha_note, check_sharing
 from dpsgd.topology import DEFAULT_DEGREE, Topology, build_topology, default_degree
 from dpsgd.training import check_optimizer
 
@@ -91,7 +91,7 @@ def topology_degree(settings: Settings) -> int:
 def config_notes(settings: Settings) -> list[str]:
     """One line for each setting that does not mean what it may seem to: said at start-up and kept in
     the run's config.yaml. Call after check_config (the values are valid)."""
-    notes = [note for note in (alpha_note(settings),) if note]
+    notes = [note for note in (alpha_note(settings.sharing.name, settings.run.alpha),) if note]
     degree = topology_degree(settings)
     if (
         settings.topology.degree is None

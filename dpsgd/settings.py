@@ -328,25 +328,6 @@ class Settings:
         return cls(**parts, resolved=tree)
 
 
-def alpha_note(settings: Settings) -> str | None:
-    """Why `alpha` does not apply to this run's sharing method, or None when it does (or is left at 1).
-
-    `alpha` means something to partial and sub-sampling sharing only. A sweep that crosses
-    sharing methods with alphas (`sharing=full,partial alpha=0.1,0.5`) is the usual way to
-    compare them, so with the other methods alpha is accepted, said not to apply, and
-    recorded so in the run's config.yaml; the report leaves it out of their labels.
-    """
-    sharing, alpha = settings.sharing.name, settings.run.alpha
-    if sharing not in ("full", "random_alpha") or alpha == 1.0:
-        return None
-    why = (
-        "every message carries the whole model"
-        if sharing == "full"
-        else "each round's fraction is drawn from sharing.alpha_list"
-    )
-    return f"alpha={alpha} does not apply to sharing={sharing} ({why})"
-
-
 def builder_for(
     group: str, registry: Mapping[str, Callable], name: str | None, target: str | None, hint: str
 ) -> Callable:

@@ -26,7 +26,9 @@ CONFIG_FILE = "config.yaml"
 NODES_DIR = "nodes"
 # Sub-directories of a run that never hold another run; skipping them keeps discovery fast.
 RUN_INTERNALS = {NODES_DIR, "tb", ".hydra"}
-# Sharing methods whose `alpha` says nothing about what was sent (full sends all, random_alpha draws its own).
+# Sharing methods whose `alpha` says nothing about what was sent (full sends all, random_alpha draws
+# its own): `alpha_unused` in dpsgd.sharing.methods, repeated here because the report never imports
+# torch (tests/test_plug_in_sharing.py checks that the two agree).
 SHARING_WITHOUT_ALPHA = {"full", "random_alpha"}
 
 

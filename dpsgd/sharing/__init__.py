@@ -14,9 +14,8 @@ import torch
 
 from dpsgd.averaging import MERGE_RULES
 from dpsgd.errors import ConfigError
-from dpsgd.sharing.full import FullSharing
-from dpsgd.sharing.partial import PartialSharing, RandomAlphaSharing
-from dpsgd.sharing.subsampling import SubsamplingSharing
+from dpsgd.sharing import full, partial, subsampling  # noqa: F401 - they register their methods
+from dpsgd.sharing.methods import SHARING_METHODS
 from dpsgd.sharing.values import WireValues
 from dpsgd.sharing.wire import VALUE_TYPES, Message
 
@@ -43,34 +42,28 @@ class Sharing(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-SHARING_METHODS = ("full", "partial", "random_alpha", "subsampling")
-
-
 def check_sharing(name: str, alpha: float, options: dict) -> None:
     """Reject invalid sharing settings before any rank trains (see SPEC §4)."""
     if name not in SHARING_METHODS:
         raise ConfigError(
             f"sharing.name={name!r} is not a known sharing method. Choose one of "
-            f"{list(SHARING_METHODS)}, e.g. `sharing=partial alpha=0.1`."
+            f"{sorted(SHARING_METHODS)}, e.g. `sharing=partial alpha=0.1`."
         )
+    method = SHARING_METHODS[name]
     merge = options.get("merge", "fill_own")
     if merge not in MERGE_RULES:
         raise ConfigError(
             f"sharing.merge={merge!r} is not a known merge rule. Choose one of "
             f"{sorted(MERGE_RULES)}, e.g. `sharing.merge=fill_own`."
         )
-    if name in ("partial", "subsampling") and not 0 < alpha <= 1:
+    if method.alpha_unused is None and not 0 < alpha <= 1:
         raise ConfigError(
             f"alpha={alpha} is outside (0, 1]: it is the fraction of the model each "
             f"message carries with sharing={name}. Set e.g. `alpha=0.1`."
         )
-    if name == "random_alpha":
-        alpha_list = options.get("alpha_list") or []
-        if not alpha_list or not all(0 < a <= 1 for a in alpha_list):
-            raise ConfigError(
-                f"sharing.alpha_list={list(alpha_list)} must be a non-empty list of fractions "
-                "in (0, 1], e.g. `sharing.alpha_list=[0.1,0.2,0.3,0.4,1.0]`."
-            )
+    problem = method.check(options) if method.check else None
+    if problem:
+        raise ConfigError(problem)
     values = options.get("values", "float32")
     if values not in VALUE_TYPES:
         raise ConfigError(
@@ -86,28 +79,25 @@ def check_sharing(name: str, alpha: float, options: dict) -> None:
         )
 
 
+def alpha_note(name: str, alpha: float) -> str | None:
+    """Why `alpha` does not apply to sharing method `name`, or None when it does (or is left at 1).
+
+    `alpha` means something to partial and sub-sampling sharing only. A sweep that crosses
+    sharing methods with alphas (`sharing=full,partial alpha=0.1,0.5`) is the usual way to
+    compare them, so with the other methods alpha is accepted, said not to apply, and
+    recorded so in the run's config.yaml; the report leaves it out of their labels.
+    """
+    why = SHARING_METHODS[name].alpha_unused
+    if why is None or alpha == 1.0:
+        return None
+    return f"alpha={alpha} does not apply to sharing={name} ({why})"
+
+
 def build_sharing(
     name: str, flat: torch.Tensor, alpha: float, options: dict, seed: int, node: int
 ) -> Sharing:
     """The sharing method named by `sharing.name`, with its `sharing.*` options, its values on the
     wire in `sharing.values`."""
     check_sharing(name, alpha, options)
-    return WireValues(
-        _method(name, flat, alpha, options, seed, node), options.get("values", "float32")
-    )
-
-
-def _method(
-    name: str, flat: torch.Tensor, alpha: float, options: dict, seed: int, node: int
-) -> Sharing:
-    if name == "full":
-        return FullSharing()
-    if name == "subsampling":
-        return SubsamplingSharing(flat, alpha, seed, node)
-    partial_options = {
-        key: options[key]
-        for key in ("accumulation", "accumulate_averaging_changes", "metadata_cap")
-    }
-    if name == "partial":
-        return PartialSharing(flat, alpha, **partial_options)
-    return RandomAlphaSharing(flat, list(options["alpha_list"]), seed, node, **partial_options)
+    method = SHARING_METHODS[name].build(flat, alpha, options, seed, node)
+    return WireValues(method, options.get("values", "float32"))

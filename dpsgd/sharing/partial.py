@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dpsgd.seeding import torch_generator
+from dpsgd.sharing.methods import sharing_method
 from dpsgd.sharing.selection import decode_indices, encode_indices, smallest_encoding, top_k_indices
 from dpsgd.sharing.wire import INDEX_DTYPES, Encoding, Message, encoding_problem
 
@@ -136,3 +137,39 @@ class RandomAlphaSharing(PartialSharing):
         choice = torch.randint(len(self.alpha_list), (1,), generator=self._generator).item()
         self.last_alpha = self.alpha_list[choice]
         return self.last_alpha
+
+
+def _switches(options: dict) -> dict:
+    """The keyword switches both methods take, from the sharing.* options."""
+    return {
+        key: options[key]
+        for key in ("accumulation", "accumulate_averaging_changes", "metadata_cap")
+    }
+
+
+@sharing_method("partial")
+def partial_sharing(
+    flat: torch.Tensor, alpha: float, options: dict, seed: int, node: int
+) -> PartialSharing:
+    return PartialSharing(flat, alpha, **_switches(options))
+
+
+def _alpha_list_problem(options: dict) -> str | None:
+    alpha_list = options.get("alpha_list") or []
+    if alpha_list and all(0 < a <= 1 for a in alpha_list):
+        return None
+    return (
+        f"sharing.alpha_list={list(alpha_list)} must be a non-empty list of fractions "
+        "in (0, 1], e.g. `sharing.alpha_list=[0.1,0.2,0.3,0.4,1.0]`."
+    )
+
+
+@sharing_method(
+    "random_alpha",
+    alpha_unused="each round's fraction is drawn from sharing.alpha_list",
+    check=_alpha_list_problem,
+)
+def random_alpha_sharing(
+    flat: torch.Tensor, alpha: float, options: dict, seed: int, node: int
+) -> RandomAlphaSharing:
+    return RandomAlphaSharing(flat, list(options["alpha_list"]), seed, node, **_switches(options))

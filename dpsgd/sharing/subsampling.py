@@ -16,6 +16,7 @@ import threading
 import torch
 
 from dpsgd.seeding import stream_key
+from dpsgd.sharing.methods import sharing_method
 from dpsgd.sharing.wire import Encoding, Message, MessageRejected, encoding_problem
 
 # Masks checked but not yet decoded: a round's messages (D-PSGD) or the RWM arrival queue; more are redrawn.
@@ -105,3 +106,10 @@ def _count_problem(mask_seed: int, chosen: int, num_values: int) -> str | None:
         f"the sub-sampling mask from seed {mask_seed} selects {chosen} coordinates but the message carries "
         f"num_values={num_values}: sender and receiver disagree on alpha or on the model size"
     )
+
+
+@sharing_method("subsampling")
+def subsampling_sharing(
+    flat: torch.Tensor, alpha: float, options: dict, seed: int, node: int
+) -> SubsamplingSharing:
+    return SubsamplingSharing(flat, alpha, seed, node)
