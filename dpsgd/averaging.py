@@ -43,18 +43,18 @@ def merge_fill_own(
     That is w_ii x + sum_j w_ij x_j when every neighbour sent everything. `self_weight`
     and `own_index` are implied by the rule and accepted for a common signature.
     """
-    partial_updates = [
-        (c.index, c.weight * (c.values - flat[c.index]))
-        for c in contributions
-        if c.index is not None
-    ]
+    partial_updates = []  # every v_j[c] - x[c] read before any is added
+    for c in contributions:
+        if c.index is not None:
+            difference = torch.index_select(flat, 0, c.index)
+            partial_updates.append((c, torch.sub(c.values, difference, out=difference)))
     full = [c for c in contributions if c.index is None]
     if full:
         flat.mul_(1.0 - sum(c.weight for c in full))
         for contribution in full:
             flat.add_(contribution.values, alpha=contribution.weight)
-    for index, update in partial_updates:
-        flat.index_add_(0, index, update)
+    for contribution, difference in partial_updates:
+        flat.index_add_(0, contribution.index, difference, alpha=contribution.weight)
 
 
 MIX_BLOCK_COLUMNS = (

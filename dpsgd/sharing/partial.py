@@ -41,30 +41,38 @@ class PartialSharing:
         self.accumulate_averaging_changes = accumulation and accumulate_averaging_changes
         self.metadata_cap = metadata_cap
         self.numel = flat.numel()
-        self._snapshot = flat.clone()  # the model when this round's training started
+        # Total drift since last sent is x - (x as last sent), so the drift mode keeps the model
+        # as each coordinate was last sent and takes one difference a round; the other modes keep
+        # the model as this round's training started.
+        self._snapshot = flat.clone()
         self._accumulated = torch.zeros_like(flat)
-        self._change = torch.empty_like(flat)  # this round's training change, reused every round
-        self._values = torch.empty_like(
-            flat
-        )  # send buffer, reused: a message is sent before the next pack
+        drift = accumulation and accumulate_averaging_changes
+        self._change = None if drift else torch.empty_like(flat)  # this round's training change
+        self._values = torch.empty_like(flat)  # send buffer: a message is sent before the next pack
         self.last_sent_index: torch.Tensor | None = None
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
         alpha = self.round_alpha()
-        training_change = torch.sub(flat, self._snapshot, out=self._change)
-        if self.accumulation:
-            self._accumulated += training_change
         if self.accumulate_averaging_changes:
-            self._snapshot.copy_(flat)  # after_merge adds the averaging change against this
+            score = torch.sub(flat, self._snapshot, out=self._accumulated)  # drift since sent
+        else:
+            training_change = torch.sub(flat, self._snapshot, out=self._change)
+            if self.accumulation:
+                self._accumulated += training_change
+            score = self._accumulated if self.accumulation else training_change
         if alpha >= self.metadata_cap:
             self._accumulated.zero_()
+            if self.accumulate_averaging_changes:
+                self._snapshot.copy_(flat)
             self.last_sent_index = None
             return Message(
                 round=round_number, degree=degree, age=age, encoding=Encoding.FULL, values=flat
             )
-        score = self._accumulated if self.accumulation else training_change
         chosen = top_k_indices(score, coordinates_to_send(alpha, self.numel))
-        self._accumulated[chosen] = 0.0
+        self._accumulated.index_fill_(0, chosen, 0.0)
+        values = torch.index_select(flat, 0, chosen, out=self._values[: chosen.numel()])
+        if self.accumulate_averaging_changes:
+            self._snapshot.index_copy_(0, chosen, values)  # these coordinates are sent as they are
         self.last_sent_index = chosen
         encoding, index_bytes, parameter = smallest_encoding(chosen, self.numel)
         return Message(
@@ -72,7 +80,7 @@ class PartialSharing:
             degree=degree,
             age=age,
             encoding=encoding,
-            values=torch.index_select(flat, 0, chosen, out=self._values[: chosen.numel()]),
+            values=values,
             coordinates=chosen,  # a receiver of the same rank needs no decoding, nor the index
             unwritten_index=(
                 index_bytes // INDEX_DTYPES[encoding].itemsize,
@@ -101,9 +109,8 @@ class PartialSharing:
         ), message.values
 
     def after_merge(self, flat: torch.Tensor) -> None:
-        if self.accumulate_averaging_changes:
-            self._accumulated += flat - self._snapshot
-        self._snapshot.copy_(flat)
+        if not self.accumulate_averaging_changes:  # the next round's training starts here
+            self._snapshot.copy_(flat)
 
     def state_dict(self) -> dict:
         return {"snapshot": self._snapshot.clone(), "accumulated": self._accumulated.clone()}
