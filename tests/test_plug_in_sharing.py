@@ -17,6 +17,7 @@ from dpsgd.checks import check_config
 from dpsgd.experiment import run_node
 from dpsgd.launch import spawn
 from dpsgd.sharing import alpha_note, build_sharing
+from dpsgd.sharing.full import FullSharing
 from dpsgd.sharing.methods import SHARING_METHODS, sharing_method
 from dpsgd.sharing.wire import HEADER_BYTES, Encoding, Message, encoding_problem
 from dpsgd.topology import mh_weights
@@ -30,11 +31,11 @@ def parity_coordinates(numel: int, round_number: int) -> torch.Tensor:
     return torch.arange(round_number % 2, numel, 2)
 
 
-class AlternateHalves:
-    """Odd coordinates in odd rounds, even ones in even rounds (the round is in every header)."""
+class AlternateHalves(FullSharing):
+    """Odd coordinates in odd rounds, even ones in even rounds (the round is in every header).
+    Keeps no state: the no-op bookkeeping (`after_merge`, `state_dict`) is full sharing's."""
 
     name = NAME
-    last_sent_index: torch.Tensor | None = None
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
         chosen = parity_coordinates(flat.numel(), round_number)
@@ -53,15 +54,6 @@ class AlternateHalves:
 
     def decode(self, message: Message) -> tuple[torch.Tensor | None, torch.Tensor]:
         return message.index.long(), message.values
-
-    def after_merge(self, flat: torch.Tensor) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 @sharing_method(NAME, alpha_unused="each message carries half of the model")

@@ -46,20 +46,15 @@ class PartialSharing:
         # the model as this round's training started.
         self._snapshot = flat.clone()
         self._accumulated = torch.zeros_like(flat)
-        drift = accumulation and accumulate_averaging_changes
-        self._change = None if drift else torch.empty_like(flat)  # this round's training change
+        self._change = (  # this round's training change (the drift mode needs none)
+            None if self.accumulate_averaging_changes else torch.empty_like(flat)
+        )
         self._values = torch.empty_like(flat)  # send buffer: a message is sent before the next pack
         self.last_sent_index: torch.Tensor | None = None
 
     def pack(self, flat: torch.Tensor, round_number: int, degree: int, age: int = 0) -> Message:
         alpha = self.round_alpha()
-        if self.accumulate_averaging_changes:
-            score = torch.sub(flat, self._snapshot, out=self._accumulated)  # drift since sent
-        else:
-            training_change = torch.sub(flat, self._snapshot, out=self._change)
-            if self.accumulation:
-                self._accumulated += training_change
-            score = self._accumulated if self.accumulation else training_change
+        score = self._score(flat)
         if alpha >= self.metadata_cap:
             self._accumulated.zero_()
             if self.accumulate_averaging_changes:
@@ -87,6 +82,16 @@ class PartialSharing:
                 lambda: encode_indices(chosen, self.numel, encoding, parameter),
             ),
         )
+
+    def _score(self, flat: torch.Tensor) -> torch.Tensor:
+        """How much each coordinate changed, in the configured sense (module doc)."""
+        if self.accumulate_averaging_changes:  # total drift since last sent
+            return torch.sub(flat, self._snapshot, out=self._accumulated)
+        training_change = torch.sub(flat, self._snapshot, out=self._change)
+        if not self.accumulation:
+            return training_change
+        self._accumulated += training_change
+        return self._accumulated
 
     def round_alpha(self) -> float:
         return self.alpha
